@@ -1,0 +1,169 @@
+//! The per-VM link key: at least [`MIN_KEY_LEN`] random bytes, known to the host agent and to
+//! root inside the VM, never sent over the link.
+
+use std::io::Read;
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+/// Fewest bytes a link key may have.
+pub const MIN_KEY_LEN: usize = 32;
+
+/// Most bytes read from a key file.
+pub const MAX_KEY_LEN: usize = 4096;
+
+/// Length of keys this project generates.
+pub const GENERATED_KEY_LEN: usize = 32;
+
+/// Why a key could not be loaded or made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file could not be opened or read.
+    #[error("cannot read link key file {path}")]
+    KeyRead {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file can be read by group or others.
+    #[error(
+        "link key file {path} has mode {mode:04o}: it must not be readable by group or others (chmod 600)"
+    )]
+    KeyPermissions {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key is too short or too long.
+    #[error("link key in {path} is {len} bytes: it needs {MIN_KEY_LEN} to {MAX_KEY_LEN} bytes")]
+    KeyLength {
+        /// The file.
+        path: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The file is not a regular file.
+    #[error("link key file {path} is not a regular file")]
+    KeyNotFile {
+        /// The file.
+        path: String,
+    },
+    /// The system random source failed.
+    #[error("no randomness available: {0}")]
+    RandomUnavailable(getrandom::Error),
+    /// The key file could not be created.
+    #[error("cannot create link key file {path}")]
+    KeyCreate {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A link key. Zeroized on drop; `Debug` is redacted.
+#[derive(Clone)]
+pub struct LinkKey(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkKey(<redacted>)")
+    }
+}
+
+impl LinkKey {
+    /// A key from bytes, checking the length only.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        if !(MIN_KEY_LEN..=MAX_KEY_LEN).contains(&bytes.len()) {
+            return Err(KeyError::KeyLength { path: "<memory>".into(), len: bytes.len() });
+        }
+        Ok(Self(Zeroizing::new(bytes.to_vec())))
+    }
+
+    /// A fresh random key of [`GENERATED_KEY_LEN`] bytes.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut bytes = Zeroizing::new(vec![0u8; GENERATED_KEY_LEN]);
+        getrandom::fill(&mut bytes).map_err(KeyError::RandomUnavailable)?;
+        Ok(Self(bytes))
+    }
+
+    /// Loads a key file, refusing one that group or others can read, that is not a regular
+    /// file, or whose length is out of bounds. The file holds the raw key bytes.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        let shown = path.display().to_string();
+        let read_err = |source| KeyError::KeyRead { path: shown.clone(), source };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(KeyError::KeyNotFile { path: shown });
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::KeyPermissions { path: shown, mode });
+        }
+        let mut bytes = Zeroizing::new(Vec::with_capacity(MIN_KEY_LEN));
+        file.take(MAX_KEY_LEN as u64 + 1).read_to_end(&mut bytes).map_err(read_err)?;
+        if !(MIN_KEY_LEN..=MAX_KEY_LEN).contains(&bytes.len()) {
+            return Err(KeyError::KeyLength { path: shown, len: bytes.len() });
+        }
+        Ok(Self(bytes))
+    }
+
+    /// Loads the key at `path`, or creates it (mode 0600, new random bytes) when it is missing.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(mut file) => {
+                let key = Self::generate()?;
+                let create_err =
+                    |source| KeyError::KeyCreate { path: path.display().to_string(), source };
+                file.write_all(&key.0).map_err(create_err)?;
+                file.sync_all().map_err(create_err)?;
+                Ok(key)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path),
+            Err(source) => Err(KeyError::KeyCreate { path: path.display().to_string(), source }),
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn permissions_and_length_are_checked() {
+        let dir = std::env::temp_dir().join(format!("finch-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        std::fs::write(&path, [1u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = LinkKey::load(&path).unwrap_err();
+        assert!(err.to_string().contains("0640"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        LinkKey::load(&path).unwrap();
+        std::fs::write(&path, [1u8; 31]).unwrap();
+        assert!(matches!(LinkKey::load(&path), Err(KeyError::KeyLength { len: 31, .. })));
+
+        let fresh = dir.join("fresh");
+        let a = LinkKey::load_or_create(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let b = LinkKey::load_or_create(&fresh).unwrap();
+        assert_eq!(a.bytes(), b.bytes());
+        assert!(!format!("{a:?}").contains(&format!("{:?}", a.bytes())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,23 @@
+//! The wire protocol of the finch credential bridge, shared by the guest agent, the helper and
+//! the host agent. It knows nothing of async runtimes, keychains or AWS.
+//!
+//! * [`frame`]: length-prefixed frames with a hard size limit.
+//! * [`codec`]: payload encoding (postcard) behind two functions.
+//! * [`message`]: link and helper-socket messages, typed errors that cross the link.
+//! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
+//! * [`key`]: the per-VM link key and its file checks.
+//! * [`registry`]: registry-name normalization following docker/cli.
+//! * [`Secret`]: a credential that never prints.
+
+pub mod codec;
+pub mod frame;
+pub mod handshake;
+pub mod key;
+pub mod message;
+pub mod registry;
+mod secret;
+
+pub use secret::Secret;
+
+/// The not-found text of the docker credential-helper protocol.
+pub const NOT_FOUND_TEXT: &str = "credentials not found in native keychain";

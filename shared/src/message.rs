@@ -1,0 +1,281 @@
+//! Messages on the link (host agent ⇄ guest agent) and on the helper socket
+//! (`docker-credential-finchhost` ⇄ guest agent).
+//!
+//! Every type here is part of the wire format: the golden tests in `tests/golden.rs` pin its
+//! bytes. A breaking change adds a protocol version and new types; it never edits these.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+/// Link protocol versions this build speaks, newest last.
+pub const LINK_VERSIONS: &[u16] = &[1];
+
+/// Version of the helper-socket protocol.
+pub const HELPER_VERSION: u16 = 1;
+
+/// Most versions a hello may list.
+pub const MAX_VERSIONS: usize = 16;
+
+/// A fresh random value for one handshake.
+pub type Nonce = [u8; 32];
+
+/// An HMAC-SHA256 proof of the link key.
+pub type Proof = [u8; 32];
+
+/// One credential operation, as a client of the helper asked for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// `get`: the server string exactly as the client sent it (trimmed).
+    Get {
+        /// Server string.
+        server: String,
+    },
+    /// `store`: save a credential.
+    Store {
+        /// Server string.
+        server: String,
+        /// Username, or `<token>` for an identity token.
+        username: String,
+        /// Password or token.
+        secret: Secret,
+    },
+    /// `erase`: forget a credential.
+    Erase {
+        /// Server string.
+        server: String,
+    },
+    /// `list`: server names and usernames, never secrets.
+    List,
+}
+
+impl Request {
+    /// The operation's name, for logs and audit lines.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Get { .. } => "get",
+            Request::Store { .. } => "store",
+            Request::Erase { .. } => "erase",
+            Request::List => "list",
+        }
+    }
+
+    /// The server the request is about, if any.
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            Request::Get { server } | Request::Store { server, .. } | Request::Erase { server } => {
+                Some(server)
+            }
+            Request::List => None,
+        }
+    }
+}
+
+/// One entry of a `list` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// Server name as stored.
+    pub server: String,
+    /// Username stored with it.
+    pub username: String,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `get`.
+    Credential {
+        /// Username, or `<token>`.
+        username: String,
+        /// Password or token.
+        secret: Secret,
+    },
+    /// Answer to `store` and `erase`.
+    Done,
+    /// Answer to `list`.
+    List {
+        /// Entries, in no particular order.
+        #[serde(with = "bounded_vec")]
+        entries: Vec<ListEntry>,
+    },
+}
+
+/// An error that crosses the link. Reasons are for people and never carry a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum WireError {
+    /// No credential for this registry.
+    #[error("no credentials for this registry on the host")]
+    NotFound,
+    /// The host's policy refuses this VM the operation.
+    #[error("denied by the host: {reason}")]
+    Denied {
+        /// Why.
+        reason: String,
+    },
+    /// The source could not be asked (link down, helper hung, keychain locked, …).
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The request was malformed.
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// Why.
+        reason: String,
+    },
+    /// A bug or an unexpected failure on the other side.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl WireError {
+    /// A short class name for logs and audit lines.
+    pub fn class(&self) -> &'static str {
+        match self {
+            WireError::NotFound => "not-found",
+            WireError::Denied { .. } => "denied",
+            WireError::Unavailable { .. } => "unavailable",
+            WireError::BadRequest { .. } => "bad-request",
+            WireError::Internal { .. } => "internal",
+        }
+    }
+
+    /// Shorthand for [`WireError::Unavailable`].
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        WireError::Unavailable { reason: reason.into() }
+    }
+}
+
+/// The outcome of one request.
+pub type Outcome = Result<Response, WireError>;
+
+/// Handshake frames. Their shape is fixed for every protocol version so that two builds can
+/// always agree on which version to speak, or say clearly that they cannot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handshake {
+    /// First frame, host → guest.
+    HostHello {
+        /// Versions the host speaks.
+        #[serde(with = "bounded_vec")]
+        versions: Vec<u16>,
+        /// The name the host knows this VM by.
+        vm: String,
+        /// The host's fresh nonce.
+        nonce: Nonce,
+    },
+    /// Guest → host: the chosen version and the guest's proof.
+    GuestHello {
+        /// Chosen version.
+        version: u16,
+        /// The guest's boot id (`/proc/sys/kernel/random/boot_id`).
+        boot_id: String,
+        /// The guest's fresh nonce.
+        nonce: Nonce,
+        /// HMAC proving the guest holds the link key.
+        proof: Proof,
+    },
+    /// Host → guest: the host's proof. After it, both sides speak [`LinkMsg`].
+    HostProof {
+        /// HMAC proving the host holds the link key.
+        proof: Proof,
+    },
+    /// Either side: the handshake cannot go on.
+    Reject {
+        /// Why, for the other side's log.
+        reason: RejectReason,
+    },
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// No protocol version in common.
+    NoCommonVersion,
+    /// The proof did not verify.
+    BadProof,
+    /// A message arrived out of order.
+    Unexpected,
+}
+
+/// Frames on an established link (protocol version 1), both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkMsg {
+    /// Guest → host: a request; `id` is unique among the requests in flight on this link.
+    Request {
+        /// Request id.
+        id: u64,
+        /// The request.
+        request: Request,
+    },
+    /// Host → guest: the answer to request `id` (answers may come in any order).
+    Response {
+        /// Request id.
+        id: u64,
+        /// The outcome.
+        outcome: Outcome,
+    },
+    /// Either side: are you there?
+    Ping {
+        /// Echoed in the pong.
+        seq: u64,
+    },
+    /// Answer to a ping.
+    Pong {
+        /// The ping's sequence number.
+        seq: u64,
+    },
+}
+
+/// Helper → guest agent: one call per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperCall {
+    /// [`HELPER_VERSION`] of the helper.
+    pub version: u16,
+    /// The request.
+    pub request: Request,
+}
+
+/// Guest agent → helper: the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperReply {
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+/// A `Vec` whose decoding never pre-allocates from the length the peer announces: capacity
+/// grows only with elements actually decoded, each of which consumed input bytes.
+mod bounded_vec {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<T>, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    out.push(item);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}
