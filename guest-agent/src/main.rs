@@ -1,1 +1,132 @@
-fn main() {}
+//! `finch-guest-agent`: the daemon inside the VM.
+//!
+//! Modules (in the library): `agent::helper_socket` accepts helper calls and checks the
+//! caller's uid; `agent::listener` accepts the host's link and authenticates it;
+//! `agent::link` carries requests over it.
+//!
+//! Path of a request: `docker-credential-finchhost get` → helper socket (uid checked) →
+//! `LinkSlot::request` (waits a bounded time for a link) → `LinkMsg::Request` on the link →
+//! host agent → `LinkMsg::Response` → back to the helper.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use finch_guest_agent::agent::{self, Config, Shutdown};
+use finch_shared::endpoint::Endpoint;
+use finch_shared::key::LinkKey;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "finch-guest-agent",
+    version,
+    about = "Guest agent of the finch credential bridge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve helper calls over the link to the host agent.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Unix socket that docker-credential-finchhost connects to.
+    #[arg(long, env = "FINCH_GUEST_AGENT_SOCKET", default_value = agent::DEFAULT_HELPER_SOCKET)]
+    helper_socket: PathBuf,
+    /// Also allow this uid to call the helper (root and the agent's own uid always may). Repeatable.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Give the helper socket to this group (mode 0660), so allowed users can connect.
+    #[arg(long, value_name = "GID")]
+    socket_group: Option<u32>,
+    /// Where the host agent's link arrives: unix:///abs/path.
+    #[arg(long, default_value = agent::DEFAULT_LINK_LISTEN)]
+    link_listen: Endpoint,
+    /// Also accept a unix link connection from this uid (the socket forwarder's). Repeatable.
+    #[arg(long = "link-allow-uid", value_name = "UID")]
+    link_allow_uids: Vec<u32>,
+    /// The VM's link key: at least 32 random bytes, readable by its owner only.
+    #[arg(long, default_value = agent::DEFAULT_LINK_KEY_FILE)]
+    link_key_file: PathBuf,
+    /// How long a helper call waits for a link that is not up yet, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = agent::DEFAULT_LINK_WAIT.as_millis() as u64)]
+    link_wait_ms: u64,
+    /// How long a request may take on the host, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = agent::DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    request_timeout_secs: u64,
+    /// Heartbeat interval on the link, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = agent::DEFAULT_HEARTBEAT.as_millis() as u64)]
+    heartbeat_ms: u64,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let Cli { command: Command::Serve(args) } = Cli::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (100..=3_600_000).contains(&args.heartbeat_ms),
+        "--heartbeat-ms must be between 100 and 3600000"
+    );
+    let key = LinkKey::load(&args.link_key_file).context("loading the link key")?;
+    let config = Config {
+        helper_socket: args.helper_socket,
+        allow_uids: args.allow_uids,
+        socket_group: args.socket_group,
+        link_listen: args.link_listen,
+        link_allow_uids: args.link_allow_uids,
+        key,
+        link_wait: Duration::from_millis(args.link_wait_ms),
+        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let (stop, shutdown) = Shutdown::new();
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = stop.send(true);
+        });
+        let result = agent::serve(config, shutdown).await;
+        signals.abort();
+        result
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::warn!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -130,6 +130,37 @@ pub mod async_io {
         writer.write_all(&buf).await.map_err(FrameError::Io)?;
         writer.flush().await.map_err(FrameError::Io)
     }
+
+    /// Why a message could not be read or written.
+    #[derive(Debug, thiserror::Error)]
+    pub enum MessageError {
+        /// Framing or I/O.
+        #[error(transparent)]
+        Frame(#[from] FrameError),
+        /// Encoding or decoding.
+        #[error(transparent)]
+        Codec(#[from] crate::codec::CodecError),
+    }
+
+    /// Reads one frame and decodes it as a `T`.
+    pub async fn read_msg<T, R>(reader: &mut R) -> Result<T, MessageError>
+    where
+        T: serde::de::DeserializeOwned,
+        R: AsyncRead + Unpin,
+    {
+        let payload = read_frame(reader).await?;
+        Ok(crate::codec::decode(&payload)?)
+    }
+
+    /// Encodes `msg` and writes it as one frame.
+    pub async fn write_msg<T, W>(writer: &mut W, msg: &T) -> Result<(), MessageError>
+    where
+        T: serde::Serialize,
+        W: AsyncWrite + Unpin,
+    {
+        let payload = crate::codec::encode(msg)?;
+        Ok(write_frame(writer, &payload).await?)
+    }
 }
 
 #[cfg(test)]

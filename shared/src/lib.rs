@@ -2,6 +2,7 @@
 //! the host agent. It knows nothing of async runtimes, keychains or AWS.
 //!
 //! * [`frame`]: length-prefixed frames with a hard size limit.
+//! * [`endpoint`]: endpoint strings such as `unix:///run/x.sock`.
 //! * [`codec`]: payload encoding (postcard) behind two functions.
 //! * [`message`]: link and helper-socket messages, typed errors that cross the link.
 //! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
@@ -10,6 +11,7 @@
 //! * [`Secret`]: a credential that never prints.
 
 pub mod codec;
+pub mod endpoint;
 pub mod frame;
 pub mod handshake;
 pub mod key;

@@ -1,0 +1,144 @@
+//! `finch-guest-agent serve`: holds the one link to the host agent and answers helper calls
+//! over it.
+//!
+//! * [`helper_socket`]: the unix socket the helper calls; peers checked by uid.
+//! * [`listener`]: accepts the host's link and runs the handshake (guest side).
+//! * [`link`]: the established link: request ids, answers in any order, heartbeat.
+
+pub mod helper_socket;
+pub mod link;
+pub mod listener;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use finch_shared::endpoint::Endpoint;
+use finch_shared::key::LinkKey;
+use tokio::sync::watch;
+
+/// Default helper socket (the same default the helper uses).
+pub const DEFAULT_HELPER_SOCKET: &str = crate::helper::client::DEFAULT_SOCKET;
+/// Default link endpoint.
+pub const DEFAULT_LINK_LISTEN: &str = "unix:///run/finch-guest-agent/link.sock";
+/// Default link key file.
+pub const DEFAULT_LINK_KEY_FILE: &str = "/etc/finch-guest-agent/link.key";
+/// How long a helper call waits for a link that is not up yet.
+pub const DEFAULT_LINK_WAIT: Duration = Duration::from_secs(3);
+/// How long a request may take on the host before the helper is told it is unavailable.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Heartbeat interval; a link silent for [`HEARTBEAT_MISSES`] intervals is dead.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Silent intervals after which a link is declared dead.
+pub const HEARTBEAT_MISSES: u32 = 3;
+/// Longest a handshake or a helper's request frame may take to arrive.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything `serve` needs, resolved from flags.
+#[derive(Debug)]
+pub struct Config {
+    /// Helper socket path.
+    pub helper_socket: PathBuf,
+    /// Extra uids allowed to call the helper (root and the agent's own uid always are).
+    pub allow_uids: Vec<u32>,
+    /// Group that owns the helper socket (mode 0660), so allowed users can connect.
+    pub socket_group: Option<u32>,
+    /// Where the host's link arrives.
+    pub link_listen: Endpoint,
+    /// Extra uids allowed to connect to a unix link socket (the forwarder's uid).
+    pub link_allow_uids: Vec<u32>,
+    /// The VM's link key.
+    pub key: LinkKey,
+    /// Bounded wait for a link that is not up.
+    pub link_wait: Duration,
+    /// Bounded wait for the host's answer.
+    pub request_timeout: Duration,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+/// Fires once when the agent should stop; every task selects on it.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A trigger and its listener.
+    pub fn new() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    /// Resolves when shutdown was requested (or its trigger is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The uid this process runs as.
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the process's uid; fall back to root's rules if unreadable.
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+/// Runs the agent until `shutdown` fires; removes its sockets on the way out.
+pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let slot = link::LinkSlot::new(config.link_wait, config.request_timeout);
+    let me = current_uid();
+    let mut helper_uids = vec![0, me];
+    helper_uids.extend(&config.allow_uids);
+    let mut link_uids = vec![0, me];
+    link_uids.extend(&config.link_allow_uids);
+
+    let helper = helper_socket::HelperSocket::bind(&config.helper_socket, config.socket_group)?;
+    let link_listener = listener::LinkListener::bind(&config.link_listen, &config.link_allow_uids)?;
+    tracing::info!(
+        helper_socket = %config.helper_socket.display(),
+        link = %config.link_listen,
+        "guest agent ready"
+    );
+    let helper_task = tokio::spawn(helper.run(slot.clone(), helper_uids, shutdown.clone()));
+    let link_task = tokio::spawn(link_listener.run(
+        slot.clone(),
+        listener::LinkSettings {
+            key: config.key,
+            allowed_uids: link_uids,
+            heartbeat: config.heartbeat,
+        },
+        shutdown.clone(),
+    ));
+    let (a, b) = tokio::join!(helper_task, link_task);
+    slot.close();
+    a??;
+    b??;
+    tracing::info!("guest agent stopped");
+    Ok(())
+}
+
+/// Removes a stale socket file at `path` (only a socket: never any other file) and makes the
+/// parent directory.
+pub(crate) fn prepare_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display())),
+        Ok(_) => {
+            anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+/// Removes our socket file when dropped.
+#[derive(Debug)]
+pub(crate) struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
