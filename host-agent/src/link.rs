@@ -1,0 +1,205 @@
+//! The host's side of each VM link: dial, authenticate, serve, and reconnect with capped
+//! backoff when anything fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use finch_shared::endpoint::Endpoint;
+use finch_shared::frame::async_io::{read_msg, write_msg};
+use finch_shared::handshake::{Established, HostHandshake};
+use finch_shared::key::LinkKey;
+use finch_shared::message::{Handshake, LinkMsg, WireError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::resolve::Resolver;
+
+/// Longest a dial or a handshake may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// First reconnect delay.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Default cap of the reconnect delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Silent intervals after which a link is dead.
+pub const HEARTBEAT_MISSES: u32 = 3;
+/// Most requests being answered at once on one link.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// One VM the host agent serves.
+#[derive(Debug, Clone)]
+pub struct VmLink {
+    /// The VM's name (in audit lines and the handshake).
+    pub name: String,
+    /// Where to dial.
+    pub endpoint: Endpoint,
+    /// The VM's link key.
+    pub key: LinkKey,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Cap of the reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// Keeps the link to one VM up until shutdown.
+pub async fn run_vm(vm: VmLink, resolver: Arc<Resolver>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        let attempt = async {
+            let mut stream = dial(&vm.endpoint).await?;
+            let established = tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, &vm))
+                .await
+                .context("handshake timed out")??;
+            Ok::<_, anyhow::Error>((stream, established))
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            () = stopped(&mut shutdown) => return,
+        };
+        match result {
+            Ok((stream, established)) => {
+                tracing::info!(vm = %vm.name, boot_id = %established.boot_id, version = established.version, "link up");
+                last_error.clear();
+                backoff = BACKOFF_MIN;
+                let reason = serve(stream, &vm, resolver.clone(), shutdown.clone()).await;
+                tracing::info!(vm = %vm.name, %reason, "link down");
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                // Say it once per distinct failure, not at every retry.
+                if text != last_error {
+                    tracing::warn!(vm = %vm.name, endpoint = %vm.endpoint, error = %text, "cannot link to the VM; retrying");
+                    last_error = text;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        backoff = (backoff * 2).min(vm.backoff_max);
+    }
+}
+
+/// Resolves once shutdown was requested (without holding the channel's lock).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn dial(endpoint: &Endpoint) -> anyhow::Result<UnixStream> {
+    let Endpoint::Unix(path) = endpoint;
+    tokio::time::timeout(IO_TIMEOUT, UnixStream::connect(path))
+        .await
+        .context("dial timed out")?
+        .with_context(|| format!("cannot connect to {endpoint}"))
+}
+
+async fn handshake<S>(stream: &mut S, vm: &VmLink) -> anyhow::Result<Established>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (host, hello) = HostHandshake::start(vm.key.clone(), &vm.name)?;
+    write_msg(stream, &hello).await.context("sending hello")?;
+    let answer: Handshake = read_msg(stream).await.context("reading the guest's hello")?;
+    match host.finish(answer) {
+        Ok((established, proof)) => {
+            write_msg(stream, &proof).await.context("sending our proof")?;
+            Ok(established)
+        }
+        Err(e) => {
+            if let Some(reject) = e.reject() {
+                let _ = write_msg(stream, &reject).await;
+            }
+            Err(anyhow::Error::new(e).context("the guest was not authenticated; nothing served"))
+        }
+    }
+}
+
+/// Serves an authenticated link until it ends; returns why it ended.
+pub async fn serve<S>(
+    stream: S,
+    vm: &VmLink,
+    resolver: Arc<Resolver>,
+    mut shutdown: watch::Receiver<bool>,
+) -> String
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (in_tx, mut incoming) = mpsc::channel(64);
+    // Reading has its own task so that a frame is never cut in half by `select!`.
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = read_msg::<LinkMsg, _>(&mut rd).await;
+            let stop = msg.is_err();
+            if in_tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
+    let mut ticker = tokio::time::interval(vm.heartbeat);
+    let mut last_heard = Instant::now();
+    let mut seq: u64 = 0;
+    let dead_after = vm.heartbeat * HEARTBEAT_MISSES;
+    let reason = loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break "agent shutting down".to_owned(),
+            msg = incoming.recv() => {
+                last_heard = Instant::now();
+                let reply = match msg {
+                    Some(Ok(LinkMsg::Request { id, request })) => {
+                        if answering.len() >= MAX_IN_FLIGHT {
+                            Some(LinkMsg::Response { id, outcome: Err(WireError::unavailable("host agent busy: too many requests in flight")) })
+                        } else {
+                            let resolver = resolver.clone();
+                            let name = vm.name.clone();
+                            answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+                            None
+                        }
+                    }
+                    Some(Ok(LinkMsg::Ping { seq })) => Some(LinkMsg::Pong { seq }),
+                    Some(Ok(LinkMsg::Pong { .. })) => None,
+                    Some(Ok(LinkMsg::Response { .. })) => break "protocol error: the guest sent a response".to_owned(),
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "reader stopped".to_owned(),
+                };
+                if let Some(reply) = reply {
+                    if let Err(e) = write_msg(&mut wr, &reply).await {
+                        break format!("write failed: {e}");
+                    }
+                }
+            }
+            Some(done) = answering.join_next(), if !answering.is_empty() => {
+                let Ok((id, outcome)) = done else {
+                    tracing::error!(vm = %vm.name, "a request task failed; the guest will time out");
+                    continue;
+                };
+                if let Err(e) = write_msg(&mut wr, &LinkMsg::Response { id, outcome }).await {
+                    break format!("write failed: {e}");
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > dead_after {
+                    break format!("no heartbeat for {} ms", dead_after.as_millis());
+                }
+                seq += 1;
+                if let Err(e) = write_msg(&mut wr, &LinkMsg::Ping { seq }).await {
+                    break format!("write failed: {e}");
+                }
+            }
+        }
+    };
+    reader.abort();
+    answering.shutdown().await;
+    reason
+}

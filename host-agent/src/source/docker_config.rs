@@ -1,0 +1,283 @@
+//! The host's docker config file (`<dir>/config.json`): which helper serves which registry,
+//! and the plaintext `auths` fallback, read and written the way docker/cli does.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use finch_shared::Secret;
+use finch_shared::message::ListEntry;
+use finch_shared::registry::registry_key;
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+use super::{Credential, CredentialSource, SourceError, SourceFuture};
+
+/// File name inside the docker config directory.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Largest config file read.
+pub const MAX_CONFIG: u64 = 4 * 1024 * 1024;
+
+/// Username docker uses to mark an identity token.
+pub const TOKEN_USERNAME: &str = "<token>";
+
+/// The routing part of a docker config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// `credsStore`.
+    pub creds_store: Option<String>,
+    /// `credHelpers`: registry → helper name.
+    pub cred_helpers: BTreeMap<String, String>,
+}
+
+impl Routing {
+    /// The helper docker/cli would use for `server`: `credHelpers` by registry key (then by
+    /// the exact string), else `credsStore`; `None` means plaintext `auths`.
+    pub fn helper_for(&self, server: &str) -> Option<&str> {
+        self.cred_helpers
+            .get(&registry_key(server))
+            .or_else(|| self.cred_helpers.get(server))
+            .or(self.creds_store.as_ref())
+            .map(String::as_str)
+            .filter(|name| !name.is_empty())
+    }
+}
+
+/// Reads `config.json` from `dir`; a missing file is an empty config.
+pub fn read_config(dir: &Path) -> Result<Map<String, Value>, SourceError> {
+    use std::io::Read;
+    let path = dir.join(CONFIG_FILE);
+    let err = |reason: String| SourceError::ConfigRead { path: path.display().to_string(), reason };
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Map::new()),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let mut text = Zeroizing::new(Vec::new());
+    file.take(MAX_CONFIG + 1).read_to_end(&mut text).map_err(|e| err(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG {
+        return Err(err(format!("larger than {MAX_CONFIG} bytes")));
+    }
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(err("the top level is not a JSON object".into())),
+        // serde_json's message gives line and column, never the text around them.
+        Err(e) => Err(err(format!("invalid JSON at line {} column {}", e.line(), e.column()))),
+    }
+}
+
+/// The routing of the config in `dir`.
+pub fn read_routing(dir: &Path) -> Result<Routing, SourceError> {
+    let map = read_config(dir)?;
+    let creds_store = map.get("credsStore").and_then(Value::as_str).map(str::to_owned);
+    let cred_helpers = map
+        .get("credHelpers")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect()
+        })
+        .unwrap_or_default();
+    Ok(Routing { creds_store, cred_helpers })
+}
+
+/// The plaintext `auths` of a docker config file.
+#[derive(Debug, Clone)]
+pub struct PlainAuths {
+    dir: PathBuf,
+}
+
+impl PlainAuths {
+    /// The `auths` of `<dir>/config.json`.
+    pub fn new(dir: &Path) -> Self {
+        PlainAuths { dir: dir.to_owned() }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    fn auths(&self) -> Result<Map<String, Value>, SourceError> {
+        let mut config = read_config(&self.dir)?;
+        Ok(match config.remove("auths") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        })
+    }
+
+    /// Rewrites the config with `edit` applied to `auths`, atomically, mode 0600.
+    fn update(&self, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<(), SourceError> {
+        let mut config = read_config(&self.dir)?;
+        let auths = config.entry("auths").or_insert_with(|| Value::Object(Map::new()));
+        if !auths.is_object() {
+            *auths = Value::Object(Map::new());
+        }
+        if let Value::Object(m) = auths {
+            edit(m);
+        }
+        let path = self.path();
+        let err =
+            |reason: String| SourceError::ConfigWrite { path: path.display().to_string(), reason };
+        let text = Zeroizing::new(
+            serde_json::to_vec_pretty(&Value::Object(config)).map_err(|e| err(e.to_string()))?,
+        );
+        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let mut tmp = tempfile_in(&self.dir).map_err(|e| err(e.to_string()))?;
+        tmp.1.write_all(&text).and_then(|()| tmp.1.sync_all()).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp.0, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp.0);
+            err(e.to_string())
+        })
+    }
+}
+
+/// A new file (mode 0600) next to the config, for an atomic replace.
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for attempt in 0..16u32 {
+        let path = dir.join(format!(".{CONFIG_FILE}.{}.{attempt}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
+}
+
+/// Decodes one `auths` entry as docker/cli does.
+fn decode_entry(entry: &Value) -> Option<Credential> {
+    let obj = entry.as_object()?;
+    if let Some(token) = obj.get("identitytoken").and_then(Value::as_str).filter(|t| !t.is_empty())
+    {
+        return Some(Credential { username: TOKEN_USERNAME.into(), secret: Secret::from(token) });
+    }
+    if let Some(auth) = obj.get("auth").and_then(Value::as_str).filter(|a| !a.is_empty()) {
+        let raw = Zeroizing::new(STANDARD.decode(auth.trim()).ok()?);
+        let text = std::str::from_utf8(&raw).ok()?;
+        let (user, pass) = text.split_once(':')?;
+        return Some(Credential { username: user.to_owned(), secret: Secret::from(pass) });
+    }
+    let user = obj.get("username").and_then(Value::as_str)?;
+    let pass = obj.get("password").and_then(Value::as_str).unwrap_or_default();
+    Some(Credential { username: user.to_owned(), secret: Secret::from(pass) })
+}
+
+fn encode_entry(credential: &Credential) -> Value {
+    let mut obj = Map::new();
+    if credential.username == TOKEN_USERNAME {
+        obj.insert("identitytoken".into(), Value::String(credential.secret.expose().to_owned()));
+    } else {
+        let plain =
+            Zeroizing::new(format!("{}:{}", credential.username, credential.secret.expose()));
+        obj.insert("auth".into(), Value::String(STANDARD.encode(plain.as_bytes())));
+    }
+    Value::Object(obj)
+}
+
+impl CredentialSource for PlainAuths {
+    fn name(&self) -> String {
+        "auths".into()
+    }
+
+    fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
+        Box::pin(async move { Ok(self.auths()?.get(server).and_then(decode_entry)) })
+    }
+
+    fn store<'a>(&'a self, server: &'a str, credential: &'a Credential) -> SourceFuture<'a, ()> {
+        Box::pin(async move {
+            tracing::warn!(
+                file = %self.path().display(),
+                registry = server,
+                "no credential helper configured: storing the credential unencrypted in the docker config"
+            );
+            self.update(|auths| {
+                auths.insert(server.to_owned(), encode_entry(credential));
+            })
+        })
+    }
+
+    fn erase<'a>(&'a self, server: &'a str) -> SourceFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.auths()?.contains_key(server) {
+                return Ok(());
+            }
+            self.update(|auths| {
+                auths.remove(server);
+            })
+        })
+    }
+
+    fn list(&self) -> SourceFuture<'_, Vec<ListEntry>> {
+        Box::pin(async move {
+            Ok(self
+                .auths()?
+                .iter()
+                .filter_map(|(server, entry)| {
+                    decode_entry(entry)
+                        .map(|c| ListEntry { server: server.clone(), username: c.username })
+                })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_follows_docker_cli() {
+        let r = Routing {
+            creds_store: Some("secretservice".into()),
+            cred_helpers: [("reg.example:5000".to_owned(), "pass".to_owned())].into(),
+        };
+        assert_eq!(r.helper_for("reg.example:5000"), Some("pass"));
+        assert_eq!(r.helper_for("https://reg.example:5000/v2/"), Some("pass"));
+        assert_eq!(r.helper_for("other.example"), Some("secretservice"));
+        assert_eq!(Routing::default().helper_for("x"), None);
+        let empty = Routing { creds_store: Some(String::new()), ..Routing::default() };
+        assert_eq!(empty.helper_for("x"), None);
+    }
+
+    #[tokio::test]
+    async fn auths_round_trip_and_keep_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), r#"{"proxies":{"x":1},"auths":{}}"#).unwrap();
+        let src = PlainAuths::new(dir.path());
+        let cred = Credential { username: "u".into(), secret: Secret::from("p:w") };
+        src.store("reg.example", &cred).await.unwrap();
+        let tok = Credential { username: TOKEN_USERNAME.into(), secret: Secret::from("tok") };
+        src.store("tok.example", &tok).await.unwrap();
+        assert_eq!(src.get("reg.example").await.unwrap(), Some(cred));
+        assert_eq!(src.get("tok.example").await.unwrap(), Some(tok));
+        assert_eq!(src.get("missing").await.unwrap(), None);
+        let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["proxies"]["x"], 1);
+        assert_eq!(v["auths"]["reg.example"]["auth"], STANDARD.encode("u:p:w"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(CONFIG_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut names: Vec<_> = src.list().await.unwrap().into_iter().map(|e| e.server).collect();
+        names.sort();
+        assert_eq!(names, ["reg.example", "tok.example"]);
+        src.erase("reg.example").await.unwrap();
+        src.erase("never.example").await.unwrap();
+        assert_eq!(src.get("reg.example").await.unwrap(), None);
+    }
+
+    #[test]
+    fn bad_config_names_the_file_not_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "{\"auths\": {\"x\": \"s3cret").unwrap();
+        let err = read_config(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("config.json") && err.contains("line 1"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+}
