@@ -1,1 +1,418 @@
-pub fn x() {}
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Test support: a failed expectation here is a failed test, which is what a panic reports.
+
+//! Helpers for the integration tests: each test gets its own temp dir and its own processes,
+//! killed by PID when the test ends (pass or fail).
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built binaries (`target/debug`), or `$FINCH_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FINCH_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Path of one of the project's binaries; fails the test with a hint when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Whether this run is CI, where a missing part is a failure, never a skip.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// Whether we run as root (needed to run a process as another uid).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Finds `program` on PATH (or as given, if it contains a slash).
+pub fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).exists().then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Checks that every program a test needs is installed. Missing in CI: the test fails.
+/// Missing outside CI: prints an explicit skip line and returns false.
+pub fn require(test: &str, programs: &[&str]) -> bool {
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| which(p).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test}: required programs missing in CI: {missing:?} (.ci/run must install them)"
+    );
+    eprintln!("SKIPPED {test}: missing {missing:?} (install them, or run .ci/run)");
+    false
+}
+
+/// Requires root; same rules as [`require`].
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(!in_ci(), "{test}: CI must run as root");
+    eprintln!("SKIPPED {test}: needs root to run a process as another uid");
+    false
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (by PID, with its process group) when dropped; its stderr and
+/// stdout go to a log file the test can read.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `cmd` in its own process group, output appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let out =
+            std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, log: log.to_owned(), name: name.to_owned() }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to it.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// Kills it hard and its process group, and reaps it.
+    pub fn kill(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for it to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its log so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The result of running the helper once.
+#[derive(Debug)]
+pub struct HelperRun {
+    /// Exit code.
+    pub code: i32,
+    /// Stdout bytes.
+    pub stdout: Vec<u8>,
+    /// Stderr text.
+    pub stderr: String,
+    /// How long it took.
+    pub took: Duration,
+}
+
+impl HelperRun {
+    /// Stdout as text.
+    pub fn out(&self) -> &str {
+        std::str::from_utf8(&self.stdout).expect("utf-8 stdout")
+    }
+}
+
+/// Runs a command with `stdin`, bounded by `timeout`; kills it if it overruns.
+pub fn run_with_input(mut cmd: Command, stdin: &[u8], timeout: Duration) -> HelperRun {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if let Some(mut w) = child.stdin.take() {
+        let _ = w.write_all(stdin);
+    }
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let out = child.wait_with_output().expect("wait");
+    drop(watchdog);
+    HelperRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: started.elapsed(),
+    }
+}
+
+/// A 32-byte key file with mode 0600.
+pub fn write_key(path: &Path, byte: u8) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("key file");
+    let mut key = [byte; 32];
+    key[0] = 0x42;
+    f.write_all(&key).expect("write key");
+}
+
+/// Writes an executable shell script.
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).expect("script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// Timeouts used by the bridge in tests: short, so failures show fast, but generous enough
+/// for a busy 2-core machine.
+pub const STARTUP: Duration = Duration::from_secs(20);
+
+/// A guest agent and a host agent linked over a unix socket, in a temp dir of their own.
+#[derive(Debug)]
+pub struct Bridge {
+    /// The temp dir (kept on failure: it holds the logs).
+    pub dir: tempfile::TempDir,
+    /// The guest agent.
+    pub guest: Option<Proc>,
+    /// The host agent.
+    pub host: Option<Proc>,
+    /// The host's docker config directory.
+    pub docker_config: PathBuf,
+    /// Extra directory put first on the host agent's PATH (for fake helpers).
+    pub helper_dir: PathBuf,
+    /// Extra environment for the host agent.
+    pub host_env: Vec<(String, String)>,
+    /// Extra flags for the host agent.
+    pub host_flags: Vec<String>,
+    /// Extra flags for the guest agent.
+    pub guest_flags: Vec<String>,
+}
+
+impl Bridge {
+    /// A bridge whose host answers from `config_json` (the host's docker config). Nothing is
+    /// started yet.
+    pub fn new(config_json: &str) -> Bridge {
+        let dir = tempfile::Builder::new().prefix("finch-it-").tempdir().expect("tempdir");
+        let docker_config = dir.path().join("docker-config");
+        let helper_dir = dir.path().join("helpers");
+        std::fs::create_dir_all(&docker_config).expect("mkdir");
+        std::fs::create_dir_all(&helper_dir).expect("mkdir");
+        std::fs::write(docker_config.join("config.json"), config_json).expect("config");
+        write_key(&dir.path().join("link.key"), 7);
+        Bridge {
+            dir,
+            guest: None,
+            host: None,
+            docker_config,
+            helper_dir,
+            host_env: Vec::new(),
+            host_flags: Vec::new(),
+            guest_flags: Vec::new(),
+        }
+    }
+
+    /// Path of a file in the bridge's dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The helper socket.
+    pub fn helper_socket(&self) -> PathBuf {
+        self.path("helper.sock")
+    }
+
+    /// The link socket.
+    pub fn link_socket(&self) -> PathBuf {
+        self.path("link.sock")
+    }
+
+    /// Starts the guest agent and waits for its helper socket.
+    pub fn start_guest(&mut self) {
+        let mut cmd = Command::new(bin("finch-guest-agent"));
+        cmd.arg("serve")
+            .arg("--helper-socket")
+            .arg(self.helper_socket())
+            .arg("--link-listen")
+            .arg(format!("unix://{}", self.link_socket().display()))
+            .arg("--link-key-file")
+            .arg(self.path("link.key"))
+            .args(["--heartbeat-ms", "500", "--link-wait-ms", "3000"])
+            .args(&self.guest_flags)
+            .env("RUST_LOG", "debug");
+        let proc = Proc::spawn("guest-agent", cmd, &self.path("guest.log"));
+        let sock = self.helper_socket();
+        assert!(
+            wait_until(STARTUP, || sock.exists()),
+            "guest agent did not start:\n{}",
+            proc.output()
+        );
+        self.guest = Some(proc);
+    }
+
+    /// Starts the host agent.
+    pub fn start_host(&mut self) {
+        let mut path = std::ffi::OsString::from(&self.helper_dir);
+        path.push(":");
+        path.push(std::env::var_os("PATH").unwrap_or_default());
+        let mut cmd = Command::new(bin("finch-host-agent"));
+        cmd.arg("run")
+            .arg("--vm")
+            .arg(format!(
+                "itvm=unix://{},key={}",
+                self.link_socket().display(),
+                self.path("link.key").display()
+            ))
+            .arg("--docker-config")
+            .arg(&self.docker_config)
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .args(["--heartbeat-ms", "500", "--reconnect-max-ms", "500"])
+            .args(&self.host_flags)
+            .env("PATH", path)
+            .env("RUST_LOG", "debug");
+        for (k, v) in &self.host_env {
+            cmd.env(k, v);
+        }
+        self.host = Some(Proc::spawn("host-agent", cmd, &self.path("host.log")));
+    }
+
+    /// Starts both and waits until the link is up.
+    pub fn start(&mut self) {
+        self.start_guest();
+        self.start_host();
+        self.wait_link_up(1);
+    }
+
+    /// Waits until the guest agent has logged `n` links up.
+    pub fn wait_link_up(&self, n: usize) {
+        let guest = self.guest.as_ref().expect("guest running");
+        let ok = wait_until(STARTUP, || guest.output().matches("host link up").count() >= n);
+        assert!(
+            ok,
+            "link #{n} did not come up\n--- guest\n{}\n--- host\n{}",
+            guest.output(),
+            self.host_log()
+        );
+    }
+
+    /// The host agent's log.
+    pub fn host_log(&self) -> String {
+        std::fs::read_to_string(self.path("host.log")).unwrap_or_default()
+    }
+
+    /// The guest agent's log.
+    pub fn guest_log(&self) -> String {
+        std::fs::read_to_string(self.path("guest.log")).unwrap_or_default()
+    }
+
+    /// A command running the helper against this bridge's guest agent.
+    pub fn helper_cmd(&self, action: &str) -> Command {
+        let mut cmd = Command::new(bin("docker-credential-finchhost"));
+        cmd.arg(action).env("FINCH_GUEST_AGENT_SOCKET", self.helper_socket());
+        cmd
+    }
+
+    /// Runs the helper once.
+    pub fn helper(&self, action: &str, stdin: &str) -> HelperRun {
+        run_with_input(self.helper_cmd(action), stdin.as_bytes(), Duration::from_secs(60))
+    }
+
+    /// Writes a fake host helper `docker-credential-<name>` with this shell body.
+    pub fn fake_helper(&self, name: &str, body: &str) {
+        write_script(&self.helper_dir.join(format!("docker-credential-{name}")), body);
+    }
+}
+
+/// Asserts that `secret` appears in none of `texts` (logs, outputs).
+pub fn assert_no_secret(secret: &str, texts: &[(&str, &str)]) {
+    for (what, text) in texts {
+        assert!(!text.contains(secret), "the secret leaked into {what}");
+    }
+}
+
+/// Runs a command to completion with a bound, returning (status, stdout+stderr).
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    text
+}
+
+/// An `OsStr` helper for building PATH values.
+pub fn path_with(first: &Path) -> std::ffi::OsString {
+    let mut p = first.as_os_str().to_owned();
+    p.push(OsStr::new(":"));
+    p.push(std::env::var_os("PATH").unwrap_or_default());
+    p
+}

@@ -1,1 +1,15 @@
-fn main() {}
+//! Integration tests: real processes of all three binaries, linked over real sockets.
+//!
+//! * `protocol`: every case of the helper protocol through the whole chain, byte for byte.
+//! * `link`: the link dropping and coming back, a host agent killed mid-request, slow and
+//!   hung host helpers.
+//! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
+//! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
+//!   docker-credential-secretservice as the host's store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod auth;
+mod e2e_skopeo;
+mod link;
+mod protocol;
