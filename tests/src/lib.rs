@@ -256,6 +256,8 @@ pub struct Bridge {
     pub host_flags: Vec<String>,
     /// Extra flags for the guest agent.
     pub guest_flags: Vec<String>,
+    /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
+    pub host_dials: Option<PathBuf>,
 }
 
 impl Bridge {
@@ -278,6 +280,7 @@ impl Bridge {
             host_env: Vec::new(),
             host_flags: Vec::new(),
             guest_flags: Vec::new(),
+            host_dials: None,
         }
     }
 
@@ -329,7 +332,7 @@ impl Bridge {
             .arg("--vm")
             .arg(format!(
                 "itvm=unix://{},key={}",
-                self.link_socket().display(),
+                self.host_dials.clone().unwrap_or_else(|| self.link_socket()).display(),
                 self.path("link.key").display()
             ))
             .arg("--docker-config")
@@ -415,4 +418,25 @@ pub fn path_with(first: &Path) -> std::ffi::OsString {
     p.push(OsStr::new(":"));
     p.push(std::env::var_os("PATH").unwrap_or_default());
     p
+}
+
+/// Accepts one connection within `timeout`, so a test fails instead of hanging.
+pub fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    timeout: Duration,
+) -> std::os::unix::net::UnixStream {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("no connection within {timeout:?}: {e}"),
+        }
+    }
 }
