@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{read_msg, write_msg};
+use finch_shared::frame::async_io::{MessageError, read_msg, write_msg};
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LinkMsg, WireError};
@@ -87,6 +87,23 @@ pub async fn run_vm(vm: VmLink, resolver: Arc<Resolver>, mut shutdown: watch::Re
             () = stopped(&mut shutdown) => return,
         }
         backoff = (backoff * 2).min(vm.backoff_max);
+    }
+}
+
+/// Sends an answer; one too large for a frame becomes an `unavailable` error, so a big
+/// answer never takes the link down.
+async fn send_response<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    id: u64,
+    outcome: finch_shared::message::Outcome,
+) -> Result<(), MessageError> {
+    match write_msg(wr, &LinkMsg::Response { id, outcome }).await {
+        Err(MessageError::Codec(e)) => {
+            tracing::warn!(id, error = %e, "answer too large for the link");
+            let outcome = Err(WireError::unavailable("the answer is too large for the link"));
+            write_msg(wr, &LinkMsg::Response { id, outcome }).await
+        }
+        other => other,
     }
 }
 
@@ -184,7 +201,7 @@ where
                     tracing::error!(vm = %vm.name, "a request task failed; the guest will time out");
                     continue;
                 };
-                if let Err(e) = write_msg(&mut wr, &LinkMsg::Response { id, outcome }).await {
+                if let Err(e) = send_response(&mut wr, id, outcome).await {
                     break format!("write failed: {e}");
                 }
             }

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use finch_shared::message::{ListEntry, Outcome, Request, Response, WireError};
+use finch_shared::message::{ListEntry, MAX_LIST_ENTRIES, Outcome, Request, Response, WireError};
 use finch_shared::registry::{registry_key, spellings};
 
 use crate::source::docker_config::{PlainAuths, Routing, read_routing};
@@ -148,6 +148,10 @@ impl Resolver {
                     .into_iter()
                     .filter(|e| mine.contains(&&registry_key(&e.server))),
             );
+        }
+        if entries.len() > MAX_LIST_ENTRIES {
+            tracing::warn!(count = entries.len(), kept = MAX_LIST_ENTRIES, "list truncated");
+            entries.truncate(MAX_LIST_ENTRIES);
         }
         Ok(Response::List { entries })
     }

@@ -17,6 +17,9 @@ pub const HELPER_VERSION: u16 = 1;
 /// Most versions a hello may list.
 pub const MAX_VERSIONS: usize = 16;
 
+/// Most entries a `list` answer may carry.
+pub const MAX_LIST_ENTRIES: usize = 1024;
+
 /// A fresh random value for one handshake.
 pub type Nonce = [u8; 32];
 
@@ -95,7 +98,10 @@ pub enum Response {
     /// Answer to `list`.
     List {
         /// Entries, in no particular order.
-        #[serde(with = "bounded_vec")]
+        #[serde(
+            serialize_with = "bounded_vec::serialize",
+            deserialize_with = "bounded_vec::deserialize::<_, _, MAX_LIST_ENTRIES>"
+        )]
         entries: Vec<ListEntry>,
     },
 }
@@ -160,7 +166,10 @@ pub enum Handshake {
     /// First frame, host → guest.
     HostHello {
         /// Versions the host speaks.
-        #[serde(with = "bounded_vec")]
+        #[serde(
+            serialize_with = "bounded_vec::serialize",
+            deserialize_with = "bounded_vec::deserialize::<_, _, MAX_VERSIONS>"
+        )]
         versions: Vec<u16>,
         /// The name the host knows this VM by.
         vm: String,
@@ -246,8 +255,9 @@ pub struct HelperReply {
     pub outcome: Outcome,
 }
 
-/// A `Vec` whose decoding never pre-allocates from the length the peer announces: capacity
-/// grows only with elements actually decoded, each of which consumed input bytes.
+/// A `Vec` whose decoding never pre-allocates from the length the peer announces (capacity
+/// grows only with elements actually decoded, each of which consumed input bytes) and that
+/// refuses more than `MAX` elements.
 mod bounded_vec {
     use std::fmt;
     use std::marker::PhantomData;
@@ -259,23 +269,29 @@ mod bounded_vec {
         v.serialize(s)
     }
 
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>, const MAX: usize>(
         d: D,
     ) -> Result<Vec<T>, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+        struct V<T, const MAX: usize>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for V<T, MAX> {
             type Value = Vec<T>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a sequence")
+                write!(f, "a sequence of at most {MAX} elements")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                if seq.size_hint().is_some_and(|n| n > MAX) {
+                    return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+                }
                 let mut out = Vec::new();
                 while let Some(item) = seq.next_element()? {
+                    if out.len() == MAX {
+                        return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+                    }
                     out.push(item);
                 }
                 Ok(out)
             }
         }
-        d.deserialize_seq(V(PhantomData))
+        d.deserialize_seq(V::<T, MAX>(PhantomData))
     }
 }
