@@ -1,0 +1,77 @@
+//! The guest binaries' command lines: refusals at start, and the helper with no agent.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_finch-guest-agent"))
+}
+
+fn key_file(dir: &std::path::Path, len: usize, mode: u32) -> std::path::PathBuf {
+    let path = dir.join(format!("key-{len}-{mode:o}"));
+    std::fs::write(&path, vec![9u8; len]).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+fn serve_fails(dir: &std::path::Path, key: &std::path::Path, link: &str) -> String {
+    let out = agent()
+        .arg("serve")
+        .arg("--helper-socket")
+        .arg(dir.join("h.sock"))
+        .args(["--link-listen", link])
+        .arg("--link-key-file")
+        .arg(key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn unsafe_keys_and_bad_endpoints_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = format!("unix://{}/l.sock", dir.path().display());
+    let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o640), &link);
+    assert!(err.contains("must not be readable by group or others"), "{err}");
+    let err = serve_fails(dir.path(), &key_file(dir.path(), 16, 0o600), &link);
+    assert!(err.contains("needs 32"), "{err}");
+    let err = serve_fails(dir.path(), &dir.path().join("missing"), &link);
+    assert!(err.contains("cannot read link key file"), "{err}");
+    let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o600), "tcp://127.0.0.1:1");
+    assert!(err.contains("unsupported endpoint"), "{err}");
+    // Nothing was left behind.
+    assert!(!dir.path().join("h.sock").exists());
+}
+
+#[test]
+fn helper_without_an_agent_answers_within_bounds() {
+    let run = |action: &str, stdin: &[u8]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_docker-credential-finchhost"))
+            .arg(action)
+            .env("FINCH_GUEST_AGENT_SOCKET", "/nonexistent/finch/helper.sock")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run("get", b"registry.example");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.stdout, b"credentials not found in native keychain\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the guest agent at /nonexistent/finch/helper.sock"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+    let out = run("store", br#"{"ServerURL":"r","Username":"u","Secret":"s"}"#);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot reach the guest agent"));
+    let out = run("list", b"unused");
+    assert_eq!(out.status.code(), Some(1));
+}

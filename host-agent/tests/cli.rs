@@ -1,0 +1,37 @@
+//! The host agent's command line: every refusal at start names what is wrong.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+fn run_fails(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finch-host-agent"))
+        .arg("run")
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--docker-config")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_vm_specs_and_keys_are_refused() {
+    assert!(run_fails(&[]).contains("--vm"));
+    assert!(run_fails(&["--vm", "noendpoint"]).contains("NAME=ENDPOINT"));
+    assert!(run_fails(&["--vm", "../x=unix:///x"]).contains("VM name"));
+    assert!(run_fails(&["--vm", "a=tcp://1.2.3.4:1"]).contains("unsupported endpoint"));
+    assert!(run_fails(&["--vm", "a=unix:///x", "--vm", "a=unix:///y"]).contains("given twice"));
+    let err = run_fails(&["--vm", "a=unix:///x,key=/nonexistent/key"]);
+    assert!(err.contains("cannot read link key file /nonexistent/key"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    std::fs::write(&key, [1u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run_fails(&["--vm", &format!("a=unix:///x,key={}", key.display())]);
+    assert!(err.contains("must not be readable by group or others"), "{err}");
+}
