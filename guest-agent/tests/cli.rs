@@ -1,5 +1,8 @@
 //! The guest binaries' command lines: refusals at start, and the helper with no agent.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 

@@ -190,10 +190,10 @@ where
                     Some(Err(e)) => break e.to_string(),
                     None => break "reader stopped".to_owned(),
                 };
-                if let Some(reply) = reply {
-                    if let Err(e) = write_msg(&mut wr, &reply).await {
-                        break format!("write failed: {e}");
-                    }
+                if let Some(reply) = reply
+                    && let Err(e) = write_msg(&mut wr, &reply).await
+                {
+                    break format!("write failed: {e}");
                 }
             }
             Some(done) = answering.join_next(), if !answering.is_empty() => {

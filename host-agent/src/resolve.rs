@@ -203,13 +203,12 @@ fn check(request: &Request) -> Result<(), WireError> {
             return bad("server name contains control characters");
         }
     }
-    if let Request::Store { username, .. } = request {
-        if username.is_empty()
+    if let Request::Store { username, .. } = request
+        && (username.is_empty()
             || username.len() > MAX_USERNAME_LEN
-            || username.chars().any(char::is_control)
-        {
-            return bad("username is empty, too long or contains control characters");
-        }
+            || username.chars().any(char::is_control))
+    {
+        return bad("username is empty, too long or contains control characters");
     }
     Ok(())
 }

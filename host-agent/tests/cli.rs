@@ -1,5 +1,8 @@
 //! The host agent's command line: every refusal at start names what is wrong.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 

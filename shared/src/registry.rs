@@ -40,10 +40,11 @@ pub fn split_port(hostport: &str) -> (&str, Option<&str>) {
         if let Some(end) = rest.find(']') {
             let host_len = end + 2;
             let tail = &hostport[host_len..];
-            if let Some(port) = tail.strip_prefix(':') {
-                if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
-                    return (&hostport[..host_len], Some(port));
-                }
+            if let Some(port) = tail.strip_prefix(':')
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+            {
+                return (&hostport[..host_len], Some(port));
             }
         }
         return (hostport, None);

@@ -2,6 +2,9 @@
 //! announce 2^32 elements allocate almost nothing, and no input up to the frame limit makes
 //! the decoder hold more than twice the frame limit.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

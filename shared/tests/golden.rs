@@ -1,6 +1,9 @@
 //! Golden tests pin the wire encoding of every message; property tests round-trip every
 //! message and feed arbitrary bytes to every decoder.
 
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use finch_shared::Secret;
 use finch_shared::codec::{decode, encode};
 use finch_shared::message::*;

@@ -19,6 +19,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 
 type Call = (Request, oneshot::Sender<Outcome>);
 
+/// The active link's generation and the trigger that closes it.
+type Closer = (u64, oneshot::Sender<()>);
+
 #[derive(Debug, Clone)]
 struct Handle {
     generation: u64,
@@ -29,7 +32,7 @@ struct Handle {
 #[derive(Debug, Clone)]
 pub struct LinkSlot {
     current: watch::Sender<Option<Handle>>,
-    closers: Arc<Mutex<Option<(u64, oneshot::Sender<()>)>>>,
+    closers: Arc<Mutex<Option<Closer>>>,
     generation: Arc<AtomicU64>,
     link_wait: Duration,
     request_timeout: Duration,
