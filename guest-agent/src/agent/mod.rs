@@ -75,9 +75,7 @@ impl Shutdown {
 
 /// The uid this process runs as.
 pub fn current_uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self is owned by the process's uid; fall back to root's rules if unreadable.
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    nix::unistd::getuid().as_raw()
 }
 
 /// Runs the agent until `shutdown` fires; removes its sockets on the way out.

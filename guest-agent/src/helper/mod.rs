@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 
 use finch_shared::message::{Outcome, Request, Response, WireError};
 use finch_shared::{NOT_FOUND_TEXT, Secret};
+use zeroize::Zeroizing;
 
 /// The helper's name, as clients invoke it.
 pub const NAME: &str = "docker-credential-finchhost";
@@ -130,8 +131,9 @@ fn read_server(stdin: &mut dyn Read) -> Result<String, String> {
 }
 
 fn read_store(stdin: &mut dyn Read) -> Result<Request, String> {
-    let joined = zeroize_on_drop(read_joined(stdin)?);
-    let creds = gojson::decode_credentials(&joined.0)?;
+    // Stdin of `store` holds the secret: wipe the buffer when done.
+    let joined = Zeroizing::new(read_joined(stdin)?);
+    let creds = gojson::decode_credentials(&joined)?;
     if creds.server_url.is_empty() {
         return Err("no credentials server URL".to_owned());
     }
@@ -143,20 +145,6 @@ fn read_store(stdin: &mut dyn Read) -> Result<Request, String> {
         username: creds.username,
         secret: Secret::new(creds.secret),
     })
-}
-
-/// Stdin of `store` holds the secret: wipe the buffer when done.
-struct Wiped(Vec<u8>);
-
-impl Drop for Wiped {
-    fn drop(&mut self) {
-        self.0.iter_mut().for_each(|b| *b = 0);
-        std::hint::black_box(&self.0);
-    }
-}
-
-fn zeroize_on_drop(v: Vec<u8>) -> Wiped {
-    Wiped(v)
 }
 
 fn get(server: String, agent: &dyn Agent) -> Run {
