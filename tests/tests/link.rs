@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use finch_tests::{Bridge, wait_until};
+use finch_tests::{Bridge, STARTUP, wait_until};
 
 const NOT_FOUND: &str = "credentials not found in native keychain\n";
 const CONFIG: &str = r#"{"auths":{"reg.example":{"auth":"dTpsaW5rLXNlY3JldA=="}}}"#; // u:link-secret
@@ -28,6 +28,7 @@ fn link_drops_and_comes_back() {
 
     // The host agent dies: get answers not-found with the reason, within the link wait.
     b.host.take().unwrap().kill();
+    assert!(wait_until(STARTUP, || b.guest_log().contains("host link down")));
     let r = b.helper("get", "reg.example");
     assert_eq!((r.out(), r.code), (NOT_FOUND, 1));
     assert!(r.stderr.contains("no link to the host agent"), "{}", r.stderr);
