@@ -4,6 +4,7 @@
 //! * `link`: the link dropping and coming back, a host agent killed mid-request, slow and
 //!   hung host helpers.
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
+//! * `reference`: differential tests against the reference helper (docker-credential-helpers).
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
 
@@ -13,3 +14,4 @@ mod auth;
 mod e2e_skopeo;
 mod link;
 mod protocol;
+mod reference;
