@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use finch_shared::message::{ListEntry, MAX_LIST_ENTRIES, Outcome, Request, Response, WireError};
 use finch_shared::registry::{registry_key, spellings};
 
-use crate::source::docker_config::{PlainAuths, Routing, read_routing};
+use crate::source::docker_config::{DockerConfig, PlainAuths};
 use crate::source::exec_helper::ExecHelper;
 use crate::source::{Credential, CredentialSource, SourceError};
 
@@ -76,32 +76,35 @@ impl Resolver {
 
     fn source_for(
         &self,
-        routing: &Routing,
+        config: &DockerConfig,
         server: &str,
     ) -> Result<Box<dyn CredentialSource>, SourceError> {
-        Ok(match routing.helper_for(server) {
+        Ok(match config.routing.helper_for(server) {
             Some(name) => Box::new(ExecHelper::find(
                 name,
                 &self.settings.helper_path,
                 self.settings.helper_timeout,
             )?),
-            None => Box::new(PlainAuths::new(&self.settings.docker_config)),
+            None => Box::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())),
         })
     }
 
     async fn dispatch(&self, request: Request) -> (String, Outcome) {
-        let routing = match read_routing(&self.settings.docker_config) {
-            Ok(r) => r,
+        let config = match DockerConfig::load(&self.settings.docker_config) {
+            Ok(c) => c,
             Err(e) => return ("docker-config".into(), Err(e.into())),
         };
         if let Request::List = request {
-            return ("all".into(), self.list(&routing).await);
+            return ("all".into(), self.list(&config).await);
         }
         let server = request.server().unwrap_or_default().to_owned();
-        let source = match self.source_for(&routing, &server) {
+        let source = match self.source_for(&config, &server) {
             Ok(s) => s,
             Err(e) => {
-                return (routing.helper_for(&server).unwrap_or("-").to_owned(), Err(e.into()));
+                return (
+                    config.routing.helper_for(&server).unwrap_or("-").to_owned(),
+                    Err(e.into()),
+                );
             }
         };
         let outcome = match request {
@@ -115,16 +118,17 @@ impl Resolver {
                     .map_err(Into::into)
             }
             Request::Erase { server } => erase(source.as_ref(), &server).await,
-            Request::List => self.list(&routing).await,
+            Request::List => self.list(&config).await,
         };
         (source.name(), outcome)
     }
 
     /// Every credential's server and username: plaintext `auths`, the `credsStore`, and each
     /// `credHelpers` helper for the registries routed to it. Never secrets.
-    async fn list(&self, routing: &Routing) -> Outcome {
+    async fn list(&self, config: &DockerConfig) -> Outcome {
+        let routing = &config.routing;
         let mut entries: Vec<ListEntry> =
-            PlainAuths::new(&self.settings.docker_config).list().await?;
+            PlainAuths::new(&self.settings.docker_config, config.auths.clone()).list().await?;
         if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
             let helper =
                 ExecHelper::find(store, &self.settings.helper_path, self.settings.helper_timeout)?;

@@ -313,9 +313,9 @@ impl Bridge {
             .args(&self.guest_flags)
             .env("RUST_LOG", "debug");
         let proc = Proc::spawn("guest-agent", cmd, &self.path("guest.log"));
-        let sock = self.helper_socket();
+        let (helper, link) = (self.helper_socket(), self.link_socket());
         assert!(
-            wait_until(STARTUP, || sock.exists()),
+            wait_until(STARTUP, || helper.exists() && link.exists()),
             "guest agent did not start:\n{}",
             proc.output()
         );

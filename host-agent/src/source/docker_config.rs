@@ -72,42 +72,53 @@ pub fn read_config(dir: &Path) -> Result<Map<String, Value>, SourceError> {
     }
 }
 
-/// The routing of the config in `dir`.
-pub fn read_routing(dir: &Path) -> Result<Routing, SourceError> {
-    let map = read_config(dir)?;
-    let creds_store = map.get("credsStore").and_then(Value::as_str).map(str::to_owned);
-    let cred_helpers = map
-        .get("credHelpers")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect()
-        })
-        .unwrap_or_default();
-    Ok(Routing { creds_store, cred_helpers })
+/// One read of the docker config: how to route, and the plaintext `auths` as they were.
+#[derive(Debug, Clone, Default)]
+pub struct DockerConfig {
+    /// `credsStore` and `credHelpers`.
+    pub routing: Routing,
+    /// The `auths` object.
+    pub auths: Map<String, Value>,
 }
 
-/// The plaintext `auths` of a docker config file.
+impl DockerConfig {
+    /// Reads `<dir>/config.json` once.
+    pub fn load(dir: &Path) -> Result<Self, SourceError> {
+        let mut map = read_config(dir)?;
+        let creds_store = map.get("credsStore").and_then(Value::as_str).map(str::to_owned);
+        let cred_helpers = map
+            .get("credHelpers")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let auths = match map.remove("auths") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        Ok(DockerConfig { routing: Routing { creds_store, cred_helpers }, auths })
+    }
+}
+
+/// The plaintext `auths` of a docker config file: lookups use the snapshot taken when the
+/// request started; writes re-read the file and replace it atomically.
 #[derive(Debug, Clone)]
 pub struct PlainAuths {
     dir: PathBuf,
+    snapshot: Map<String, Value>,
 }
 
 impl PlainAuths {
-    /// The `auths` of `<dir>/config.json`.
-    pub fn new(dir: &Path) -> Self {
-        PlainAuths { dir: dir.to_owned() }
+    /// The `auths` of `<dir>/config.json`, as read into `snapshot`.
+    pub fn new(dir: &Path, snapshot: Map<String, Value>) -> Self {
+        PlainAuths { dir: dir.to_owned(), snapshot }
     }
 
     fn path(&self) -> PathBuf {
         self.dir.join(CONFIG_FILE)
-    }
-
-    fn auths(&self) -> Result<Map<String, Value>, SourceError> {
-        let mut config = read_config(&self.dir)?;
-        Ok(match config.remove("auths") {
-            Some(Value::Object(m)) => m,
-            _ => Map::new(),
-        })
     }
 
     /// Rewrites the config with `edit` applied to `auths`, atomically, mode 0600.
@@ -186,7 +197,7 @@ impl CredentialSource for PlainAuths {
     }
 
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
-        Box::pin(async move { Ok(self.auths()?.get(server).and_then(decode_entry)) })
+        Box::pin(async move { Ok(self.snapshot.get(server).and_then(decode_entry)) })
     }
 
     fn store<'a>(&'a self, server: &'a str, credential: &'a Credential) -> SourceFuture<'a, ()> {
@@ -204,7 +215,7 @@ impl CredentialSource for PlainAuths {
 
     fn erase<'a>(&'a self, server: &'a str) -> SourceFuture<'a, ()> {
         Box::pin(async move {
-            if !self.auths()?.contains_key(server) {
+            if !self.snapshot.contains_key(server) {
                 return Ok(());
             }
             self.update(|auths| {
@@ -216,7 +227,7 @@ impl CredentialSource for PlainAuths {
     fn list(&self) -> SourceFuture<'_, Vec<ListEntry>> {
         Box::pin(async move {
             Ok(self
-                .auths()?
+                .snapshot
                 .iter()
                 .filter_map(|(server, entry)| {
                     decode_entry(entry)
@@ -249,13 +260,14 @@ mod tests {
     async fn auths_round_trip_and_keep_other_keys() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), r#"{"proxies":{"x":1},"auths":{}}"#).unwrap();
-        let src = PlainAuths::new(dir.path());
+        let fresh = || PlainAuths::new(dir.path(), DockerConfig::load(dir.path()).unwrap().auths);
         let cred = Credential { username: "u".into(), secret: Secret::from("p:w") };
-        src.store("reg.example", &cred).await.unwrap();
+        fresh().store("reg.example", &cred).await.unwrap();
         let tok = Credential { username: TOKEN_USERNAME.into(), secret: Secret::from("tok") };
-        src.store("tok.example", &tok).await.unwrap();
+        fresh().store("tok.example", &tok).await.unwrap();
+        let src = fresh();
         assert_eq!(src.get("reg.example").await.unwrap(), Some(cred));
-        assert_eq!(src.get("tok.example").await.unwrap(), Some(tok));
+        assert_eq!(src.get("tok.example").await.unwrap(), Some(tok.clone()));
         assert_eq!(src.get("missing").await.unwrap(), None);
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
@@ -269,7 +281,8 @@ mod tests {
         assert_eq!(names, ["reg.example", "tok.example"]);
         src.erase("reg.example").await.unwrap();
         src.erase("never.example").await.unwrap();
-        assert_eq!(src.get("reg.example").await.unwrap(), None);
+        assert_eq!(fresh().get("reg.example").await.unwrap(), None);
+        assert_eq!(fresh().get("tok.example").await.unwrap(), Some(tok));
     }
 
     #[test]
