@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{MessageError, read_msg, write_msg};
+use finch_shared::frame::async_io::{MessageError, forward_messages, read_msg, write_msg};
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LinkMsg, WireError};
@@ -151,18 +151,9 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
     let (in_tx, mut incoming) = mpsc::channel(64);
-    // Reading has its own task so that a frame is never cut in half by `select!`.
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = read_msg::<LinkMsg, _>(&mut rd).await;
-            let stop = msg.is_err();
-            if in_tx.send(msg).await.is_err() || stop {
-                break;
-            }
-        }
-    });
+    let reader = tokio::spawn(forward_messages::<LinkMsg, _>(rd, in_tx));
     let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
     let mut ticker = tokio::time::interval(vm.heartbeat);
     let mut last_heard = Instant::now();

@@ -152,6 +152,25 @@ pub mod async_io {
         Ok(crate::codec::decode(&payload)?)
     }
 
+    /// Reads messages until the stream ends or fails, handing each to `tx` (the last one is
+    /// the error that ended it). Run it as its own task, so that `select!` in the consumer
+    /// never cuts a frame in half.
+    pub async fn forward_messages<T, R>(
+        mut reader: R,
+        tx: tokio::sync::mpsc::Sender<Result<T, MessageError>>,
+    ) where
+        T: serde::de::DeserializeOwned,
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            let msg = read_msg::<T, _>(&mut reader).await;
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    }
+
     /// Encodes `msg` and writes it as one frame.
     pub async fn write_msg<T, W>(writer: &mut W, msg: &T) -> Result<(), MessageError>
     where

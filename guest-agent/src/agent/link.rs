@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::frame::async_io::{read_msg, write_msg};
+use finch_shared::frame::async_io::{forward_messages, write_msg};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -133,18 +133,9 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
     let (in_tx, mut incoming) = mpsc::channel(64);
-    // Reading has its own task so that a frame is never cut in half by `select!`.
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = read_msg::<LinkMsg, _>(&mut rd).await;
-            let stop = msg.is_err();
-            if in_tx.send(msg).await.is_err() || stop {
-                break;
-            }
-        }
-    });
+    let reader = tokio::spawn(forward_messages::<LinkMsg, _>(rd, in_tx));
     let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut ticker = tokio::time::interval(heartbeat);
