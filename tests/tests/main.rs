@@ -4,9 +4,14 @@
 //! * `link`: the link dropping and coming back, a host agent killed mid-request, slow and
 //!   hung host helpers.
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
+//! * `readme`: the README's bridge command works as written.
 //! * `reference`: differential tests against the reference helper (docker-credential-helpers).
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
+//!
+//! The binaries under test are the ones next to this test binary (`target/<profile>/`, or
+//! `$FINCH_BIN_DIR`): `cargo test --workspace` builds them first; `cargo test -p finch-tests`
+//! alone may run against stale ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,4 +19,5 @@ mod auth;
 mod e2e_skopeo;
 mod link;
 mod protocol;
+mod readme;
 mod reference;
