@@ -120,3 +120,21 @@ fn slow_helper_answers_and_hung_helper_is_stopped() {
         &[("host log", &b.host_log()), ("guest log", &b.guest_log())],
     );
 }
+
+#[test]
+fn heartbeat_detects_a_silent_host() {
+    let mut b = Bridge::new(CONFIG);
+    b.start();
+    assert_found(&b);
+    // A frozen host keeps the socket open but says nothing: the guest's heartbeat (500 ms in
+    // tests, three misses) declares the link dead.
+    let host = b.host.as_ref().unwrap();
+    host.signal(nix::sys::signal::Signal::SIGSTOP);
+    let dead = wait_until(STARTUP, || b.guest_log().contains("no heartbeat"));
+    let log = b.guest_log();
+    host.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(dead, "the guest never noticed the silent host:\n{log}");
+    // Thawed, the host notices the closed link, redials, and is served again.
+    b.wait_link_up(2);
+    assert_found(&b);
+}
