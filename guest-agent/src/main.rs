@@ -43,9 +43,9 @@ struct ServeArgs {
     /// Also allow this uid to call the helper (root and the agent's own uid always may). Repeatable.
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
-    /// Give the helper socket to this group (mode 0660), so allowed users can connect.
-    #[arg(long, value_name = "GID")]
-    socket_group: Option<u32>,
+    /// Give the helper socket to this group (name or GID; mode 0660), so allowed users can connect.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Where the host agent's link arrives: unix:///abs/path.
     #[arg(long, default_value = agent::DEFAULT_LINK_LISTEN)]
     link_listen: Endpoint,
@@ -98,7 +98,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config {
         helper_socket: args.helper_socket,
         allow_uids: args.allow_uids,
-        socket_group: args.socket_group,
+        socket_group: args.socket_group.as_deref().map(group_id).transpose()?,
         link_listen: args.link_listen,
         link_allow_uids: args.link_allow_uids,
         key,
@@ -120,6 +120,18 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         signals.abort();
         result
     })
+}
+
+/// A group given by number or by name.
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => anyhow::bail!("--socket-group: no group named {group:?}"),
+        Err(e) => Err(e).with_context(|| format!("--socket-group: cannot look up {group:?}")),
+    }
 }
 
 async fn wait_for_signal() {

@@ -45,7 +45,7 @@ fn helper_calls_from_disallowed_uids_are_refused() {
     std::fs::set_permissions(b.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let helper = b.path("docker-credential-finchhost");
     std::fs::copy(finch_tests::bin("docker-credential-finchhost"), &helper).unwrap();
-    b.guest_flags = ["--socket-group", "65534", "--allow-uid", "4242"].map(String::from).to_vec();
+    b.guest_flags = ["--socket-group", "nogroup", "--allow-uid", "4242"].map(String::from).to_vec();
     b.start();
 
     use std::os::unix::fs::MetadataExt;

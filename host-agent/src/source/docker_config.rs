@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use finch_shared::Secret;
 use finch_shared::message::ListEntry;
-use finch_shared::registry::registry_key;
+use finch_shared::registry::{registry_key, spellings};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
@@ -34,12 +34,15 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// The helper docker/cli would use for `server`: `credHelpers` by registry key (then by
-    /// the exact string), else `credsStore`; `None` means plaintext `auths`.
+    /// The helper docker/cli would use for `server`: `credHelpers` by registry key, trying
+    /// every spelling of the registry (so nerdctl's `host:443` finds an entry for `host`),
+    /// else `credsStore`; `None` means plaintext `auths`.
     pub fn helper_for(&self, server: &str) -> Option<&str> {
-        self.cred_helpers
-            .get(&registry_key(server))
-            .or_else(|| self.cred_helpers.get(server))
+        spellings(server)
+            .iter()
+            .find_map(|s| {
+                self.cred_helpers.get(&registry_key(s)).or_else(|| self.cred_helpers.get(s))
+            })
             .or(self.creds_store.as_ref())
             .map(String::as_str)
             .filter(|name| !name.is_empty())
@@ -251,6 +254,13 @@ mod tests {
         assert_eq!(r.helper_for("reg.example:5000"), Some("pass"));
         assert_eq!(r.helper_for("https://reg.example:5000/v2/"), Some("pass"));
         assert_eq!(r.helper_for("other.example"), Some("secretservice"));
+        let r = Routing {
+            creds_store: None,
+            cred_helpers: [("plain.example".to_owned(), "pass".to_owned())].into(),
+        };
+        assert_eq!(r.helper_for("plain.example:443"), Some("pass"));
+        assert_eq!(r.helper_for("https://plain.example:443/v2/"), Some("pass"));
+        assert_eq!(r.helper_for("plain.example:5000"), None);
         assert_eq!(Routing::default().helper_for("x"), None);
         let empty = Routing { creds_store: Some(String::new()), ..Routing::default() };
         assert_eq!(empty.helper_for("x"), None);
