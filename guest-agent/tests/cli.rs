@@ -79,3 +79,31 @@ fn helper_without_an_agent_answers_within_bounds() {
     let out = run("list", b"unused");
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn a_second_agent_does_not_steal_live_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), 32, 0o600);
+    let link = format!("unix://{}/l.sock", dir.path().display());
+    let mut first = agent()
+        .arg("serve")
+        .arg("--helper-socket")
+        .arg(dir.path().join("h.sock"))
+        .args(["--link-listen", &link])
+        .arg("--link-key-file")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("h.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(sock.exists() && dir.path().join("l.sock").exists()) {
+        assert!(std::time::Instant::now() < deadline, "first agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let err = serve_fails(dir.path(), &key, &link);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(err.contains("is in use"), "{err}");
+}

@@ -112,8 +112,8 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes a stale socket file at `path` (only a socket: never any other file) and makes the
-/// parent directory.
+/// Removes a stale socket file at `path` (only a socket nobody answers on, never any other
+/// file) and makes the parent directory.
 pub(crate) fn prepare_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     use std::os::unix::fs::FileTypeExt;
@@ -121,8 +121,17 @@ pub(crate) fn prepare_socket_path(path: &std::path::Path) -> anyhow::Result<()> 
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display())),
+        Ok(meta) if meta.file_type().is_socket() => {
+            // A socket that still answers belongs to a running agent: never steal it.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "{} is in use: is another finch-guest-agent running?",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))
+        }
         Ok(_) => {
             anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display())
         }
