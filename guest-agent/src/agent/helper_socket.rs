@@ -1,71 +1,36 @@
 //! The helper socket: one call per connection, from allowed uids only.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
-use anyhow::Context;
 use finch_shared::frame::async_io::{read_msg, write_msg};
 use finch_shared::message::{HELPER_VERSION, HelperCall, HelperReply, WireError};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use super::link::LinkSlot;
-use super::{IO_TIMEOUT, Shutdown, SocketFile, prepare_socket_path};
+use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of the helper socket: owner and group may connect, nobody else.
 pub const HELPER_SOCKET_MODE: u32 = 0o660;
 
 /// The bound helper socket.
 #[derive(Debug)]
-pub struct HelperSocket {
-    listener: UnixListener,
-    _file: SocketFile,
-}
+pub struct HelperSocket(Listening);
 
 impl HelperSocket {
     /// Binds `path` (mode 0660, group `group` when given).
     pub fn bind(path: &Path, group: Option<u32>) -> anyhow::Result<Self> {
-        prepare_socket_path(path)?;
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen on helper socket {}", path.display()))?;
-        let file = SocketFile(path.to_owned());
-        if let Some(gid) = group {
-            std::os::unix::fs::chown(path, None, Some(gid))
-                .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(HELPER_SOCKET_MODE))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        Ok(HelperSocket { listener, _file: file })
+        let access = Access { mode: HELPER_SOCKET_MODE, owner: None, group };
+        Listening::bind(path, "helper socket", access).map(HelperSocket)
     }
 
-    /// Accepts helper calls until shutdown.
-    pub async fn run(
-        self,
-        slot: LinkSlot,
-        allowed: Vec<u32>,
-        mut shutdown: Shutdown,
-    ) -> anyhow::Result<()> {
-        let mut calls = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                () = shutdown.wait() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        calls.spawn(serve_call(stream, slot.clone(), allowed.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "helper socket accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = calls.join_next(), if !calls.is_empty() => {}
-            }
-        }
-        calls.shutdown().await;
-        Ok(())
+    /// Answers helper calls until shutdown; only `allowed` uids are served.
+    pub async fn run(self, slot: LinkSlot, allowed: Arc<[u32]>, shutdown: Shutdown) {
+        self.0.serve(shutdown, |stream| serve_call(stream, slot.clone(), allowed.clone())).await;
     }
 }
 
-async fn serve_call(mut stream: UnixStream, slot: LinkSlot, allowed: Vec<u32>) {
+async fn serve_call(mut stream: UnixStream, slot: LinkSlot, allowed: Arc<[u32]>) {
     let uid = match stream.peer_cred() {
         Ok(cred) => cred.uid(),
         Err(e) => {

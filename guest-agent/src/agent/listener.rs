@@ -1,6 +1,6 @@
 //! Accepts the host's link and runs the guest side of the handshake.
 
-use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,10 +9,10 @@ use finch_shared::frame::async_io::{read_msg, write_msg};
 use finch_shared::handshake::GuestHandshake;
 use finch_shared::key::LinkKey;
 use finch_shared::message::Handshake;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use super::link::LinkSlot;
-use super::{IO_TIMEOUT, Shutdown, SocketFile, prepare_socket_path};
+use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of a unix link socket: only its owner may connect.
 pub const LINK_SOCKET_MODE: u32 = 0o600;
@@ -26,61 +26,33 @@ pub struct LinkSettings {
     /// The VM's key.
     pub key: LinkKey,
     /// Uids allowed to connect on a unix link socket.
-    pub allowed_uids: Vec<u32>,
+    pub allowed_uids: Arc<[u32]>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
 }
 
 /// A bound link listener.
 #[derive(Debug)]
-pub struct LinkListener {
-    listener: UnixListener,
-    _file: SocketFile,
-}
+pub struct LinkListener(Listening);
 
 impl LinkListener {
     /// Binds the endpoint. A unix socket gets mode 0600 and, when a forwarder uid other than
     /// root is allowed, that uid as its owner.
     pub fn bind(endpoint: &Endpoint, extra_uids: &[u32]) -> anyhow::Result<Self> {
         let Endpoint::Unix(path) = endpoint;
-        prepare_socket_path(path)?;
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot listen for the host link on {endpoint}"))?;
-        let file = SocketFile(path.clone());
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(LINK_SOCKET_MODE))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        if let Some(&owner) = extra_uids.iter().find(|&&u| u != 0) {
-            std::os::unix::fs::chown(path, Some(owner), None)
-                .with_context(|| format!("cannot give {} to uid {owner}", path.display()))?;
-        }
-        Ok(LinkListener { listener, _file: file })
+        let owner = extra_uids.iter().copied().find(|&u| u != 0);
+        let access = Access { mode: LINK_SOCKET_MODE, owner, group: None };
+        Listening::bind(path, "link socket", access).map(LinkListener)
     }
 
     /// Accepts links until shutdown; each authenticated one becomes the active link.
-    pub async fn run(
-        self,
-        slot: LinkSlot,
-        settings: LinkSettings,
-        mut shutdown: Shutdown,
-    ) -> anyhow::Result<()> {
-        let mut links = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                () = shutdown.wait() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        links.spawn(accept_link(stream, slot.clone(), settings.clone(), shutdown.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "link accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = links.join_next(), if !links.is_empty() => {}
-            }
-        }
-        links.shutdown().await;
-        Ok(())
+    pub async fn run(self, slot: LinkSlot, settings: LinkSettings, shutdown: Shutdown) {
+        let links_shutdown = shutdown.clone();
+        self.0
+            .serve(shutdown, |stream| {
+                accept_link(stream, slot.clone(), settings.clone(), links_shutdown.clone())
+            })
+            .await;
     }
 }
 

@@ -9,11 +9,16 @@ pub mod helper_socket;
 pub mod link;
 pub mod listener;
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use finch_shared::endpoint::Endpoint;
 use finch_shared::key::LinkKey;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 /// Default helper socket (the same default the helper uses).
@@ -82,10 +87,8 @@ pub fn current_uid() -> u32 {
 pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let slot = link::LinkSlot::new(config.link_wait, config.request_timeout);
     let me = current_uid();
-    let mut helper_uids = vec![0, me];
-    helper_uids.extend(&config.allow_uids);
-    let mut link_uids = vec![0, me];
-    link_uids.extend(&config.link_allow_uids);
+    let helper_uids: Arc<[u32]> = [0, me].iter().chain(&config.allow_uids).copied().collect();
+    let link_uids: Arc<[u32]> = [0, me].iter().chain(&config.link_allow_uids).copied().collect();
 
     let helper = helper_socket::HelperSocket::bind(&config.helper_socket, config.socket_group)?;
     let link_listener = listener::LinkListener::bind(&config.link_listen, &config.link_allow_uids)?;
@@ -94,28 +97,94 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         link = %config.link_listen,
         "guest agent ready"
     );
-    let helper_task = tokio::spawn(helper.run(slot.clone(), helper_uids, shutdown.clone()));
-    let link_task = tokio::spawn(link_listener.run(
-        slot.clone(),
-        listener::LinkSettings {
-            key: config.key,
-            allowed_uids: link_uids,
-            heartbeat: config.heartbeat,
-        },
-        shutdown.clone(),
-    ));
-    let (a, b) = tokio::join!(helper_task, link_task);
+    let settings = listener::LinkSettings {
+        key: config.key,
+        allowed_uids: link_uids,
+        heartbeat: config.heartbeat,
+    };
+    tokio::join!(
+        helper.run(slot.clone(), helper_uids, shutdown.clone()),
+        link_listener.run(slot.clone(), settings, shutdown),
+    );
     slot.close();
-    a??;
-    b??;
     tracing::info!("guest agent stopped");
     Ok(())
 }
 
+/// A unix socket the agent listens on: bound with its mode (and owner or group), removed
+/// when dropped. Both the helper socket and a unix link socket are one of these.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    listener: UnixListener,
+    path: PathBuf,
+    what: &'static str,
+}
+
+/// Who may open a [`Listening`] socket, by file permissions (peers are checked again by uid).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Access {
+    /// Permission bits.
+    pub mode: u32,
+    /// New owner, if not the agent.
+    pub owner: Option<u32>,
+    /// New group, if not the agent's.
+    pub group: Option<u32>,
+}
+
+impl Listening {
+    /// Binds `path` (replacing only a stale socket), then sets its owner, group and mode.
+    pub(crate) fn bind(path: &Path, what: &'static str, access: Access) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        prepare_socket_path(path)?;
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on the {what} {}", path.display()))?;
+        // From here on, dropping `this` removes the socket file, whatever fails next.
+        let this = Listening { listener, path: path.to_owned(), what };
+        if access.owner.is_some() || access.group.is_some() {
+            std::os::unix::fs::chown(path, access.owner, access.group)
+                .with_context(|| format!("cannot change the owner of {}", path.display()))?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        Ok(this)
+    }
+
+    /// Accepts connections until shutdown, each handled on its own task; the tasks still
+    /// running at shutdown are stopped. A failed accept is logged and never ends the loop.
+    pub(crate) async fn serve<F, Fut>(self, mut shutdown: Shutdown, mut handle: F)
+    where
+        F: FnMut(UnixStream) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tasks.spawn(handle(stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!(socket = self.what, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tasks.shutdown().await;
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Removes a stale socket file at `path` (only a socket nobody answers on, never any other
 /// file) and makes the parent directory.
-pub(crate) fn prepare_socket_path(path: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
+fn prepare_socket_path(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -137,15 +206,5 @@ pub(crate) fn prepare_socket_path(path: &std::path::Path) -> anyhow::Result<()> 
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
-    }
-}
-
-/// Removes our socket file when dropped.
-#[derive(Debug)]
-pub(crate) struct SocketFile(pub PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
