@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{MessageError, forward_messages, read_msg, write_msg};
+use finch_shared::frame::async_io::{MessageError, read_msg, spawn_reader, write_msg};
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LinkMsg, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -152,8 +152,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let (in_tx, mut incoming) = mpsc::channel(64);
-    let reader = tokio::spawn(forward_messages::<LinkMsg, _>(rd, in_tx));
+    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
     let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
     let mut ticker = tokio::time::interval(vm.heartbeat);
     let mut last_heard = Instant::now();
@@ -207,7 +206,6 @@ where
             }
         }
     };
-    reader.abort();
     answering.shutdown().await;
     reason
 }

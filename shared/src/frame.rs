@@ -152,22 +152,37 @@ pub mod async_io {
         Ok(crate::codec::decode(&payload)?)
     }
 
-    /// Reads messages until the stream ends or fails, handing each to `tx` (the last one is
-    /// the error that ended it). Run it as its own task, so that `select!` in the consumer
-    /// never cuts a frame in half.
-    pub async fn forward_messages<T, R>(
+    /// Reads messages from `reader` on a task of their own until the stream ends or fails,
+    /// and hands them over through the returned channel (the last item is the error that
+    /// ended it). Reading apart means `select!` in the consumer never cuts a frame in half.
+    /// The task stops when the returned guard is dropped.
+    pub fn spawn_reader<T, R>(
         mut reader: R,
-        tx: tokio::sync::mpsc::Sender<Result<T, MessageError>>,
-    ) where
-        T: serde::de::DeserializeOwned,
-        R: AsyncRead + Unpin,
+    ) -> (tokio::sync::mpsc::Receiver<Result<T, MessageError>>, ReaderTask)
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
     {
-        loop {
-            let msg = read_msg::<T, _>(&mut reader).await;
-            let stop = msg.is_err();
-            if tx.send(msg).await.is_err() || stop {
-                break;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let task = tokio::spawn(async move {
+            loop {
+                let msg = read_msg::<T, _>(&mut reader).await;
+                let stop = msg.is_err();
+                if tx.send(msg).await.is_err() || stop {
+                    break;
+                }
             }
+        });
+        (rx, ReaderTask(task))
+    }
+
+    /// Stops its reader task when dropped.
+    #[derive(Debug)]
+    pub struct ReaderTask(tokio::task::JoinHandle<()>);
+
+    impl Drop for ReaderTask {
+        fn drop(&mut self) {
+            self.0.abort();
         }
     }
 

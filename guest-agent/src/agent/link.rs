@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::frame::async_io::{forward_messages, write_msg};
+use finch_shared::frame::async_io::{spawn_reader, write_msg};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -134,8 +134,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let (in_tx, mut incoming) = mpsc::channel(64);
-    let reader = tokio::spawn(forward_messages::<LinkMsg, _>(rd, in_tx));
+    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
     let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut ticker = tokio::time::interval(heartbeat);
@@ -190,7 +189,6 @@ where
             }
         }
     };
-    reader.abort();
     // Dropping `pending` answers every waiting caller with "link lost".
     drop(pending);
     reason
