@@ -1,19 +1,63 @@
-//! The host agent's settings: named defaults, `--vm` specs, the state directory.
+//! The host agent's settings: named defaults, the config file, `--vm` specs, keys.
 //!
-//! Precedence: flags > environment > defaults (a config file joins in a later issue).
+//! One precedence, for every setting: flags > environment > file > defaults. The file is
+//! TOML at `~/.finch/host-agent.toml` (or `--config` / `$FINCH_HOST_AGENT_CONFIG`); a missing
+//! default file is an empty one, a missing file that was named is an error. Unknown keys are
+//! refused, and every error names the file, the line, the column and the key.
+//!
+//! ```toml
+//! docker_config = "~/.finch"            # the host's Finch docker config directory
+//! state_dir = "~/.finch/host-agent"     # VM keys, control socket
+//! helper_timeout_secs = 10              # a host docker-credential-<name> helper
+//! keychain_timeout_secs = 10            # one native keychain call
+//! native_keychain = true                # osxkeychain/wincred/secretservice served natively
+//! heartbeat_ms = 5000
+//! reconnect_max_ms = 3000
+//!
+//! [vm.finch]
+//! endpoint = "unix:///Users/me/.finch/lima/data/finch/sock/finch-guest-agent.sock"
+//! key = "~/.finch/host-agent/vms/finch.key"   # optional; this is the default
+//!
+//! [vm.finch.policy]                     # optional; each rule defaults to ["*"]
+//! get = ["*"]
+//! store = ["*.dkr.ecr.us-west-2.amazonaws.com", "ghcr.io"]
+//! erase = ["ghcr.io"]
+//! list = []                             # an empty rule allows nothing
+//! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
 use finch_shared::key::LinkKey;
+use serde::Deserialize;
 
+use crate::policy::{Pattern, Policy, Rule};
+
+/// Environment variable naming the config file.
+pub const CONFIG_ENV: &str = "FINCH_HOST_AGENT_CONFIG";
 /// Environment variable naming the state directory.
 pub const STATE_DIR_ENV: &str = "FINCH_HOST_AGENT_STATE_DIR";
+/// Environment variable naming the host's docker config directory.
+pub const DOCKER_CONFIG_ENV: &str = "FINCH_HOST_AGENT_DOCKER_CONFIG";
+/// Config file under `$HOME` when nothing else is given.
+pub const DEFAULT_CONFIG_FILE: &str = ".finch/host-agent.toml";
 /// State directory under `$HOME` when nothing else is given.
 pub const DEFAULT_STATE_SUBDIR: &str = ".finch/host-agent";
 /// Docker config directory under `$HOME` when nothing else is given (Finch's).
 pub const DEFAULT_DOCKER_CONFIG_SUBDIR: &str = ".finch";
+/// Default time a host credential helper may take.
+pub const DEFAULT_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time one native keychain call may take.
+pub const DEFAULT_KEYCHAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default heartbeat interval on each link.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Default cap of the reconnect delay.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(3);
+/// Largest config file read.
+pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// One `--vm NAME=ENDPOINT[,key=PATH]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +78,10 @@ pub fn valid_vm_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+fn vm_name_error(name: &str) -> String {
+    format!("{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)")
+}
+
 impl std::str::FromStr for VmSpec {
     type Err = String;
 
@@ -41,9 +89,7 @@ impl std::str::FromStr for VmSpec {
         let (name, rest) =
             s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=ENDPOINT[,key=PATH]"))?;
         if !valid_vm_name(name) {
-            return Err(format!(
-                "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
-            ));
+            return Err(vm_name_error(name));
         }
         let (endpoint, key) = match rest.rsplit_once(",key=") {
             Some((endpoint, key)) => {
@@ -59,29 +105,443 @@ impl std::str::FromStr for VmSpec {
     }
 }
 
+/// What the command line says; `None` leaves the setting to the environment, file, defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--vm`, in order.
+    pub vms: Vec<VmSpec>,
+    /// `--docker-config`.
+    pub docker_config: Option<PathBuf>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--helper-timeout-secs`.
+    pub helper_timeout_secs: Option<u64>,
+    /// `--keychain-timeout-secs`.
+    pub keychain_timeout_secs: Option<u64>,
+    /// `--native-keychain`.
+    pub native_keychain: Option<bool>,
+    /// `--heartbeat-ms`.
+    pub heartbeat_ms: Option<u64>,
+    /// `--reconnect-max-ms`.
+    pub reconnect_max_ms: Option<u64>,
+}
+
+/// One VM as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSettings {
+    /// Where to dial it.
+    pub endpoint: Endpoint,
+    /// Its key file (the state directory's `vms/NAME.key` when `None`).
+    pub key_file: Option<PathBuf>,
+    /// What it may do.
+    pub policy: Policy,
+}
+
+/// Every setting, merged.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file consulted (it may not exist).
+    pub config_file: PathBuf,
+    /// Whether it existed.
+    pub config_file_found: bool,
+    /// Where VM keys and the control socket live.
+    pub state_dir: PathBuf,
+    /// The host's docker config directory.
+    pub docker_config: PathBuf,
+    /// Time a host helper may take.
+    pub helper_timeout: Duration,
+    /// Time one native keychain call may take.
+    pub keychain_timeout: Duration,
+    /// Whether keychain helper names are served natively.
+    pub native_keychain: bool,
+    /// Heartbeat interval on each link.
+    pub heartbeat: Duration,
+    /// Cap of the reconnect delay.
+    pub reconnect_max: Duration,
+    /// The VMs, by name.
+    pub vms: BTreeMap<String, VmSettings>,
+}
+
+/// A config that could not be used. The message names the file, line, column and key.
+#[derive(Debug, thiserror::Error)]
+#[allow(clippy::enum_variant_names)] // noun + verb names, one noun per error type
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    ConfigRead {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A key or value is wrong.
+    #[error("{file}:{line}:{column}: key `{key}`: {reason}")]
+    ConfigInvalid {
+        /// File.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// Dotted key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A setting given outside the file is wrong.
+    #[error("{0}")]
+    ConfigValue(String),
+}
+
+// ---- the file's shape ------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    docker_config: Option<toml::Spanned<String>>,
+    state_dir: Option<toml::Spanned<String>>,
+    helper_timeout_secs: Option<toml::Spanned<u64>>,
+    keychain_timeout_secs: Option<toml::Spanned<u64>>,
+    native_keychain: Option<bool>,
+    heartbeat_ms: Option<toml::Spanned<u64>>,
+    reconnect_max_ms: Option<toml::Spanned<u64>>,
+    #[serde(default)]
+    vm: BTreeMap<toml::Spanned<String>, FileVm>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileVm {
+    endpoint: Option<toml::Spanned<String>>,
+    key: Option<toml::Spanned<String>>,
+    policy: Option<FilePolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    get: Option<Vec<toml::Spanned<String>>>,
+    store: Option<Vec<toml::Spanned<String>>>,
+    erase: Option<Vec<toml::Spanned<String>>>,
+    list: Option<Vec<toml::Spanned<String>>>,
+}
+
+/// A parsed file and the means to point into it.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(
+        &self,
+        span: std::ops::Range<usize>,
+        key: &str,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        let (line, column) = line_column(self.text, span.start);
+        ConfigError::ConfigInvalid {
+            file: self.file.display().to_string(),
+            line,
+            column,
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, v: &toml::Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        expand_path(v.get_ref()).map_err(|reason| self.error(v.span(), key, reason))
+    }
+
+    fn ranged(
+        &self,
+        v: &toml::Spanned<u64>,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.error(
+                v.span(),
+                key,
+                format!("{n} is out of range ({}..={})", range.start(), range.end()),
+            ))
+        }
+    }
+
+    fn rule(&self, patterns: &[toml::Spanned<String>], key: &str) -> Result<Rule, ConfigError> {
+        patterns
+            .iter()
+            .map(|p| {
+                p.get_ref().parse::<Pattern>().map_err(|e| self.error(p.span(), key, e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Rule)
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    (line, String::from_utf8_lossy(&before[start..]).chars().count() + 1)
+}
+
+/// The dotted key being defined at byte `offset`: the last `[table]` header before it and
+/// the key on its line (for errors toml reports by position only).
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let mut table = String::new();
+    let mut key = String::new();
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            table = trimmed.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+            key.clear();
+        } else if let Some((k, _)) = trimmed.split_once('=') {
+            key = k.trim().trim_matches('"').to_owned();
+        }
+        pos += line.len();
+        if pos > offset {
+            break;
+        }
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+/// `~/x` and absolute paths; anything else is refused (the agent's cwd means nothing).
+pub fn expand_path(s: &str) -> Result<PathBuf, String> {
+    if let Some(rest) = s.strip_prefix("~/") {
+        return home().map(|h| h.join(rest)).map_err(|e| e.to_string());
+    }
+    if s.starts_with('/') {
+        return Ok(PathBuf::from(s));
+    }
+    Err(format!("{s:?} is not an absolute path (or ~/…)"))
+}
+
 /// `$HOME`, required for defaults.
 pub fn home() -> anyhow::Result<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-        .context("HOME is not set: give --state-dir and --docker-config")
+        .context("HOME is not set: give --state-dir, --docker-config and --config")
 }
 
-/// The state directory: the flag, else `$FINCH_HOST_AGENT_STATE_DIR`, else `~/.finch/host-agent`.
-pub fn state_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = flag
-        .or_else(|| std::env::var_os(STATE_DIR_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
-    {
-        return Ok(dir);
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// The config file to read: the flag, else `$FINCH_HOST_AGENT_CONFIG`, else the default;
+/// and whether it was named (a named file must exist).
+pub fn config_file(flag: Option<&Path>) -> Result<(PathBuf, bool), ConfigError> {
+    if let Some(p) = flag.map(Path::to_path_buf).or_else(|| env_path(CONFIG_ENV)) {
+        return Ok((p, true));
     }
-    Ok(home()?.join(DEFAULT_STATE_SUBDIR))
+    let home = home().map_err(|e| ConfigError::ConfigValue(e.to_string()))?;
+    Ok((home.join(DEFAULT_CONFIG_FILE), false))
 }
 
-/// The docker config directory: the flag, else `~/.finch`.
-pub fn docker_config_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match flag {
-        Some(dir) => Ok(dir),
-        None => Ok(home()?.join(DEFAULT_DOCKER_CONFIG_SUBDIR)),
+fn read_file(path: &Path, named: bool) -> Result<Option<String>, ConfigError> {
+    use std::io::Read;
+    let err = |reason: String| ConfigError::ConfigRead { path: path.display().to_string(), reason };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => return Ok(None),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let mut text = String::new();
+    file.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text).map_err(|e| err(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(err(format!("larger than {MAX_CONFIG_FILE} bytes")));
+    }
+    Ok(Some(text))
+}
+
+impl Settings {
+    /// Merges flags, environment, the config file and defaults. Nothing is created.
+    pub fn load(o: &Overrides) -> Result<Settings, ConfigError> {
+        let (path, named) = config_file(o.config.as_deref())?;
+        let text = read_file(&path, named)?;
+        let found = text.is_some();
+        let text = text.unwrap_or_default();
+        let src = Source { file: &path, text: &text };
+        let file: FileConfig = toml::from_str(&text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let key = key_at(&text, span.start);
+            src.error(span, if key.is_empty() { "-" } else { &key }, e.message().trim())
+        })?;
+        let value = |msg: String| ConfigError::ConfigValue(msg);
+
+        let state_dir = match (o.state_dir.clone(), env_path(STATE_DIR_ENV), &file.state_dir) {
+            (Some(p), _, _) | (None, Some(p), _) => absolute(p, "state directory")?,
+            (None, None, Some(v)) => src.path(v, "state_dir")?,
+            (None, None, None) => {
+                home().map_err(|e| value(e.to_string()))?.join(DEFAULT_STATE_SUBDIR)
+            }
+        };
+        let docker_config =
+            match (o.docker_config.clone(), env_path(DOCKER_CONFIG_ENV), &file.docker_config) {
+                (Some(p), _, _) | (None, Some(p), _) => absolute(p, "docker config directory")?,
+                (None, None, Some(v)) => src.path(v, "docker_config")?,
+                (None, None, None) => {
+                    home().map_err(|e| value(e.to_string()))?.join(DEFAULT_DOCKER_CONFIG_SUBDIR)
+                }
+            };
+        let number = |flag: Option<u64>,
+                      from_file: &Option<toml::Spanned<u64>>,
+                      key: &str,
+                      range: std::ops::RangeInclusive<u64>,
+                      default: u64|
+         -> Result<u64, ConfigError> {
+            match (flag, from_file) {
+                (Some(n), _) if range.contains(&n) => Ok(n),
+                (Some(n), _) => Err(value(format!(
+                    "--{} {n} is out of range ({}..={})",
+                    key.replace('_', "-"),
+                    range.start(),
+                    range.end()
+                ))),
+                (None, Some(v)) => src.ranged(v, key, range),
+                (None, None) => Ok(default),
+            }
+        };
+        let helper_timeout = number(
+            o.helper_timeout_secs,
+            &file.helper_timeout_secs,
+            "helper_timeout_secs",
+            1..=600,
+            DEFAULT_HELPER_TIMEOUT.as_secs(),
+        )?;
+        let keychain_timeout = number(
+            o.keychain_timeout_secs,
+            &file.keychain_timeout_secs,
+            "keychain_timeout_secs",
+            1..=600,
+            DEFAULT_KEYCHAIN_TIMEOUT.as_secs(),
+        )?;
+        let heartbeat = number(
+            o.heartbeat_ms,
+            &file.heartbeat_ms,
+            "heartbeat_ms",
+            100..=3_600_000,
+            DEFAULT_HEARTBEAT.as_millis() as u64,
+        )?;
+        let reconnect_max = number(
+            o.reconnect_max_ms,
+            &file.reconnect_max_ms,
+            "reconnect_max_ms",
+            100..=3_600_000,
+            DEFAULT_RECONNECT_MAX.as_millis() as u64,
+        )?;
+
+        let mut vms = BTreeMap::new();
+        let mut file_endpoints = BTreeMap::new();
+        for (name, vm) in &file.vm {
+            let key = format!("vm.{}", name.get_ref());
+            if !valid_vm_name(name.get_ref()) {
+                return Err(src.error(name.span(), &key, vm_name_error(name.get_ref())));
+            }
+            let policy = match &vm.policy {
+                None => Policy::default(),
+                Some(p) => {
+                    let rule = |r: &Option<Vec<toml::Spanned<String>>>, op: &str| match r {
+                        None => Ok(Rule::any()),
+                        Some(list) => src.rule(list, &format!("{key}.policy.{op}")),
+                    };
+                    Policy {
+                        get: rule(&p.get, "get")?,
+                        store: rule(&p.store, "store")?,
+                        erase: rule(&p.erase, "erase")?,
+                        list: rule(&p.list, "list")?,
+                    }
+                }
+            };
+            let endpoint = match &vm.endpoint {
+                Some(e) => Some(e.get_ref().parse::<Endpoint>().map_err(|err| {
+                    src.error(e.span(), &format!("{key}.endpoint"), err.to_string())
+                })?),
+                None => None,
+            };
+            let key_file = match &vm.key {
+                Some(k) => Some(src.path(k, &format!("{key}.key"))?),
+                None => None,
+            };
+            file_endpoints.insert(name.get_ref().clone(), (name.span(), endpoint.is_some()));
+            if let Some(endpoint) = endpoint {
+                vms.insert(name.get_ref().clone(), VmSettings { endpoint, key_file, policy });
+            } else {
+                // Completed by a --vm of the same name below, or refused.
+                vms.insert(
+                    name.get_ref().clone(),
+                    VmSettings { endpoint: Endpoint::Unix(PathBuf::new()), key_file, policy },
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for spec in &o.vms {
+            if !seen.insert(spec.name.clone()) {
+                return Err(value(format!("VM {} is given twice on the command line", spec.name)));
+            }
+            let entry = vms.entry(spec.name.clone()).or_insert_with(|| VmSettings {
+                endpoint: spec.endpoint.clone(),
+                key_file: None,
+                policy: Policy::default(),
+            });
+            entry.endpoint = spec.endpoint.clone();
+            if spec.key.is_some() {
+                entry.key_file = spec.key.clone();
+            }
+        }
+        for (name, (span, has_endpoint)) in file_endpoints {
+            if !has_endpoint && !seen.contains(&name) {
+                return Err(src.error(
+                    span,
+                    &format!("vm.{name}.endpoint"),
+                    "missing: give endpoint = \"unix:///…\" here or --vm NAME=ENDPOINT",
+                ));
+            }
+        }
+        Ok(Settings {
+            config_file: path,
+            config_file_found: found,
+            state_dir,
+            docker_config,
+            helper_timeout: Duration::from_secs(helper_timeout),
+            keychain_timeout: Duration::from_secs(keychain_timeout),
+            native_keychain: o.native_keychain.or(file.native_keychain).unwrap_or(true),
+            heartbeat: Duration::from_millis(heartbeat),
+            reconnect_max: Duration::from_millis(reconnect_max),
+            vms,
+        })
+    }
+
+    /// The key file of VM `name`.
+    pub fn key_file(&self, name: &str) -> Option<PathBuf> {
+        let vm = self.vms.get(name)?;
+        Some(vm.key_file.clone().unwrap_or_else(|| key_path(&self.state_dir, name)))
+    }
+}
+
+fn absolute(p: PathBuf, what: &str) -> Result<PathBuf, ConfigError> {
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(ConfigError::ConfigValue(format!(
+            "the {what} {} must be an absolute path",
+            p.display()
+        )))
     }
 }
 
@@ -90,27 +550,53 @@ pub fn key_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("vms").join(format!("{name}.key"))
 }
 
-/// Loads the VM's key: its `key=` file (which must exist), or the one in the state
+/// Creates `dir` (and its parents) with mode 0700 if missing, and refuses one that group or
+/// others can enter: it holds keys and the control socket.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "{} is open to other users (mode {:o}): chmod 700 it",
+        dir.display(),
+        mode & 0o777
+    );
+    Ok(())
+}
+
+/// Loads VM `name`'s key: its configured file (which must exist), or the one in the state
 /// directory, created with mode 0600 (directories 0700) when missing.
-pub fn load_key(spec: &VmSpec, state_dir: &Path) -> anyhow::Result<LinkKey> {
-    if let Some(path) = &spec.key {
-        return LinkKey::load(path).with_context(|| format!("VM {}", spec.name));
+pub fn load_key(settings: &Settings, name: &str) -> anyhow::Result<LinkKey> {
+    let vm = settings.vms.get(name).with_context(|| format!("VM {name} is not configured"))?;
+    if let Some(path) = &vm.key_file {
+        return LinkKey::load(path).with_context(|| format!("VM {name}"));
     }
-    let path = key_path(state_dir, &spec.name);
+    let path = key_path(&settings.state_dir, name);
     if let Some(dir) = path.parent() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        private_dir(&settings.state_dir)?;
+        private_dir(dir)?;
     }
-    LinkKey::load_or_create(&path).with_context(|| format!("VM {}", spec.name))
+    LinkKey::load_or_create(&path).with_context(|| format!("VM {name}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(text: &str, o: Overrides) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host-agent.toml");
+        std::fs::write(&file, text).unwrap();
+        Settings::load(&Overrides { config: Some(file), ..o })
+    }
 
     #[test]
     fn vm_specs() {
@@ -138,17 +624,96 @@ mod tests {
     }
 
     #[test]
+    fn precedence_flags_over_file_over_defaults() {
+        let text = "state_dir = \"/from/file/state\"\nhelper_timeout_secs = 7\nheartbeat_ms = 900\n\
+                    [vm.a]\nendpoint = \"unix:///a.sock\"\n[vm.a.policy]\nstore = [\"ghcr.io\"]\n";
+        let s = load(text, Overrides::default()).unwrap();
+        assert!(s.config_file_found);
+        assert_eq!(s.state_dir, PathBuf::from("/from/file/state"));
+        assert_eq!(s.helper_timeout, Duration::from_secs(7));
+        assert_eq!(s.heartbeat, Duration::from_millis(900));
+        assert_eq!(s.reconnect_max, DEFAULT_RECONNECT_MAX);
+        assert!(s.native_keychain);
+        let a = &s.vms["a"];
+        assert!(a.policy.store.allows("ghcr.io") && !a.policy.store.allows("quay.io"));
+        assert!(a.policy.get.allows("quay.io"));
+        let o = Overrides {
+            state_dir: Some("/flag/state".into()),
+            helper_timeout_secs: Some(3),
+            vms: vec!["a=unix:///flag.sock".parse().unwrap(), "b=unix:///b.sock".parse().unwrap()],
+            native_keychain: Some(false),
+            ..Overrides::default()
+        };
+        let s = load(text, o).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/flag/state"));
+        assert_eq!(s.helper_timeout, Duration::from_secs(3));
+        assert!(!s.native_keychain);
+        assert_eq!(s.vms["a"].endpoint, Endpoint::Unix("/flag.sock".into()));
+        // The flag's endpoint keeps the file's policy.
+        assert!(!s.vms["a"].policy.store.allows("quay.io"));
+        assert_eq!(s.vms["b"].policy, Policy::default());
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_key() {
+        let cases: &[(&str, &str)] = &[
+            ("helper_timeout_secs = 0\n", ":1:23: key `helper_timeout_secs`: 0 is out of range"),
+            ("bogus = 1\n", ":1:1: key `bogus`: unknown field"),
+            (
+                "\n[vm.a]\nendpoint = \"tcp://x\"\n",
+                ":3:12: key `vm.a.endpoint`: unsupported endpoint",
+            ),
+            (
+                "[vm.a]\nendpoint = \"unix:///a\"\n[vm.a.policy]\nget = [\"ok.io\", \"https://bad/\"]\n",
+                ":4:17: key `vm.a.policy.get`: \"https://bad/\" is not a registry pattern",
+            ),
+            ("[vm.\"../x\"]\nendpoint = \"unix:///a\"\n", "key `vm.../x`: \"../x\": a VM name"),
+            ("[vm.a]\nkey = \"/k\"\n", ":1:5: key `vm.a.endpoint`: missing"),
+            (
+                "state_dir = \"relative\"\n",
+                ":1:13: key `state_dir`: \"relative\" is not an absolute",
+            ),
+            ("heartbeat_ms = \"fast\"\n", ":1:16: key `heartbeat_ms`: invalid type"),
+            (
+                "[vm.a]\nendpoint = \"unix:///a\"\ncolour = 1\n",
+                ":3:1: key `vm.a.colour`: unknown field",
+            ),
+            ("native_keychain = yes\n", ":1:19: key `native_keychain`:"),
+        ];
+        for (text, want) in cases {
+            let err = load(text, Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains("host-agent.toml"), "{err}");
+            assert!(err.contains(want), "{text:?}\n got: {err}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn named_file_must_exist_default_may_not() {
+        let o = Overrides { config: Some("/nonexistent/x.toml".into()), ..Overrides::default() };
+        assert!(matches!(Settings::load(&o), Err(ConfigError::ConfigRead { .. })));
+        let o = Overrides { helper_timeout_secs: Some(0), ..Overrides::default() };
+        let err = load("", o).unwrap_err().to_string();
+        assert!(err.contains("--helper-timeout-secs 0 is out of range"), "{err}");
+    }
+
+    #[test]
     fn key_is_created_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let spec: VmSpec = "vm1=unix:///x".parse().unwrap();
-        load_key(&spec, dir.path()).unwrap();
-        let path = key_path(dir.path(), "vm1");
+        let state = dir.path().join("state");
+        let o = Overrides {
+            state_dir: Some(state.clone()),
+            vms: vec!["vm1=unix:///x".parse().unwrap()],
+            ..Overrides::default()
+        };
+        let s = load("", o).unwrap();
+        load_key(&s, "vm1").unwrap();
+        let path = key_path(&state, "vm1");
+        assert_eq!(s.key_file("vm1"), Some(path.clone()));
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(
-            std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read(&path).unwrap().len(), 32);
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(private_dir(&state).unwrap_err().to_string().contains("open to other users"));
     }
 }

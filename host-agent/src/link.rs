@@ -17,15 +17,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::resolve::Resolver;
+use crate::status::StatusBoard;
 
 /// Longest a dial or a handshake may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Default cap of the reconnect delay.
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(3);
-/// Default heartbeat interval.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Silent intervals after which a link is dead.
 pub const HEARTBEAT_MISSES: u32 = 3;
 /// Most requests being answered at once on one link.
@@ -46,8 +43,24 @@ pub struct VmLink {
     pub backoff_max: Duration,
 }
 
+impl VmLink {
+    /// Whether a running link for `self` can stay as it is under `other`.
+    pub fn same_as(&self, other: &VmLink) -> bool {
+        self.name == other.name
+            && self.endpoint == other.endpoint
+            && self.key.same_as(&other.key)
+            && self.heartbeat == other.heartbeat
+            && self.backoff_max == other.backoff_max
+    }
+}
+
 /// Keeps the link to one VM up until shutdown.
-pub async fn run_vm(vm: VmLink, resolver: Arc<Resolver>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_vm(
+    vm: VmLink,
+    resolver: Arc<Resolver>,
+    board: Arc<StatusBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = String::new();
     loop {
@@ -67,14 +80,17 @@ pub async fn run_vm(vm: VmLink, resolver: Arc<Resolver>, mut shutdown: watch::Re
                 tracing::info!(vm = %vm.name, boot_id = %established.boot_id, version = established.version, "link up");
                 last_error.clear();
                 backoff = BACKOFF_MIN;
+                board.link_up(&vm.name);
                 let reason = serve(stream, &vm, resolver.clone(), shutdown.clone()).await;
                 tracing::info!(vm = %vm.name, %reason, "link down");
+                board.link_down(&vm.name, &reason);
                 if *shutdown.borrow() {
                     return;
                 }
             }
             Err(e) => {
                 let text = format!("{e:#}");
+                board.link_down(&vm.name, &text);
                 // Say it once per distinct failure, not at every retry.
                 if text != last_error {
                     tracing::warn!(vm = %vm.name, endpoint = %vm.endpoint, error = %text, "cannot link to the VM; retrying");
@@ -108,11 +124,12 @@ async fn send_response<W: AsyncWrite + Unpin>(
 }
 
 /// Resolves once shutdown was requested (without holding the channel's lock).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-async fn dial(endpoint: &Endpoint) -> anyhow::Result<UnixStream> {
+/// Connects to `endpoint` within [`IO_TIMEOUT`] (no handshake).
+pub async fn dial(endpoint: &Endpoint) -> anyhow::Result<UnixStream> {
     let Endpoint::Unix(path) = endpoint;
     tokio::time::timeout(IO_TIMEOUT, UnixStream::connect(path))
         .await

@@ -1,25 +1,35 @@
 //! `finch-host-agent`: the daemon on the host, started at login.
 //!
-//! Modules: `config` (flags, defaults, `--vm` specs, keys), `link` (dial each VM,
-//! authenticate, serve, reconnect), `resolve` (route a request in docker/cli's order, try
-//! every registry spelling, audit), `source` (the credential sources behind one trait).
+//! Modules: `config` (flags > environment > `~/.finch/host-agent.toml` > defaults, `--vm`
+//! specs, keys), `policy` (what each VM may do), `agent` (the links and reloads), `link` (dial
+//! each VM, authenticate, serve, reconnect), `resolve` (policy, route a request in docker/cli's
+//! order, try every registry spelling, audit), `source` (the credential sources behind one
+//! trait: host helpers, plaintext `auths`, native keychains), `control` (the control socket
+//! behind `status` and `reload`), `status`, `doctor`.
 //!
 //! Path of a request: guest's `LinkMsg::Request` → `link::serve` spawns →
-//! `Resolver::handle` → `source::*` (host helper or plaintext `auths`) → audit line →
-//! `LinkMsg::Response` back on the same link.
+//! `Resolver::handle` (check, policy) → `source::*` → audit line → `LinkMsg::Response` back on
+//! the same link.
 
+mod agent;
 mod config;
+mod control;
+mod doctor;
 mod link;
+mod policy;
 mod resolve;
 mod source;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+/// How often the config file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Parser)]
 #[command(name = "finch-host-agent", version, about = "Host agent of the finch credential bridge")]
@@ -31,41 +41,94 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Dial every VM and answer its credential requests until stopped.
-    Run(RunArgs),
+    Run(SettingsArgs),
+    /// Show the running agent's links, requests and cache.
+    Status {
+        #[command(flatten)]
+        settings: SettingsArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config, the credential sources, each VM's key and endpoint, and the agent.
+    Doctor(SettingsArgs),
+    /// Make the running agent re-read its config file (as SIGHUP does).
+    Reload(SettingsArgs),
 }
 
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// A VM to serve: NAME=ENDPOINT[,key=PATH], e.g. default=unix:///path/to/link.sock. Repeatable.
-    #[arg(long = "vm", value_name = "NAME=ENDPOINT[,key=PATH]", required = true)]
+/// Settings every command takes; unset ones come from the environment, the file, defaults.
+#[derive(Debug, Clone, clap::Args)]
+struct SettingsArgs {
+    /// Config file [env: FINCH_HOST_AGENT_CONFIG; default: ~/.finch/host-agent.toml].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A VM to serve: NAME=ENDPOINT[,key=PATH], e.g. default=unix:///path/to/link.sock.
+    /// Repeatable; adds to (or sets the endpoint of) the config file's [vm.NAME] tables.
+    #[arg(long = "vm", value_name = "NAME=ENDPOINT[,key=PATH]")]
     vms: Vec<config::VmSpec>,
-    /// The host's docker config directory [default: ~/.finch].
+    /// The host's docker config directory [env: FINCH_HOST_AGENT_DOCKER_CONFIG; default: ~/.finch].
     #[arg(long, value_name = "DIR")]
     docker_config: Option<PathBuf>,
-    /// Where VM keys live [env: FINCH_HOST_AGENT_STATE_DIR; default: ~/.finch/host-agent].
+    /// Where VM keys and the control socket live [env: FINCH_HOST_AGENT_STATE_DIR; default: ~/.finch/host-agent].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Time a host credential helper may take, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = source::exec_helper::DEFAULT_TIMEOUT.as_secs())]
-    helper_timeout_secs: u64,
-    /// Heartbeat interval on each link, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = link::DEFAULT_HEARTBEAT.as_millis() as u64)]
-    heartbeat_ms: u64,
-    /// Cap of the reconnect delay, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = link::DEFAULT_BACKOFF_MAX.as_millis() as u64)]
-    reconnect_max_ms: u64,
+    /// Time a host credential helper may take, in seconds [default: 10].
+    #[arg(long, value_name = "SECS")]
+    helper_timeout_secs: Option<u64>,
+    /// Time one native keychain call may take, in seconds [default: 10].
+    #[arg(long, value_name = "SECS")]
+    keychain_timeout_secs: Option<u64>,
+    /// Serve secretservice/osxkeychain/wincred natively (false: run the helper binary) [default: true].
+    #[arg(long, value_name = "BOOL")]
+    native_keychain: Option<bool>,
+    /// Heartbeat interval on each link, in milliseconds [default: 5000].
+    #[arg(long, value_name = "MS")]
+    heartbeat_ms: Option<u64>,
+    /// Cap of the reconnect delay, in milliseconds [default: 3000].
+    #[arg(long, value_name = "MS")]
+    reconnect_max_ms: Option<u64>,
+}
+
+impl SettingsArgs {
+    fn overrides(self) -> config::Overrides {
+        config::Overrides {
+            config: self.config,
+            vms: self.vms,
+            docker_config: self.docker_config,
+            state_dir: self.state_dir,
+            helper_timeout_secs: self.helper_timeout_secs,
+            keychain_timeout_secs: self.keychain_timeout_secs,
+            native_keychain: self.native_keychain,
+            heartbeat_ms: self.heartbeat_ms,
+            reconnect_max_ms: self.reconnect_max_ms,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     init_tracing();
-    let Cli { command: Command::Run(args) } = Cli::parse();
-    match run(args) {
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args.overrides()),
+        Command::Status { settings, json } => status(&settings.overrides(), json),
+        Command::Doctor(args) => {
+            let report = doctor::run(&args.overrides());
+            print(report.text());
+            return if report.failures() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+        Command::Reload(args) => reload(&args.overrides()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn print(text: &str) {
+    print!("{text}");
 }
 
 fn init_tracing() {
@@ -79,63 +142,82 @@ fn init_tracing() {
         .init();
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (100..=3_600_000).contains(&args.heartbeat_ms),
-        "--heartbeat-ms must be between 100 and 3600000"
-    );
-    anyhow::ensure!(args.helper_timeout_secs >= 1, "--helper-timeout-secs must be at least 1");
-    let state_dir = config::state_dir(args.state_dir)?;
-    let docker_config = config::docker_config_dir(args.docker_config)?;
-    let mut names = std::collections::HashSet::new();
-    let mut vms = Vec::new();
-    for spec in &args.vms {
-        anyhow::ensure!(names.insert(spec.name.clone()), "VM {} is given twice", spec.name);
-        vms.push(link::VmLink {
-            name: spec.name.clone(),
-            endpoint: spec.endpoint.clone(),
-            key: config::load_key(spec, &state_dir)?,
-            heartbeat: Duration::from_millis(args.heartbeat_ms),
-            backoff_max: Duration::from_millis(
-                args.reconnect_max_ms.max(link::BACKOFF_MIN.as_millis() as u64),
-            ),
-        });
+fn status(overrides: &config::Overrides, json: bool) -> anyhow::Result<()> {
+    let state_dir = doctor::state_dir_fallback(overrides)?;
+    let reply = control::call(&state_dir, "status")?;
+    let status = reply.status.context("the agent gave no status")?;
+    if json {
+        print(&format!("{}\n", serde_json::to_string_pretty(&status)?));
+    } else {
+        print(&status::render(&status));
     }
-    let resolver = Arc::new(resolve::Resolver::new(resolve::ResolverSettings {
-        docker_config: docker_config.clone(),
-        helper_path: std::env::var_os("PATH").unwrap_or_default(),
-        helper_timeout: Duration::from_secs(args.helper_timeout_secs),
-    }));
+    Ok(())
+}
+
+fn reload(overrides: &config::Overrides) -> anyhow::Result<()> {
+    let state_dir = doctor::state_dir_fallback(overrides)?;
+    let reply = control::call(&state_dir, "reload")?;
+    let message = reply.message.unwrap_or_default();
+    anyhow::ensure!(reply.ok, "{message}");
+    print(&format!("{message}\n"));
+    Ok(())
+}
+
+fn run(overrides: config::Overrides) -> anyhow::Result<()> {
+    let prepared = agent::prepare(&overrides)?;
+    let agent = agent::Agent::new(overrides, &prepared);
+    let settings = agent.settings();
+    let _lock = control::lock(&settings.state_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let listener = control::bind(&settings.state_dir)?;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
-        tracing::info!(vms = vms.len(), docker_config = %docker_config.display(), "host agent ready");
-        let mut tasks = tokio::task::JoinSet::new();
-        for vm in vms {
-            tasks.spawn(link::run_vm(vm, resolver.clone(), shutdown.clone()));
+        let applied = agent.apply(prepared).await;
+        if applied.started == 0 {
+            tracing::warn!(config = %settings.config_file.display(), "no VM to serve yet: add a [vm.NAME] table to the config file (then `finch-host-agent reload`) or pass --vm NAME=ENDPOINT");
         }
-        wait_for_signal().await;
+        tracing::info!(
+            vms = applied.started,
+            config = %settings.config_file.display(),
+            docker_config = %settings.docker_config.display(),
+            "host agent ready"
+        );
+        let control = tokio::spawn(control::serve(listener, agent.clone(), shutdown.clone()));
+        wait_for_stop(&agent).await;
         let _ = stop.send(true);
-        while tasks.join_next().await.is_some() {}
+        agent.stop_all().await;
+        let _ = control.await;
         tracing::info!("host agent stopped");
         Ok(())
     })
 }
 
-async fn wait_for_signal() {
+/// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the config file changes.
+async fn wait_for_stop(agent: &agent::Agent) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::warn!("cannot install signal handlers");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut poll = tokio::time::interval(CONFIG_POLL);
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return }
+            _ = hup.recv() => { let _ = agent.reload("SIGHUP").await; }
+            _ = poll.tick() => {
+                if agent.config_changed() {
+                    let _ = agent.reload("config file changed").await;
+                }
+            }
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! How the host answers one request: check it, route it to a source in docker/cli's order,
-//! try every spelling of the registry, and write one audit line.
+//! check the VM's policy, try every spelling of the registry, and write one audit line.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use finch_shared::message::{ListEntry, MAX_LIST_ENTRIES, Outcome, Request, Response, WireError};
 use finch_shared::registry::{registry_key, spellings};
 
+use crate::config::Settings;
+use crate::policy::Rule;
 use crate::source::docker_config::{DockerConfig, PlainAuths};
 use crate::source::exec_helper::ExecHelper;
-use crate::source::{Credential, CredentialSource, SourceError};
+use crate::source::{Credential, CredentialSource, SourceError, keychain};
+use crate::status::StatusBoard;
 
 /// Longest server string accepted from a guest.
 pub const MAX_SERVER_LEN: usize = 1024;
@@ -19,36 +22,90 @@ pub const MAX_USERNAME_LEN: usize = 1024;
 /// Tracing target of the audit lines.
 pub const AUDIT_TARGET: &str = "finch_audit";
 
-/// Settings of the resolver.
-#[derive(Debug, Clone)]
-pub struct ResolverSettings {
-    /// The host's docker config directory (`~/.finch`).
-    pub docker_config: PathBuf,
-    /// Where host helpers are looked up (`PATH`).
-    pub helper_path: OsString,
-    /// Time a host helper may take.
-    pub helper_timeout: Duration,
+/// What the resolver answers from: the settings and the long-lived native keychain.
+#[derive(Clone)]
+pub struct Current {
+    /// The merged settings.
+    pub settings: Arc<Settings>,
+    /// This OS's keychain, served natively (kept so its connection lives).
+    pub keychain: Option<Arc<dyn CredentialSource>>,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current")
+            .field("keychain", &self.keychain.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Current {
+    /// The state for `settings`; the keychain of `previous` is kept when its settings match.
+    pub fn new(settings: Settings, previous: Option<&Current>) -> Current {
+        let wanted = settings.native_keychain.then_some(()).and(keychain::NATIVE_NAME);
+        let keychain = match previous {
+            Some(p)
+                if p.settings.native_keychain == settings.native_keychain
+                    && p.settings.keychain_timeout == settings.keychain_timeout =>
+            {
+                p.keychain.clone()
+            }
+            _ => wanted.and_then(|name| keychain::open(name, settings.keychain_timeout)),
+        };
+        Current { settings: Arc::new(settings), keychain }
+    }
+
+    /// The source behind helper `name`: the native keychain when it serves that name,
+    /// else the host's `docker-credential-<name>`.
+    pub fn helper(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
+        if let Some(k) = &self.keychain
+            && self.settings.native_keychain
+            && keychain::NATIVE_NAME == Some(name)
+        {
+            return Ok(k.clone());
+        }
+        Ok(Arc::new(ExecHelper::find(name, &helper_path(), self.settings.helper_timeout)?))
+    }
+}
+
+/// Where host helpers are looked up: the host agent's own `PATH`.
+pub fn helper_path() -> OsString {
+    std::env::var_os("PATH").unwrap_or_default()
 }
 
 /// Answers requests from every VM.
 #[derive(Debug)]
 pub struct Resolver {
-    settings: ResolverSettings,
+    current: RwLock<Current>,
+    board: Arc<StatusBoard>,
 }
 
 impl Resolver {
-    /// A resolver with these settings.
-    pub fn new(settings: ResolverSettings) -> Self {
-        Resolver { settings }
+    /// A resolver answering from `current`, counting requests on `board`.
+    pub fn new(current: Current, board: Arc<StatusBoard>) -> Self {
+        Resolver { current: RwLock::new(current), board }
+    }
+
+    /// What requests are answered from now.
+    pub fn current(&self) -> Current {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Answers from `current` from now on (requests in flight finish with what they had).
+    pub fn replace(&self, current: Current) {
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = current;
     }
 
     /// Answers `request` from VM `vm` and writes its audit line.
     pub async fn handle(&self, vm: &str, request: Request) -> Outcome {
         let started = Instant::now();
+        self.board.count_request(vm);
         let op = request.op();
         let registry = request.server().map(registry_key);
-        let (source, outcome) = match check(&request) {
-            Ok(()) => self.dispatch(request).await,
+        let current = self.current();
+        let (source, outcome) = match check(&request).and_then(|()| allowed(&current, vm, &request))
+        {
+            Ok(rule) => dispatch(&current, request, &rule).await,
             Err(e) => ("-".to_owned(), Err(e)),
         };
         let result = match &outcome {
@@ -56,9 +113,11 @@ impl Resolver {
             Err(e) => e.class(),
         };
         let reason = match &outcome {
-            Err(WireError::Unavailable { reason } | WireError::Internal { reason }) => {
-                reason.as_str()
-            }
+            Err(
+                WireError::Unavailable { reason }
+                | WireError::Internal { reason }
+                | WireError::Denied { reason },
+            ) => reason.as_str(),
             _ => "",
         };
         tracing::info!(
@@ -73,92 +132,104 @@ impl Resolver {
         );
         outcome
     }
+}
 
-    fn source_for(
-        &self,
-        config: &DockerConfig,
-        server: &str,
-    ) -> Result<Box<dyn CredentialSource>, SourceError> {
-        Ok(match config.routing.helper_for(server) {
-            Some(name) => Box::new(ExecHelper::find(
-                name,
-                &self.settings.helper_path,
-                self.settings.helper_timeout,
-            )?),
-            None => Box::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())),
-        })
+/// The VM's rule for this request, if the policy allows it at all.
+fn allowed(current: &Current, vm: &str, request: &Request) -> Result<Rule, WireError> {
+    let op = request.op();
+    let denied = |what: String| WireError::Denied {
+        reason: format!("the host's policy for VM {vm} does not allow {what}"),
+    };
+    let Some(vm_settings) = current.settings.vms.get(vm) else {
+        return Err(denied(format!("{op} (the VM is no longer configured)")));
+    };
+    let rule = vm_settings.policy.rule(op).cloned().unwrap_or(Rule(Vec::new()));
+    match request.server() {
+        Some(server) if !rule.allows(server) => {
+            Err(denied(format!("{op} for {}", registry_key(server))))
+        }
+        None if rule.is_empty() => Err(denied(op.to_owned())),
+        _ => Ok(rule),
     }
+}
 
-    async fn dispatch(&self, request: Request) -> (String, Outcome) {
-        let config = match DockerConfig::load(&self.settings.docker_config) {
-            Ok(c) => c,
-            Err(e) => return ("docker-config".into(), Err(e.into())),
-        };
-        if let Request::List = request {
-            return ("all".into(), self.list(&config).await);
+fn source_for(
+    current: &Current,
+    config: &DockerConfig,
+    server: &str,
+) -> Result<Arc<dyn CredentialSource>, SourceError> {
+    match config.routing.helper_for(server) {
+        Some(name) => current.helper(name),
+        None => {
+            Ok(Arc::new(PlainAuths::new(&current.settings.docker_config, config.auths.clone())))
         }
-        let server = request.server().unwrap_or_default().to_owned();
-        let source = match self.source_for(&config, &server) {
-            Ok(s) => s,
-            Err(e) => {
-                return (
-                    config.routing.helper_for(&server).unwrap_or("-").to_owned(),
-                    Err(e.into()),
-                );
-            }
-        };
-        let outcome = match request {
-            Request::Get { server } => get(source.as_ref(), &server).await,
-            Request::Store { server, username, secret } => {
-                let credential = Credential { username, secret };
-                source
-                    .store(&registry_key(&server), &credential)
-                    .await
-                    .map(|()| Response::Done)
-                    .map_err(Into::into)
-            }
-            Request::Erase { server } => erase(source.as_ref(), &server).await,
-            Request::List => self.list(&config).await,
-        };
-        (source.name(), outcome)
     }
+}
 
-    /// Every credential's server and username: plaintext `auths`, the `credsStore`, and each
-    /// `credHelpers` helper for the registries routed to it. Never secrets.
-    async fn list(&self, config: &DockerConfig) -> Outcome {
-        let routing = &config.routing;
-        let mut entries: Vec<ListEntry> =
-            PlainAuths::new(&self.settings.docker_config, config.auths.clone()).list().await?;
-        if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
-            let helper =
-                ExecHelper::find(store, &self.settings.helper_path, self.settings.helper_timeout)?;
-            entries.extend(helper.list().await?);
+async fn dispatch(current: &Current, request: Request, rule: &Rule) -> (String, Outcome) {
+    let config = match DockerConfig::load(&current.settings.docker_config) {
+        Ok(c) => c,
+        Err(e) => return ("docker-config".into(), Err(e.into())),
+    };
+    let Some(server) = request.server().map(str::to_owned) else {
+        return ("all".into(), list(current, &config, rule).await);
+    };
+    let source = match source_for(current, &config, &server) {
+        Ok(s) => s,
+        Err(e) => {
+            return (config.routing.helper_for(&server).unwrap_or("-").to_owned(), Err(e.into()));
         }
-        let mut helpers: Vec<&String> = routing.cred_helpers.values().collect();
-        helpers.sort();
-        helpers.dedup();
-        for name in helpers {
-            if routing.creds_store.as_ref() == Some(name) {
-                continue;
-            }
-            let helper =
-                ExecHelper::find(name, &self.settings.helper_path, self.settings.helper_timeout)?;
-            let mine: Vec<&String> =
-                routing.cred_helpers.iter().filter(|(_, h)| *h == name).map(|(r, _)| r).collect();
-            entries.extend(
-                helper
-                    .list()
-                    .await?
-                    .into_iter()
-                    .filter(|e| mine.contains(&&registry_key(&e.server))),
-            );
+    };
+    let outcome = match request {
+        Request::Get { server } => get(source.as_ref(), &server).await,
+        Request::Store { server, username, secret } => {
+            let credential = Credential { username, secret };
+            source
+                .store(&registry_key(&server), &credential)
+                .await
+                .map(|()| Response::Done)
+                .map_err(Into::into)
         }
-        if entries.len() > MAX_LIST_ENTRIES {
-            tracing::warn!(count = entries.len(), kept = MAX_LIST_ENTRIES, "list truncated");
-            entries.truncate(MAX_LIST_ENTRIES);
-        }
-        Ok(Response::List { entries })
+        Request::Erase { server } => erase(source.as_ref(), &server).await,
+        Request::List => list(current, &config, rule).await,
+    };
+    (source.name(), outcome)
+}
+
+/// Every credential's server and username that `rule` lets the VM see: plaintext `auths`,
+/// the `credsStore`, and each `credHelpers` helper for the registries routed to it. Never
+/// secrets.
+async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome {
+    let routing = &config.routing;
+    let mut entries: Vec<ListEntry> =
+        PlainAuths::new(&current.settings.docker_config, config.auths.clone()).list().await?;
+    if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
+        entries.extend(current.helper(store)?.list().await?);
     }
+    let mut helpers: Vec<&String> = routing.cred_helpers.values().collect();
+    helpers.sort();
+    helpers.dedup();
+    for name in helpers {
+        if routing.creds_store.as_ref() == Some(name) {
+            continue;
+        }
+        let mine: Vec<&String> =
+            routing.cred_helpers.iter().filter(|(_, h)| *h == name).map(|(r, _)| r).collect();
+        entries.extend(
+            current
+                .helper(name)?
+                .list()
+                .await?
+                .into_iter()
+                .filter(|e| mine.contains(&&registry_key(&e.server))),
+        );
+    }
+    entries.retain(|e| rule.allows(&e.server));
+    if entries.len() > MAX_LIST_ENTRIES {
+        tracing::warn!(count = entries.len(), kept = MAX_LIST_ENTRIES, "list truncated");
+        entries.truncate(MAX_LIST_ENTRIES);
+    }
+    Ok(Response::List { entries })
 }
 
 /// Tries every spelling; the first hit wins. Errors on one spelling don't hide a hit on
@@ -173,8 +244,12 @@ async fn get(source: &dyn CredentialSource, server: &str) -> Outcome {
             Ok(None) => {}
             Err(e) => {
                 // A timeout would repeat for every spelling: stop at the first.
-                let stop =
-                    matches!(e, SourceError::HelperTimeout { .. } | SourceError::HelperMissing(_));
+                let stop = matches!(
+                    e,
+                    SourceError::HelperTimeout { .. }
+                        | SourceError::HelperMissing(_)
+                        | SourceError::Keychain(_)
+                );
                 failure.get_or_insert(e);
                 if stop {
                     break;

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 
 fn run_fails(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_finch-host-agent"))
         .arg("run")
         .args(args)
@@ -15,6 +16,7 @@ fn run_fails(args: &[&str]) -> String {
         .arg(dir.path())
         .arg("--docker-config")
         .arg(dir.path())
+        .env("HOME", dir.path())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -24,7 +26,13 @@ fn run_fails(args: &[&str]) -> String {
 
 #[test]
 fn bad_vm_specs_and_keys_are_refused() {
-    assert!(run_fails(&[]).contains("--vm"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host-agent.toml");
+    std::fs::write(&config, "[vm.a]\nendpoint = \"unix:///a\"\npolicy = 3\n").unwrap();
+    let err = run_fails(&["--config", config.to_str().unwrap()]);
+    assert!(err.contains("host-agent.toml:3:10: key `vm.a.policy`: invalid type"), "{err}");
+    let err = run_fails(&["--config", "/nonexistent/host-agent.toml"]);
+    assert!(err.contains("cannot read config file /nonexistent/host-agent.toml"), "{err}");
     assert!(run_fails(&["--vm", "noendpoint"]).contains("NAME=ENDPOINT"));
     assert!(run_fails(&["--vm", "../x=unix:///x"]).contains("VM name"));
     assert!(run_fails(&["--vm", "a=tcp://1.2.3.4:1"]).contains("unsupported endpoint"));
@@ -37,4 +45,22 @@ fn bad_vm_specs_and_keys_are_refused() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = run_fails(&["--vm", &format!("a=unix:///x,key={}", key.display())]);
     assert!(err.contains("must not be readable by group or others"), "{err}");
+}
+
+#[test]
+fn a_state_dir_others_can_enter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finch-host-agent"))
+        .args(["run", "--vm", "a=unix:///x", "--state-dir"])
+        .arg(&state)
+        .env("HOME", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is open to other users (mode 755): chmod 700 it"), "{err}");
 }

@@ -76,6 +76,12 @@ impl std::fmt::Debug for LinkKey {
 }
 
 impl LinkKey {
+    /// Whether two keys are the same, in time that does not depend on where they differ.
+    pub fn same_as(&self, other: &LinkKey) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     /// A key from bytes, checking the length only.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         if !(MIN_KEY_LEN..=MAX_KEY_LEN).contains(&bytes.len()) {

@@ -270,6 +270,7 @@ impl Bridge {
         std::fs::create_dir_all(&docker_config).expect("mkdir");
         std::fs::create_dir_all(&helper_dir).expect("mkdir");
         std::fs::write(docker_config.join("config.json"), config_json).expect("config");
+        std::fs::write(dir.path().join("host-agent.toml"), "").expect("host config");
         write_key(&dir.path().join("link.key"), 7);
         Bridge {
             dir,
@@ -287,6 +288,39 @@ impl Bridge {
     /// Path of a file in the bridge's dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The host agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// The host agent's config file (empty unless a test writes it).
+    pub fn host_config(&self) -> PathBuf {
+        self.path("host-agent.toml")
+    }
+
+    /// Runs `finch-host-agent ARGS` against this bridge's state dir and config; returns
+    /// (exit code, stdout, stderr).
+    pub fn host_cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("finch-host-agent"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--config")
+            .arg(self.host_config())
+            .arg("--docker-config")
+            .arg(&self.docker_config)
+            .env("PATH", path_with(&self.helper_dir))
+            .envs(self.host_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .expect("finch-host-agent");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// The helper socket.
@@ -338,7 +372,9 @@ impl Bridge {
             .arg("--docker-config")
             .arg(&self.docker_config)
             .arg("--state-dir")
-            .arg(self.path("state"))
+            .arg(self.state_dir())
+            .arg("--config")
+            .arg(self.host_config())
             .args(["--heartbeat-ms", "500", "--reconnect-max-ms", "500"])
             .args(&self.host_flags)
             .env("PATH", path)
@@ -437,6 +473,78 @@ pub fn accept_within(
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => panic!("no connection within {timeout:?}: {e}"),
+        }
+    }
+}
+
+/// gnome-keyring in a private D-Bus session, and the reference helper that talks to it.
+pub mod keyring {
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use crate::{Proc, STARTUP, run_with_input, wait_until};
+
+    /// Programs these helpers need.
+    pub const TOOLS: &[&str] =
+        &["dbus-run-session", "gnome-keyring-daemon", "docker-credential-secretservice"];
+
+    /// A private D-Bus session with an unlocked gnome-keyring (secrets component only).
+    #[derive(Debug)]
+    pub struct Keyring {
+        proc: Proc,
+        /// The environment that reaches it (D-Bus address, HOME, XDG_RUNTIME_DIR).
+        pub env: Vec<(String, String)>,
+    }
+
+    pub fn start_keyring(dir: &Path) -> Keyring {
+        let home = dir.join("keyring-home");
+        let run = dir.join("keyring-run");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let addr_file = dir.join("dbus-address");
+        let mut cmd = Command::new("dbus-run-session");
+        cmd.args(["--", "sh", "-c"])
+            .arg(format!(
+                "echo \"$DBUS_SESSION_BUS_ADDRESS\" > {a}.tmp && mv {a}.tmp {a}; \
+                 printf keyring-pw | gnome-keyring-daemon --unlock --components=secrets >/dev/null; exec sleep 3600",
+                a = addr_file.display()
+            ))
+            .env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", &run)
+            .env_remove("DBUS_SESSION_BUS_ADDRESS");
+        let proc = Proc::spawn("dbus-session", cmd, &dir.join("dbus.log"));
+        assert!(wait_until(STARTUP, || addr_file.exists()), "no D-Bus session:\n{}", proc.output());
+        let address = std::fs::read_to_string(&addr_file).unwrap().trim().to_owned();
+        let env = vec![
+            ("DBUS_SESSION_BUS_ADDRESS".to_owned(), address),
+            ("HOME".to_owned(), home.display().to_string()),
+            ("XDG_RUNTIME_DIR".to_owned(), run.display().to_string()),
+        ];
+        let keyring = Keyring { proc, env };
+        // Ready when the reference helper can list (the Secret Service answers).
+        let ready = wait_until(STARTUP, || {
+            let mut c = Command::new("docker-credential-secretservice");
+            c.arg("list").envs(keyring.env.iter().map(|(k, v)| (k, v)));
+            run_with_input(c, b"unused", Duration::from_secs(10)).code == 0
+        });
+        assert!(ready, "gnome-keyring did not come up");
+        keyring
+    }
+
+    /// Runs Debian's docker-credential-secretservice against `keyring`.
+    pub fn secretservice(keyring: &Keyring, action: &str, stdin: &str) -> crate::HelperRun {
+        let mut c = Command::new("docker-credential-secretservice");
+        c.arg(action).envs(keyring.env.iter().map(|(k, v)| (k, v)));
+        run_with_input(c, stdin.as_bytes(), Duration::from_secs(20))
+    }
+
+    impl Keyring {
+        /// The session's log.
+        pub fn output(&self) -> String {
+            self.proc.output()
         }
     }
 }

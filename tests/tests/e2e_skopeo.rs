@@ -1,6 +1,8 @@
 //! End to end with real parts: Debian's docker-registry (TLS + htpasswd) on 127.0.0.1,
 //! Debian's skopeo configured with `credHelpers` → `finchhost`, and the host's store being
-//! Debian's docker-credential-secretservice against gnome-keyring in a private D-Bus session.
+//! gnome-keyring in a private D-Bus session, served by the host agent's native Secret Service
+//! source (`credsStore: secretservice`); Debian's docker-credential-secretservice confirms
+//! what landed in the keyring.
 //!
 //! `skopeo login` stores through the chain into the keyring; `copy` and `inspect`
 //! authenticate through it; `logout` erases; the next `inspect` is refused by the registry.
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use finch_tests::keyring::{secretservice, start_keyring};
 use finch_tests::{Bridge, Proc, STARTUP, run_ok, run_with_input, wait_until};
 use sha2::{Digest, Sha256};
 
@@ -25,54 +28,6 @@ const TOOLS: &[&str] = &[
     "gnome-keyring-daemon",
     "docker-credential-secretservice",
 ];
-
-/// A private D-Bus session with an unlocked gnome-keyring (secrets component only).
-struct Keyring {
-    _proc: Proc,
-    env: Vec<(String, String)>,
-}
-
-fn start_keyring(dir: &Path) -> Keyring {
-    let home = dir.join("keyring-home");
-    let run = dir.join("keyring-run");
-    std::fs::create_dir_all(&home).unwrap();
-    std::fs::create_dir_all(&run).unwrap();
-    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let addr_file = dir.join("dbus-address");
-    let mut cmd = Command::new("dbus-run-session");
-    cmd.args(["--", "sh", "-c"])
-        .arg(format!(
-            "echo \"$DBUS_SESSION_BUS_ADDRESS\" > {a}.tmp && mv {a}.tmp {a}; \
-             printf keyring-pw | gnome-keyring-daemon --unlock --components=secrets >/dev/null; exec sleep 3600",
-            a = addr_file.display()
-        ))
-        .env("HOME", &home)
-        .env("XDG_RUNTIME_DIR", &run)
-        .env_remove("DBUS_SESSION_BUS_ADDRESS");
-    let proc = Proc::spawn("dbus-session", cmd, &dir.join("dbus.log"));
-    assert!(wait_until(STARTUP, || addr_file.exists()), "no D-Bus session:\n{}", proc.output());
-    let address = std::fs::read_to_string(&addr_file).unwrap().trim().to_owned();
-    let env = vec![
-        ("DBUS_SESSION_BUS_ADDRESS".to_owned(), address),
-        ("HOME".to_owned(), home.display().to_string()),
-        ("XDG_RUNTIME_DIR".to_owned(), run.display().to_string()),
-    ];
-    let keyring = Keyring { _proc: proc, env };
-    // Ready when the reference helper can list (the Secret Service answers).
-    let ready = wait_until(STARTUP, || {
-        let mut c = Command::new("docker-credential-secretservice");
-        c.arg("list").envs(keyring.env.iter().map(|(k, v)| (k, v)));
-        run_with_input(c, b"unused", Duration::from_secs(10)).code == 0
-    });
-    assert!(ready, "gnome-keyring did not come up");
-    keyring
-}
-
-fn secretservice(keyring: &Keyring, action: &str, stdin: &str) -> finch_tests::HelperRun {
-    let mut c = Command::new("docker-credential-secretservice");
-    c.arg(action).envs(keyring.env.iter().map(|(k, v)| (k, v)));
-    run_with_input(c, stdin.as_bytes(), Duration::from_secs(20))
-}
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -295,7 +250,10 @@ fn skopeo_login_copy_inspect_logout_through_the_bridge() {
     for op in ["op=\"store\"", "op=\"get\"", "op=\"erase\""] {
         assert!(host_log.contains(op), "no audit line with {op}");
     }
-    assert!(host_log.contains("source=\"helper:secretservice\""));
+    assert!(
+        host_log.contains("source=\"keychain:secretservice\""),
+        "not served natively:\n{host_log}"
+    );
 
     // The secret is in no log and no output the test collected.
     let registry_log = registry.output();

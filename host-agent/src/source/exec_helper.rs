@@ -40,9 +40,6 @@ pub const HELPER_ENV: &[&str] = &[
 /// Most bytes read from a helper's stdout.
 pub const MAX_OUTPUT: usize = 1024 * 1024;
 
-/// Default time a helper may take.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Whether `name` is a safe helper name: no path separators, no leading dot or dash.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

@@ -3,11 +3,14 @@
 //! * [`exec_helper`]: the host's own `docker-credential-<name>` binaries.
 //! * [`docker_config`]: the docker config file (`credsStore`, `credHelpers`, plaintext `auths`).
 //!
-//! Native ECR and the OS keychains implement the same trait in later modules; the resolver
-//! picks a source by the helper name the user already configured.
+//! * [`keychain`]: the OS keychains (Secret Service, macOS Keychain, Windows Credential
+//!   Manager), served natively under the helper names docker uses for them.
+//!
+//! The resolver picks a source by the helper name the user already configured.
 
 pub mod docker_config;
 pub mod exec_helper;
+pub mod keychain;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -89,6 +92,9 @@ pub enum SourceError {
         /// Action.
         action: &'static str,
     },
+    /// A native keychain failed (locked, unreachable, denied, timed out, …).
+    #[error(transparent)]
+    Keychain(#[from] keychain::KeychainError),
     /// The docker config could not be read or parsed.
     #[error("cannot read docker config {path}: {reason}")]
     ConfigRead {

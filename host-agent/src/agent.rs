@@ -1,0 +1,219 @@
+//! The running host agent: the links to every VM, the settings requests are answered from,
+//! and reloads that change them without dropping the links that stay the same.
+//!
+//! A reload (SIGHUP, `finch-host-agent reload`, or the config file changing) loads every
+//! setting and key first; only if all of it is good does anything change. A bad file keeps
+//! the old config in force, and the reason is logged, shown by `status` and returned.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use finch_shared::key::LinkKey;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Overrides, Settings};
+use crate::link::{self, VmLink};
+use crate::resolve::{Current, Resolver};
+use crate::status::{AgentStatus, StatusBoard};
+
+struct Running {
+    link: VmLink,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Links left running as they were.
+    pub kept: usize,
+    /// Links started (new VMs, or changed endpoint, key or timing).
+    pub started: usize,
+    /// Links stopped (VMs removed or changed).
+    pub stopped: usize,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} links kept, {} started, {} stopped", self.kept, self.started, self.stopped)
+    }
+}
+
+/// Settings with every VM's key loaded: ready to apply.
+pub struct Prepared {
+    settings: Settings,
+    keys: BTreeMap<String, LinkKey>,
+}
+
+/// Loads settings and keys for `overrides`; creates the state directory and missing keys.
+pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
+    let settings = Settings::load(overrides)?;
+    config::private_dir(&settings.state_dir)?;
+    let mut keys = BTreeMap::new();
+    for name in settings.vms.keys() {
+        keys.insert(name.clone(), config::load_key(&settings, name)?);
+    }
+    Ok(Prepared { settings, keys })
+}
+
+/// The agent.
+pub struct Agent {
+    overrides: Overrides,
+    resolver: Arc<Resolver>,
+    board: Arc<StatusBoard>,
+    links: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    started: Instant,
+    config_error: Mutex<Option<String>>,
+    config_stamp: Mutex<Option<FileStamp>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("started", &self.started).finish_non_exhaustive()
+    }
+}
+
+/// What identifies a version of the config file, for change polling.
+type FileStamp = (Option<SystemTime>, u64, u64);
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), m.ino()))
+}
+
+impl Agent {
+    /// An agent for `prepared` (nothing runs until [`Agent::apply`]).
+    pub fn new(overrides: Overrides, prepared: &Prepared) -> Arc<Agent> {
+        let board = Arc::new(StatusBoard::default());
+        let current = Current::new(prepared.settings.clone(), None);
+        Arc::new(Agent {
+            overrides,
+            resolver: Arc::new(Resolver::new(current, board.clone())),
+            board,
+            links: tokio::sync::Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+            config_error: Mutex::new(None),
+            config_stamp: Mutex::new(stamp(&prepared.settings.config_file)),
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.resolver.current().settings
+    }
+
+    /// Makes `prepared` the config in force: requests use it from now on; links whose
+    /// endpoint, key and timing are unchanged keep running.
+    pub async fn apply(&self, prepared: Prepared) -> Applied {
+        let Prepared { settings, keys } = prepared;
+        let previous = self.resolver.current();
+        let mut wanted = BTreeMap::new();
+        for (name, vm) in &settings.vms {
+            let Some(key) = keys.get(name) else { continue };
+            wanted.insert(
+                name.clone(),
+                VmLink {
+                    name: name.clone(),
+                    endpoint: vm.endpoint.clone(),
+                    key: key.clone(),
+                    heartbeat: settings.heartbeat,
+                    backoff_max: settings.reconnect_max.max(link::BACKOFF_MIN),
+                },
+            );
+        }
+        self.board
+            .configure(settings.vms.iter().map(|(n, v)| (n.as_str(), v.endpoint.to_string())));
+        self.resolver.replace(Current::new(settings, Some(&previous)));
+        let mut links = self.links.lock().await;
+        let mut applied = Applied::default();
+        let names: Vec<String> = links.keys().cloned().collect();
+        for name in names {
+            let keep = wanted
+                .get(&name)
+                .is_some_and(|w| links.get(&name).is_some_and(|r| r.link.same_as(w)));
+            if keep {
+                wanted.remove(&name);
+                applied.kept += 1;
+            } else if let Some(running) = links.remove(&name) {
+                stop(running).await;
+                applied.stopped += 1;
+            }
+        }
+        for (name, link) in wanted {
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(link::run_vm(
+                link.clone(),
+                self.resolver.clone(),
+                self.board.clone(),
+                stopped,
+            ));
+            links.insert(name, Running { link, stop, task });
+            applied.started += 1;
+        }
+        applied
+    }
+
+    /// Reloads the config; on any error the old config stays in force.
+    pub async fn reload(&self, why: &str) -> Result<Applied, String> {
+        let file = self.settings().config_file.clone();
+        *self.config_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(&file);
+        match prepare(&self.overrides) {
+            Ok(prepared) => {
+                let applied = self.apply(prepared).await;
+                *self.config_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::info!(why, %applied, "config reloaded");
+                Ok(applied)
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                tracing::error!(why, error = %text, "config not reloaded; the previous config stays in force");
+                *self.config_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(text.clone());
+                Err(text)
+            }
+        }
+    }
+
+    /// Whether the config file changed since it was last read.
+    pub fn config_changed(&self) -> bool {
+        let file: PathBuf = self.settings().config_file.clone();
+        let now = stamp(&file);
+        *self.config_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) != now
+    }
+
+    /// The status `finch-host-agent status` shows.
+    pub fn status(&self) -> AgentStatus {
+        let settings = self.settings();
+        AgentStatus {
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            config_file: settings.config_file.display().to_string(),
+            config_file_found: settings.config_file.exists(),
+            config_error: self
+                .config_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            docker_config: settings.docker_config.display().to_string(),
+            cache_entries: 0,
+            vms: self.board.snapshot(),
+        }
+    }
+
+    /// Stops every link and waits for them.
+    pub async fn stop_all(&self) {
+        let mut links = self.links.lock().await;
+        for (_, running) in std::mem::take(&mut *links) {
+            stop(running).await;
+        }
+    }
+}
+
+async fn stop(running: Running) {
+    let _ = running.stop.send(true);
+    let _ = running.task.await;
+}

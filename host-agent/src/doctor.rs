@@ -1,0 +1,228 @@
+//! `finch-host-agent doctor`: checks everything the agent needs, one line per check with
+//! OK or FAIL, and a `fix:` line under each FAIL. It creates nothing, never prints a secret,
+//! and dials each VM without a handshake, so a running agent's link is not taken over.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{self, Overrides, Settings};
+use crate::control;
+use crate::resolve::Current;
+use crate::source::docker_config::DockerConfig;
+use crate::source::keychain;
+
+/// The findings, in order.
+#[derive(Debug, Default)]
+pub struct Report {
+    text: String,
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl std::fmt::Display) {
+        let _ = writeln!(self.text, "OK   {what}: {detail}");
+    }
+
+    fn fail(&mut self, what: &str, detail: impl std::fmt::Display, fix: impl std::fmt::Display) {
+        self.failures += 1;
+        let _ = writeln!(self.text, "FAIL {what}: {detail}\n     fix: {fix}");
+    }
+
+    /// The report for people.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// How many checks failed.
+    pub fn failures(&self) -> usize {
+        self.failures
+    }
+}
+
+/// Runs every check.
+pub fn run(overrides: &Overrides) -> Report {
+    let mut r = Report::default();
+    let settings = match Settings::load(overrides) {
+        Ok(s) => {
+            let found =
+                if s.config_file_found { "parses" } else { "not present (defaults in use)" };
+            r.ok("config", format!("{} {found}", s.config_file.display()));
+            s
+        }
+        Err(e) => {
+            r.fail(
+                "config",
+                &e,
+                "correct the file at the line and key named, then `finch-host-agent reload`",
+            );
+            return r;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            r.fail("runtime", e, "the system is out of resources");
+            return r;
+        }
+    };
+    check_docker_config(&mut r, &settings, &runtime);
+    check_state_dir(&mut r, &settings.state_dir);
+    for (name, vm) in &settings.vms {
+        check_key(&mut r, &settings, name);
+        let what = format!("vm {name} endpoint");
+        match runtime.block_on(crate::link::dial(&vm.endpoint)) {
+            Ok(_) => r.ok(&what, format!("{} accepts connections", vm.endpoint)),
+            Err(e) => r.fail(
+                &what,
+                format!("{e:#}"),
+                "start the VM (and its guest agent), or correct the endpoint",
+            ),
+        }
+    }
+    if settings.vms.is_empty() {
+        r.fail(
+            "vms",
+            "no VM is configured",
+            "add a [vm.NAME] table to the config file, or pass --vm NAME=ENDPOINT",
+        );
+    }
+    check_agent(&mut r, &settings);
+    r
+}
+
+fn check_docker_config(r: &mut Report, settings: &Settings, runtime: &tokio::runtime::Runtime) {
+    let dir = &settings.docker_config;
+    let config = match DockerConfig::load(dir) {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("docker config", e, "fix or remove the file (it must be a JSON object)");
+            return;
+        }
+    };
+    let file = dir.join(crate::source::docker_config::CONFIG_FILE);
+    r.ok(
+        "docker config",
+        format!(
+            "{} ({}; {} credHelpers; {} plaintext auths)",
+            file.display(),
+            config
+                .routing
+                .creds_store
+                .as_deref()
+                .map_or("no credsStore".to_owned(), |s| format!("credsStore {s}")),
+            config.routing.cred_helpers.len(),
+            config.auths.len()
+        ),
+    );
+    let mut names: Vec<&str> = config.routing.cred_helpers.values().map(String::as_str).collect();
+    names.extend(config.routing.creds_store.as_deref().filter(|s| !s.is_empty()));
+    names.sort_unstable();
+    names.dedup();
+    let current = Current::new(settings.clone(), None);
+    for name in names {
+        let what = format!("helper {name}");
+        let native = settings.native_keychain && keychain::NATIVE_NAME == Some(name);
+        match current.helper(name) {
+            Ok(source) if native => {
+                let bound = settings.keychain_timeout + Duration::from_secs(1);
+                match runtime.block_on(async { tokio::time::timeout(bound, source.list()).await }) {
+                    Ok(Ok(items)) => r.ok(&what, format!("native keychain reachable ({} docker items)", items.len())),
+                    Ok(Err(e)) => r.fail(&what, e, "unlock or start the keychain (log in to the desktop session), or set native_keychain = false to use the helper binary"),
+                    Err(_) => r.fail(&what, "the keychain did not answer in time", "unlock or restart the keychain daemon"),
+                }
+            }
+            Ok(_) => r.ok(&what, format!("docker-credential-{name} found on PATH")),
+            Err(e) => r.fail(&what, e, format!("install docker-credential-{name} on the host agent's PATH, or change the docker config")),
+        }
+    }
+}
+
+fn check_state_dir(r: &mut Report, dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => r.fail(
+            "state dir",
+            format!(
+                "{} is open to other users (mode {:o})",
+                dir.display(),
+                m.permissions().mode() & 0o777
+            ),
+            format!("chmod 700 {}", dir.display()),
+        ),
+        Ok(_) => r.ok("state dir", format!("{} (mode 700)", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.ok("state dir", format!("{} does not exist yet (created by `run`)", dir.display()))
+        }
+        Err(e) => r.fail(
+            "state dir",
+            format!("{}: {e}", dir.display()),
+            "check the path and its permissions",
+        ),
+    }
+}
+
+fn check_key(r: &mut Report, settings: &Settings, name: &str) {
+    let what = format!("vm {name} key");
+    let Some(path) = settings.key_file(name) else { return };
+    let explicit = settings.vms.get(name).is_some_and(|v| v.key_file.is_some());
+    if !path.exists() && !explicit {
+        r.fail(
+            &what,
+            format!("{} does not exist yet", path.display()),
+            "start the agent once (`finch-host-agent run`) to create it, then wire the VM with it",
+        );
+        return;
+    }
+    match finch_shared::key::LinkKey::load(&path) {
+        Ok(_) => r.ok(&what, format!("{} (private)", path.display())),
+        Err(e) => r.fail(
+            &what,
+            e,
+            format!("create it with 32+ random bytes and chmod 600 {}", path.display()),
+        ),
+    }
+}
+
+fn check_agent(r: &mut Report, settings: &Settings) {
+    match control::call(&settings.state_dir, "status") {
+        Ok(reply) => match reply.status {
+            Some(s) => {
+                let up = s.vms.values().filter(|v| v.up).count();
+                if up == s.vms.len() {
+                    r.ok(
+                        "agent",
+                        format!("running (pid {}), {up}/{} links up", s.pid, s.vms.len()),
+                    );
+                } else {
+                    let down: Vec<&str> =
+                        s.vms.iter().filter(|(_, v)| !v.up).map(|(n, _)| n.as_str()).collect();
+                    r.fail(
+                        "agent",
+                        format!("running (pid {}), links down: {}", s.pid, down.join(", ")),
+                        "see `finch-host-agent status` for each link's last error",
+                    );
+                }
+            }
+            None => r.fail("agent", "the agent gave no status", "restart it"),
+        },
+        Err(e) => r.fail(
+            "agent",
+            format!("{e:#}"),
+            "start it: finch-host-agent run (or `finch-host-agent install`)",
+        ),
+    }
+}
+
+/// The state directory for commands that must work while the config file is broken.
+pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<std::path::PathBuf> {
+    match Settings::load(overrides) {
+        Ok(s) => Ok(s.state_dir),
+        Err(_) => match overrides.state_dir.clone().or_else(|| {
+            std::env::var_os(config::STATE_DIR_ENV).filter(|v| !v.is_empty()).map(Into::into)
+        }) {
+            Some(d) => Ok(d),
+            None => Ok(config::home()?.join(config::DEFAULT_STATE_SUBDIR)),
+        },
+    }
+}

@@ -1,0 +1,185 @@
+//! macOS Keychain, with items as docker-credential-osxkeychain writes them: internet
+//! passwords labelled `Docker Credentials`; server = the registry host; protocol `htps` (or
+//! `http` for `http://` servers); port and path when present; account = the username;
+//! authentication type `dflt` (left unset by docker-credential-osxkeychain 0.9.0–0.9.2, so
+//! lookups also try "any").
+//!
+//! Written against the documented API of `security-framework` 3 (`item::ItemSearchOptions`,
+//! `passwords::{get,delete}_internet_password`, `passwords_options::PasswordOptions`). Not
+//! compiled on the Linux CI machine; the URL splitting it relies on ([`ServerUrl`]) is shared
+//! and tested there, and the [`Blocking`](super::Blocking) adapter around it too.
+
+use finch_shared::Secret;
+use finch_shared::message::ListEntry;
+use security_framework::item::{ItemClass, ItemSearchOptions, Limit, SearchResult};
+use security_framework::os::macos::passwords::{SecAuthenticationType, SecProtocolType};
+use security_framework::passwords::{self, PasswordOptions};
+
+use super::{DOCKER_LABEL, KeychainError, ServerUrl, SyncKeychain, shorten};
+use crate::source::Credential;
+
+const STORE: &str = "osxkeychain";
+/// `errSecItemNotFound`.
+const NOT_FOUND: i32 = -25300;
+/// `errSecInteractionNotAllowed` (locked keychain, no UI).
+const INTERACTION_NOT_ALLOWED: i32 = -25308;
+/// `errSecAuthFailed`.
+const AUTH_FAILED: i32 = -25293;
+
+/// The native `osxkeychain` source.
+#[derive(Debug)]
+pub struct OsxKeychain;
+
+fn classify(e: security_framework::base::Error) -> KeychainError {
+    match e.code() {
+        INTERACTION_NOT_ALLOWED => KeychainError::KeychainLocked { store: STORE },
+        AUTH_FAILED => KeychainError::KeychainDenied { store: STORE, reason: shorten(e) },
+        _ => KeychainError::KeychainFailed { store: STORE, reason: shorten(e) },
+    }
+}
+
+fn protocol(url: &ServerUrl) -> SecProtocolType {
+    if url.scheme == "http" { SecProtocolType::HTTP } else { SecProtocolType::HTTPS }
+}
+
+/// The docker items for `url` (label, server, protocol, port, path): account per item.
+fn accounts(url: &ServerUrl) -> Result<Vec<String>, KeychainError> {
+    let found = ItemSearchOptions::new()
+        .class(ItemClass::internet_password())
+        .label(DOCKER_LABEL)
+        .load_attributes(true)
+        .limit(Limit::All)
+        .search();
+    let results = match found {
+        Ok(r) => r,
+        Err(e) if e.code() == NOT_FOUND => return Ok(Vec::new()),
+        Err(e) => return Err(classify(e)),
+    };
+    let want_port = url.port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());
+    let want_ptcl = if url.scheme == "http" { "http" } else { "htps" };
+    Ok(results
+        .iter()
+        .filter_map(SearchResult::simplify_dict)
+        .filter(|a| {
+            a.get("srvr").map(String::as_str) == Some(url.host.as_str())
+                && a.get("ptcl").is_none_or(|p| p == want_ptcl)
+                && a.get("port").is_none_or(|p| *p == want_port)
+                && a.get("path").map_or(url.path.is_empty(), |p| *p == url.path)
+        })
+        .filter_map(|a| a.get("acct").cloned())
+        .collect())
+}
+
+fn url(server: &str) -> Result<ServerUrl, KeychainError> {
+    ServerUrl::parse(server)
+        .map_err(|reason| KeychainError::KeychainFailed { store: STORE, reason })
+}
+
+impl SyncKeychain for OsxKeychain {
+    fn get(&self, server: &str) -> Result<Option<Credential>, KeychainError> {
+        let url = url(server)?;
+        let Some(account) = accounts(&url)?.into_iter().next() else { return Ok(None) };
+        for auth in [SecAuthenticationType::Default, SecAuthenticationType::Any] {
+            match passwords::get_internet_password(
+                &url.host,
+                None,
+                &account,
+                &url.path,
+                url.port,
+                protocol(&url),
+                auth,
+            ) {
+                Ok(bytes) => {
+                    let bytes = zeroize::Zeroizing::new(bytes);
+                    let secret =
+                        std::str::from_utf8(&bytes).map_err(|_| KeychainError::KeychainFailed {
+                            store: STORE,
+                            reason: format!("the item for {server:?} is not UTF-8"),
+                        })?;
+                    return Ok(Some(Credential {
+                        username: account,
+                        secret: Secret::new(secret.to_owned()),
+                    }));
+                }
+                Err(e) if e.code() == NOT_FOUND => continue,
+                Err(e) => return Err(classify(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn store(&self, server: &str, credential: &Credential) -> Result<(), KeychainError> {
+        self.erase(server)?;
+        let url = url(server)?;
+        let mut options = PasswordOptions::new_internet_password(
+            &url.host,
+            None,
+            &credential.username,
+            &url.path,
+            url.port,
+            protocol(&url),
+            SecAuthenticationType::Default,
+        );
+        options.set_label(DOCKER_LABEL);
+        passwords::set_password_options(credential.secret.expose().as_bytes(), options)
+            .map_err(classify)
+    }
+
+    fn erase(&self, server: &str) -> Result<(), KeychainError> {
+        let url = url(server)?;
+        for account in accounts(&url)? {
+            for auth in [SecAuthenticationType::Default, SecAuthenticationType::Any] {
+                match passwords::delete_internet_password(
+                    &url.host,
+                    None,
+                    &account,
+                    &url.path,
+                    url.port,
+                    protocol(&url),
+                    auth,
+                ) {
+                    Ok(()) => break,
+                    Err(e) if e.code() == NOT_FOUND => continue,
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<ListEntry>, KeychainError> {
+        let found = ItemSearchOptions::new()
+            .class(ItemClass::internet_password())
+            .label(DOCKER_LABEL)
+            .load_attributes(true)
+            .limit(Limit::All)
+            .search();
+        let results = match found {
+            Ok(r) => r,
+            Err(e) if e.code() == NOT_FOUND => return Ok(Vec::new()),
+            Err(e) => return Err(classify(e)),
+        };
+        Ok(results
+            .iter()
+            .filter_map(SearchResult::simplify_dict)
+            .filter_map(|a| {
+                let host = a.get("srvr")?;
+                let scheme = if a.get("ptcl").map(String::as_str) == Some("http") {
+                    "http"
+                } else {
+                    "https"
+                };
+                let port = a
+                    .get("port")
+                    .filter(|p| *p != "0")
+                    .map(|p| format!(":{p}"))
+                    .unwrap_or_default();
+                let path = a.get("path").cloned().unwrap_or_default();
+                Some(ListEntry {
+                    server: format!("{scheme}://{host}{port}{path}"),
+                    username: a.get("acct")?.clone(),
+                })
+            })
+            .collect())
+    }
+}

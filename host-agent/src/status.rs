@@ -1,0 +1,210 @@
+//! What `finch-host-agent status` reports: per VM, whether its link is up, since when, how
+//! many requests it made and the last link error; plus the agent's own facts.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// One VM's link, as last seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Where it is dialed.
+    pub endpoint: String,
+    /// Whether the link is up (authenticated).
+    pub up: bool,
+    /// Unix time of the last change of `up` (or of configuration).
+    pub since: u64,
+    /// Requests answered since the agent started.
+    pub requests: u64,
+    /// The last reason the link failed, if any.
+    pub last_error: Option<String>,
+}
+
+/// The agent as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's pid.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// The config file consulted, and whether it existed.
+    pub config_file: String,
+    /// Whether the config file existed at the last (re)load.
+    pub config_file_found: bool,
+    /// The last reload error, if the last reload failed.
+    pub config_error: Option<String>,
+    /// The host's docker config directory.
+    pub docker_config: String,
+    /// Cached credentials (ECR tokens) being served from memory.
+    pub cache_entries: u64,
+    /// Every VM, by name.
+    pub vms: BTreeMap<String, VmStatus>,
+}
+
+/// Unix time now, in seconds.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The live status of every VM, updated by the links and the resolver.
+#[derive(Debug, Default)]
+pub struct StatusBoard {
+    vms: Mutex<BTreeMap<String, VmStatus>>,
+}
+
+impl StatusBoard {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, VmStatus>) -> T) -> T {
+        f(&mut self.vms.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Makes the board hold exactly these VMs (new ones down, dropped ones gone).
+    pub fn configure<'a>(&self, vms: impl IntoIterator<Item = (&'a str, String)>) {
+        self.with(|map| {
+            let mut next = BTreeMap::new();
+            for (name, endpoint) in vms {
+                let mut entry = map
+                    .remove(name)
+                    .unwrap_or_else(|| VmStatus { since: now_secs(), ..VmStatus::default() });
+                entry.endpoint = endpoint;
+                next.insert(name.to_owned(), entry);
+            }
+            *map = next;
+        });
+    }
+
+    /// The link of `vm` came up.
+    pub fn link_up(&self, vm: &str) {
+        self.with(|map| {
+            if let Some(s) = map.get_mut(vm) {
+                s.up = true;
+                s.since = now_secs();
+            }
+        });
+    }
+
+    /// The link of `vm` went down, or could not be made, for `reason`.
+    pub fn link_down(&self, vm: &str, reason: &str) {
+        self.with(|map| {
+            if let Some(s) = map.get_mut(vm) {
+                if s.up {
+                    s.since = now_secs();
+                }
+                s.up = false;
+                s.last_error = Some(reason.to_owned());
+            }
+        });
+    }
+
+    /// `vm` made a request.
+    pub fn count_request(&self, vm: &str) {
+        self.with(|map| {
+            if let Some(s) = map.get_mut(vm) {
+                s.requests += 1;
+            }
+        });
+    }
+
+    /// A copy of every VM's status.
+    pub fn snapshot(&self) -> BTreeMap<String, VmStatus> {
+        self.with(|map| map.clone())
+    }
+}
+
+/// Renders `status` for people.
+pub fn render(status: &AgentStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "finch-host-agent: running (pid {}, up {})",
+        status.pid,
+        duration(status.uptime_secs)
+    );
+    let found = if status.config_file_found { "" } else { " (not present: defaults)" };
+    let _ = writeln!(out, "config file:   {}{found}", status.config_file);
+    if let Some(e) = &status.config_error {
+        let _ = writeln!(out, "config error:  {e} (the previous config is in force)");
+    }
+    let _ = writeln!(out, "docker config: {}", status.docker_config);
+    let _ = writeln!(out, "cache entries: {}", status.cache_entries);
+    if status.vms.is_empty() {
+        let _ = writeln!(out, "no VMs configured");
+    }
+    let now = now_secs();
+    for (name, vm) in &status.vms {
+        let state = if vm.up { "up" } else { "down" };
+        let _ = writeln!(
+            out,
+            "vm {name}: link {state} for {}, {} requests, endpoint {}",
+            duration(now.saturating_sub(vm.since)),
+            vm.requests,
+            vm.endpoint
+        );
+        if let Some(e) = &vm.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
+    }
+    out
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn board_tracks_links_and_requests() {
+        let board = StatusBoard::default();
+        board.configure([("a", "unix:///a".to_owned()), ("b", "unix:///b".to_owned())]);
+        board.link_up("a");
+        board.count_request("a");
+        board.count_request("a");
+        board.link_down("b", "cannot connect");
+        board.count_request("gone");
+        let snap = board.snapshot();
+        assert!(snap["a"].up && snap["a"].requests == 2);
+        assert_eq!(snap["b"].last_error.as_deref(), Some("cannot connect"));
+        board.configure([("a", "unix:///a2".to_owned())]);
+        let snap = board.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!((snap["a"].requests, snap["a"].endpoint.as_str()), (2, "unix:///a2"));
+    }
+
+    #[test]
+    fn renders_for_people() {
+        let mut status = AgentStatus {
+            pid: 42,
+            uptime_secs: 3725,
+            config_file: "/h/.finch/host-agent.toml".into(),
+            docker_config: "/h/.finch".into(),
+            ..AgentStatus::default()
+        };
+        status.vms.insert(
+            "finch".into(),
+            VmStatus {
+                endpoint: "unix:///s".into(),
+                up: false,
+                since: now_secs(),
+                requests: 3,
+                last_error: Some("refused".into()),
+            },
+        );
+        let text = render(&status);
+        assert!(text.contains("running (pid 42, up 1h2m)"), "{text}");
+        assert!(text.contains("(not present: defaults)"));
+        assert!(
+            text.contains("vm finch: link down for 0s, 3 requests, endpoint unix:///s"),
+            "{text}"
+        );
+        assert!(text.contains("  last error: refused"));
+    }
+}
