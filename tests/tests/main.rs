@@ -6,6 +6,8 @@
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
 //! * `readme`: the README's bridge command works as written.
 //! * `reference`: differential tests against the reference helper (docker-credential-helpers).
+//! * `keychain`: the native Secret Service source vs Debian's docker-credential-secretservice
+//!   on a real gnome-keyring, a locked keyring, no session bus.
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
 //!
@@ -17,6 +19,7 @@
 
 mod auth;
 mod e2e_skopeo;
+mod keychain;
 mod link;
 mod protocol;
 mod readme;
