@@ -323,6 +323,15 @@ impl Bridge {
         )
     }
 
+    /// The host agent's `--vm` argument for this bridge's guest.
+    pub fn vm_arg(&self) -> String {
+        format!(
+            "itvm=unix://{},key={}",
+            self.host_dials.clone().unwrap_or_else(|| self.link_socket()).display(),
+            self.path("link.key").display()
+        )
+    }
+
     /// The helper socket.
     pub fn helper_socket(&self) -> PathBuf {
         self.path("helper.sock")
@@ -364,11 +373,7 @@ impl Bridge {
         let mut cmd = Command::new(bin("finch-host-agent"));
         cmd.arg("run")
             .arg("--vm")
-            .arg(format!(
-                "itvm=unix://{},key={}",
-                self.host_dials.clone().unwrap_or_else(|| self.link_socket()).display(),
-                self.path("link.key").display()
-            ))
+            .arg(self.vm_arg())
             .arg("--docker-config")
             .arg(&self.docker_config)
             .arg("--state-dir")
