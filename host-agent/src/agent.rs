@@ -199,7 +199,7 @@ impl Agent {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
             docker_config: settings.docker_config.display().to_string(),
-            cache_entries: 0,
+            cache_entries: self.resolver.current().ecr.cached() as u64,
             vms: self.board.snapshot(),
         }
     }

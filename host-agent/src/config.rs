@@ -35,6 +35,7 @@ use finch_shared::key::LinkKey;
 use serde::Deserialize;
 
 use crate::policy::{Pattern, Policy, Rule};
+use crate::source::ecr::{EcrRule, EcrSettings, RegistryMatch};
 
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "FINCH_HOST_AGENT_CONFIG";
@@ -162,6 +163,8 @@ pub struct Settings {
     pub reconnect_max: Duration,
     /// The VMs, by name.
     pub vms: BTreeMap<String, VmSettings>,
+    /// Native ECR.
+    pub ecr: EcrSettings,
 }
 
 /// A config that could not be used. The message names the file, line, column and key.
@@ -209,6 +212,26 @@ struct FileConfig {
     reconnect_max_ms: Option<toml::Spanned<u64>>,
     #[serde(default)]
     vm: BTreeMap<toml::Spanned<String>, FileVm>,
+    ecr: Option<FileEcr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEcr {
+    auto: Option<bool>,
+    instance_metadata: Option<bool>,
+    timeout_secs: Option<toml::Spanned<u64>>,
+    #[serde(default)]
+    registry: Vec<FileEcrRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEcrRule {
+    registry: toml::Spanned<String>,
+    profile: Option<toml::Spanned<String>>,
+    region: Option<toml::Spanned<String>>,
+    role_arn: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,6 +304,80 @@ impl Source<'_> {
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Rule)
+    }
+}
+
+impl Source<'_> {
+    fn ecr(&self, e: &FileEcr) -> Result<EcrSettings, ConfigError> {
+        let defaults = EcrSettings::default();
+        let timeout = match &e.timeout_secs {
+            Some(v) => Duration::from_secs(self.ranged(v, "ecr.timeout_secs", 1..=300)?),
+            None => defaults.timeout,
+        };
+        let mut rules = Vec::new();
+        for rule in &e.registry {
+            let r = rule.registry.get_ref();
+            let key = "ecr.registry.registry";
+            let registry = if r.len() == 12 && r.bytes().all(|b| b.is_ascii_digit()) {
+                RegistryMatch::Account(r.clone())
+            } else {
+                RegistryMatch::Pattern(r.parse::<Pattern>().map_err(|err| {
+                    self.error(
+                        rule.registry.span(),
+                        key,
+                        format!("{err}, or a 12-digit account id"),
+                    )
+                })?)
+            };
+            let text = |v: &Option<toml::Spanned<String>>,
+                        key: &str,
+                        ok: &dyn Fn(&str) -> bool,
+                        what: &str| {
+                match v {
+                    None => Ok(None),
+                    Some(v) if ok(v.get_ref()) => Ok(Some(v.get_ref().clone())),
+                    Some(v) => {
+                        Err(self.error(v.span(), key, format!("{:?} is not {what}", v.get_ref())))
+                    }
+                }
+            };
+            let name_ok = |s: &str| {
+                !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+            };
+            let region_ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            };
+            let arn_ok = |s: &str| {
+                s.starts_with("arn:")
+                    && s.contains(":role/")
+                    && s.len() <= 2048
+                    && s.bytes().all(|b| b.is_ascii_graphic())
+            };
+            rules.push(EcrRule {
+                registry,
+                profile: text(&rule.profile, "ecr.registry.profile", &name_ok, "a profile name")?,
+                region: text(
+                    &rule.region,
+                    "ecr.registry.region",
+                    &region_ok,
+                    "a region (like us-west-2)",
+                )?,
+                role_arn: text(
+                    &rule.role_arn,
+                    "ecr.registry.role_arn",
+                    &arn_ok,
+                    "a role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+                )?,
+            });
+        }
+        Ok(EcrSettings {
+            auto: e.auto.unwrap_or(defaults.auto),
+            instance_metadata: e.instance_metadata.unwrap_or(defaults.instance_metadata),
+            timeout,
+            rules,
+        })
     }
 }
 
@@ -513,7 +610,12 @@ impl Settings {
                 ));
             }
         }
+        let ecr = match &file.ecr {
+            None => EcrSettings::default(),
+            Some(e) => src.ecr(e)?,
+        };
         Ok(Settings {
+            ecr,
             config_file: path,
             config_file_found: found,
             state_dir,
@@ -683,6 +785,36 @@ mod tests {
         for (text, want) in cases {
             let err = load(text, Overrides::default()).unwrap_err().to_string();
             assert!(err.contains("host-agent.toml"), "{err}");
+            assert!(err.contains(want), "{text:?}\n got: {err}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn ecr_table() {
+        let text = "[ecr]\nauto = false\ntimeout_secs = 5\n[[ecr.registry]]\nregistry = \"210987654321\"\nprofile = \"cross\"\nrole_arn = \"arn:aws:iam::210987654321:role/pull\"\n[[ecr.registry]]\nregistry = \"*.amazonaws.com.cn\"\nregion = \"cn-north-1\"\n";
+        let s = load(text, Overrides::default()).unwrap();
+        assert!(!s.ecr.auto && !s.ecr.instance_metadata);
+        assert_eq!(s.ecr.timeout, Duration::from_secs(5));
+        assert_eq!(s.ecr.rules.len(), 2);
+        assert_eq!(s.ecr.rules[0].registry, RegistryMatch::Account("210987654321".into()));
+        assert_eq!(load("", Overrides::default()).unwrap().ecr, EcrSettings::default());
+        for (text, want) in [
+            (
+                "[[ecr.registry]]\nregistry = \"https://x/\"\n",
+                ":2:12: key `ecr.registry.registry`: \"https://x/\" is not a registry pattern",
+            ),
+            (
+                "[[ecr.registry]]\nregistry = \"*\"\nrole_arn = \"role\"\n",
+                ":3:12: key `ecr.registry.role_arn`: \"role\" is not a role ARN",
+            ),
+            (
+                "[[ecr.registry]]\nregistry = \"*\"\nregion = \"US WEST\"\n",
+                ":3:10: key `ecr.registry.region`",
+            ),
+            ("[ecr]\ntimeout_secs = 0\n", ":2:16: key `ecr.timeout_secs`: 0 is out of range"),
+            ("[ecr]\nautomatic = true\n", ":2:1: key `ecr.automatic`: unknown field"),
+        ] {
+            let err = load(text, Overrides::default()).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}\n got: {err}\nwant: {want}");
         }
     }

@@ -66,7 +66,10 @@ pub fn run(overrides: &Overrides) -> Report {
             return r;
         }
     };
-    check_docker_config(&mut r, &settings, &runtime);
+    let uses_ecr = check_docker_config(&mut r, &settings, &runtime);
+    if uses_ecr || !settings.ecr.rules.is_empty() {
+        check_ecr(&mut r, &settings, &runtime);
+    }
     check_state_dir(&mut r, &settings.state_dir);
     for (name, vm) in &settings.vms {
         check_key(&mut r, &settings, name);
@@ -91,13 +94,18 @@ pub fn run(overrides: &Overrides) -> Report {
     r
 }
 
-fn check_docker_config(r: &mut Report, settings: &Settings, runtime: &tokio::runtime::Runtime) {
+/// Checks the docker config and each helper it names; says whether it names `ecr-login`.
+fn check_docker_config(
+    r: &mut Report,
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+) -> bool {
     let dir = &settings.docker_config;
     let config = match DockerConfig::load(dir) {
         Ok(c) => c,
         Err(e) => {
             r.fail("docker config", e, "fix or remove the file (it must be a JSON object)");
-            return;
+            return false;
         }
     };
     let file = dir.join(crate::source::docker_config::CONFIG_FILE);
@@ -123,6 +131,10 @@ fn check_docker_config(r: &mut Report, settings: &Settings, runtime: &tokio::run
     for name in names {
         let what = format!("helper {name}");
         let native = settings.native_keychain && keychain::NATIVE_NAME == Some(name);
+        if name == crate::source::ecr::HELPER_NAME {
+            r.ok(&what, "served natively (AWS credentials checked below)");
+            continue;
+        }
         match current.helper(name) {
             Ok(source) if native => {
                 let bound = settings.keychain_timeout + Duration::from_secs(1);
@@ -134,6 +146,48 @@ fn check_docker_config(r: &mut Report, settings: &Settings, runtime: &tokio::run
             }
             Ok(_) => r.ok(&what, format!("docker-credential-{name} found on PATH")),
             Err(e) => r.fail(&what, e, format!("install docker-credential-{name} on the host agent's PATH, or change the docker config")),
+        }
+    }
+    config.routing.creds_store.as_deref() == Some(crate::source::ecr::HELPER_NAME)
+        || config.routing.cred_helpers.values().any(|h| h == crate::source::ecr::HELPER_NAME)
+}
+
+/// Resolves each ECR identity's AWS credentials (never printing them).
+fn check_ecr(r: &mut Report, settings: &Settings, runtime: &tokio::runtime::Runtime) {
+    let ecr = crate::source::ecr::Ecr::new(settings.ecr.clone());
+    for (label, identity) in ecr.identities() {
+        let what = format!("ecr {label}");
+        let bound = identity.timeout + Duration::from_secs(2);
+        let result =
+            runtime.block_on(async { tokio::time::timeout(bound, ecr.check(&identity)).await });
+        match result {
+            Ok(Ok(expiry)) => {
+                let when = expiry
+                    .and_then(|e| e.duration_since(std::time::SystemTime::now()).ok())
+                    .map_or("no expiry".to_owned(), |d| {
+                        format!("expire in {} min", d.as_secs() / 60)
+                    });
+                r.ok(&what, format!("AWS credentials resolve ({when})"));
+            }
+            Ok(Err(e)) => {
+                let fix = match (e.class, &identity.profile) {
+                    ("sso-expired", Some(p)) => format!("aws sso login --profile {p}"),
+                    ("sso-expired", None) => "aws sso login".to_owned(),
+                    (_, Some(p)) => format!(
+                        "configure the profile: aws configure --profile {p} (or aws sso login --profile {p})"
+                    ),
+                    (_, None) => {
+                        "configure AWS credentials for this user (aws configure, or aws sso login)"
+                            .to_owned()
+                    }
+                };
+                r.fail(&what, e, fix);
+            }
+            Err(_) => r.fail(
+                &what,
+                "resolving AWS credentials timed out",
+                "check the AWS configuration (credential_process, SSO) and the network",
+            ),
         }
     }
 }

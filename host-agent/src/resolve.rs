@@ -11,6 +11,7 @@ use finch_shared::registry::{registry_key, spellings};
 use crate::config::Settings;
 use crate::policy::Rule;
 use crate::source::docker_config::{DockerConfig, PlainAuths};
+use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;
 use crate::source::{Credential, CredentialSource, SourceError, keychain};
 use crate::status::StatusBoard;
@@ -29,6 +30,8 @@ pub struct Current {
     pub settings: Arc<Settings>,
     /// This OS's keychain, served natively (kept so its connection lives).
     pub keychain: Option<Arc<dyn CredentialSource>>,
+    /// Native ECR (one per agent: its token cache outlives reloads).
+    pub ecr: Arc<Ecr>,
 }
 
 impl std::fmt::Debug for Current {
@@ -52,12 +55,43 @@ impl Current {
             }
             _ => wanted.and_then(|name| keychain::open(name, settings.keychain_timeout)),
         };
-        Current { settings: Arc::new(settings), keychain }
+        let ecr = match previous {
+            Some(p) => p.ecr.clone(),
+            None => Ecr::new(settings.ecr.clone()),
+        };
+        ecr.configure(settings.ecr.clone());
+        Current { settings: Arc::new(settings), keychain, ecr }
+    }
+
+    /// The source that serves `server` under the docker config's routing: `credHelpers`
+    /// first; then native ECR for an ECR hostname (with `[ecr] auto`); then `credsStore`;
+    /// then the plaintext `auths`.
+    pub fn source_for(
+        &self,
+        config: &DockerConfig,
+        server: &str,
+    ) -> Result<Arc<dyn CredentialSource>, SourceError> {
+        let routing = &config.routing;
+        if let Some(name) = routing.cred_helper_for(server) {
+            return self.helper(name);
+        }
+        if self.settings.ecr.auto && ecr::host::is_ecr(server) {
+            return self.helper(ecr::HELPER_NAME);
+        }
+        match routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
+            Some(name) => self.helper(name),
+            None => {
+                Ok(Arc::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())))
+            }
+        }
     }
 
     /// The source behind helper `name`: the native keychain when it serves that name,
     /// else the host's `docker-credential-<name>`.
     pub fn helper(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
+        if name == ecr::HELPER_NAME {
+            return Ok(Arc::new(EcrSource(self.ecr.clone())));
+        }
         if let Some(k) = &self.keychain
             && self.settings.native_keychain
             && keychain::NATIVE_NAME == Some(name)
@@ -153,19 +187,6 @@ fn allowed(current: &Current, vm: &str, request: &Request) -> Result<Rule, WireE
     }
 }
 
-fn source_for(
-    current: &Current,
-    config: &DockerConfig,
-    server: &str,
-) -> Result<Arc<dyn CredentialSource>, SourceError> {
-    match config.routing.helper_for(server) {
-        Some(name) => current.helper(name),
-        None => {
-            Ok(Arc::new(PlainAuths::new(&current.settings.docker_config, config.auths.clone())))
-        }
-    }
-}
-
 async fn dispatch(current: &Current, request: Request, rule: &Rule) -> (String, Outcome) {
     let config = match DockerConfig::load(&current.settings.docker_config) {
         Ok(c) => c,
@@ -174,7 +195,7 @@ async fn dispatch(current: &Current, request: Request, rule: &Rule) -> (String, 
     let Some(server) = request.server().map(str::to_owned) else {
         return ("all".into(), list(current, &config, rule).await);
     };
-    let source = match source_for(current, &config, &server) {
+    let source = match current.source_for(&config, &server) {
         Ok(s) => s,
         Err(e) => {
             return (config.routing.helper_for(&server).unwrap_or("-").to_owned(), Err(e.into()));
@@ -205,6 +226,14 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
         PlainAuths::new(&current.settings.docker_config, config.auths.clone()).list().await?;
     if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
         entries.extend(current.helper(store)?.list().await?);
+    }
+    // ECR tokens served under `auto` appear once, whatever else lists them.
+    if current.settings.ecr.auto && routing.creds_store.as_deref() != Some(ecr::HELPER_NAME) {
+        for e in EcrSource(current.ecr.clone()).list().await? {
+            if !entries.contains(&e) {
+                entries.push(e);
+            }
+        }
     }
     let mut helpers: Vec<&String> = routing.cred_helpers.values().collect();
     helpers.sort();
@@ -249,6 +278,7 @@ async fn get(source: &dyn CredentialSource, server: &str) -> Outcome {
                     SourceError::HelperTimeout { .. }
                         | SourceError::HelperMissing(_)
                         | SourceError::Keychain(_)
+                        | SourceError::Ecr(_)
                 );
                 failure.get_or_insert(e);
                 if stop {

@@ -34,6 +34,17 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// The `credHelpers` entry for `server`, by any spelling.
+    pub fn cred_helper_for(&self, server: &str) -> Option<&str> {
+        spellings(server)
+            .iter()
+            .find_map(|s| {
+                self.cred_helpers.get(&registry_key(s)).or_else(|| self.cred_helpers.get(s))
+            })
+            .map(String::as_str)
+            .filter(|name| !name.is_empty())
+    }
+
     /// The helper docker/cli would use for `server`: `credHelpers` by registry key, trying
     /// every spelling of the registry (so nerdctl's `host:443` finds an entry for `host`),
     /// else `credsStore`; `None` means plaintext `auths`.

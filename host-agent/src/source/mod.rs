@@ -3,12 +3,14 @@
 //! * [`exec_helper`]: the host's own `docker-credential-<name>` binaries.
 //! * [`docker_config`]: the docker config file (`credsStore`, `credHelpers`, plaintext `auths`).
 //!
+//! * [`ecr`]: native Amazon ECR and ECR Public tokens from the host's AWS configuration.
 //! * [`keychain`]: the OS keychains (Secret Service, macOS Keychain, Windows Credential
 //!   Manager), served natively under the helper names docker uses for them.
 //!
 //! The resolver picks a source by the helper name the user already configured.
 
 pub mod docker_config;
+pub mod ecr;
 pub mod exec_helper;
 pub mod keychain;
 
@@ -92,6 +94,9 @@ pub enum SourceError {
         /// Action.
         action: &'static str,
     },
+    /// No ECR token could be had.
+    #[error(transparent)]
+    Ecr(ecr::EcrError),
     /// A native keychain failed (locked, unreachable, denied, timed out, …).
     #[error(transparent)]
     Keychain(#[from] keychain::KeychainError),

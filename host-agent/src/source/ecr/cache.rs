@@ -1,0 +1,298 @@
+//! ECR tokens in memory only (never on disk, unlike the reference helper's plaintext
+//! `~/.ecr/cache.json`), keyed by the resolved identity and the registry, so assumed roles and
+//! profiles never share a token.
+//!
+//! A token's life runs from when it was fetched to its `expiresAt`:
+//! * in its first half it is served as is;
+//! * in its second half it is still served, and one background refresh is started;
+//! * in its last `min(60 s, life/10)` it is never served: the request waits for a new one, and
+//!   if that fails, it fails (no stale token, ever).
+//!
+//! Any number of concurrent requests for one key make one upstream call (single flight). The
+//! cache holds at most `max` entries; when full, expired ones go first, then the soonest to
+//! expire.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use finch_shared::Secret;
+
+/// What a token is cached under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey {
+    /// AWS profile (`None`: the default chain).
+    pub profile: Option<String>,
+    /// Role assumed, if any.
+    pub role_arn: Option<String>,
+    /// Region the token API is called in.
+    pub region: String,
+    /// Registry host.
+    pub registry: String,
+}
+
+/// A registry token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// Username (`AWS`).
+    pub username: String,
+    /// The password.
+    pub password: Secret,
+    /// When it was fetched.
+    pub fetched: SystemTime,
+    /// When AWS says it expires.
+    pub expires: SystemTime,
+}
+
+/// How usable a cached token is at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it.
+    Fresh,
+    /// Serve it, and refresh in the background.
+    Refresh,
+    /// Do not serve it.
+    Expired,
+}
+
+impl Token {
+    /// Its freshness at `now`.
+    pub fn freshness(&self, now: SystemTime) -> Freshness {
+        let life = self.expires.duration_since(self.fetched).unwrap_or(Duration::ZERO);
+        let margin = (life / 10).min(Duration::from_secs(60));
+        let Some(last_servable) = self.expires.checked_sub(margin) else {
+            return Freshness::Expired;
+        };
+        if life.is_zero() || now >= last_servable {
+            Freshness::Expired
+        } else if now >= self.fetched + life / 2 {
+            Freshness::Refresh
+        } else {
+            Freshness::Fresh
+        }
+    }
+}
+
+/// Why a fetch failed (cloned to every request that waited on it).
+pub type FetchError = super::EcrError;
+
+#[derive(Debug, Default)]
+struct Slot {
+    token: Option<Token>,
+    flight: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The cache.
+#[derive(Debug)]
+pub struct TokenCache {
+    slots: Mutex<HashMap<CacheKey, Slot>>,
+    max: usize,
+}
+
+impl TokenCache {
+    /// A cache of at most `max` tokens.
+    pub fn new(max: usize) -> Self {
+        TokenCache { slots: Mutex::new(HashMap::new()), max: max.max(1) }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot>> {
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The servable token for `key` and its freshness, plus the key's flight lock.
+    fn peek(
+        &self,
+        key: &CacheKey,
+        now: SystemTime,
+    ) -> (Option<(Token, Freshness)>, Arc<tokio::sync::Mutex<()>>) {
+        let mut slots = self.slots();
+        let slot = slots.entry(key.clone()).or_default();
+        let token = slot.token.as_ref().and_then(|t| match t.freshness(now) {
+            Freshness::Expired => None,
+            f => Some((t.clone(), f)),
+        });
+        (token, slot.flight.clone())
+    }
+
+    fn put(&self, key: &CacheKey, token: &Token) {
+        let now = SystemTime::now();
+        let mut slots = self.slots();
+        if !slots.contains_key(key) && slots.len() >= self.max {
+            evict(&mut slots, now);
+        }
+        slots.entry(key.clone()).or_default().token = Some(token.clone());
+    }
+
+    /// The token for `key` and its freshness: cached if servable, else fetched by `fetch`
+    /// (one call for any number of concurrent callers). A caller served a token in its
+    /// [`Freshness::Refresh`] half starts the background refresh (see [`Self::try_flight`]).
+    pub async fn get<F, Fut>(
+        &self,
+        key: &CacheKey,
+        fetch: F,
+    ) -> Result<(Token, Freshness), FetchError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Token, FetchError>>,
+    {
+        let (cached, flight) = self.peek(key, SystemTime::now());
+        if let Some(hit) = cached {
+            return Ok(hit);
+        }
+        let _guard = flight.lock().await;
+        // Whoever held the flight may have filled the slot.
+        if let (Some(hit), _) = self.peek(key, SystemTime::now()) {
+            return Ok(hit);
+        }
+        let token = fetch().await?;
+        self.store(key, &token);
+        Ok((token, Freshness::Fresh))
+    }
+
+    /// Caches `token` if it can be served (a token AWS dates in the past is used once by
+    /// whoever fetched it, never cached).
+    pub fn store(&self, key: &CacheKey, token: &Token) {
+        if token.freshness(SystemTime::now()) != Freshness::Expired {
+            self.put(key, token);
+        }
+    }
+
+    /// The flight lock of `key`, if no refresh or fetch holds it now.
+    pub fn try_flight(&self, key: &CacheKey) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let flight = self.slots().entry(key.clone()).or_default().flight.clone();
+        flight.try_lock_owned().ok()
+    }
+
+    /// The keys whose tokens can be served now.
+    pub fn servable(&self) -> Vec<CacheKey> {
+        let now = SystemTime::now();
+        let mut keys: Vec<CacheKey> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| {
+                s.token.as_ref().is_some_and(|t| t.freshness(now) != Freshness::Expired)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// Makes room for one entry: an expired one if any, else the one expiring soonest.
+fn evict(slots: &mut HashMap<CacheKey, Slot>, now: SystemTime) {
+    let victim = slots
+        .iter()
+        .filter(|(_, s)| Arc::strong_count(&s.flight) == 1)
+        .min_by_key(|(_, s)| match &s.token {
+            None => (0, SystemTime::UNIX_EPOCH),
+            Some(t) if t.freshness(now) == Freshness::Expired => (0, t.expires),
+            Some(t) => (1, t.expires),
+        })
+        .map(|(k, _)| k.clone());
+    if let Some(k) = victim {
+        slots.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::source::ecr::EcrError;
+
+    fn key(registry: &str) -> CacheKey {
+        CacheKey {
+            profile: None,
+            role_arn: None,
+            region: "us-west-2".into(),
+            registry: registry.into(),
+        }
+    }
+
+    fn token(life: Duration, pw: &str) -> Token {
+        let now = SystemTime::now();
+        Token {
+            username: "AWS".into(),
+            password: Secret::new(pw.into()),
+            fetched: now,
+            expires: now + life,
+        }
+    }
+
+    #[test]
+    fn freshness_table() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t = Token {
+            username: "AWS".into(),
+            password: Secret::new("p".into()),
+            fetched: t0,
+            expires: t0 + Duration::from_secs(12 * 3600),
+        };
+        let at = |s: u64| t.freshness(t0 + Duration::from_secs(s));
+        assert_eq!(at(0), Freshness::Fresh);
+        assert_eq!(at(6 * 3600 - 1), Freshness::Fresh);
+        assert_eq!(at(6 * 3600), Freshness::Refresh);
+        assert_eq!(at(12 * 3600 - 61), Freshness::Refresh);
+        assert_eq!(at(12 * 3600 - 60), Freshness::Expired);
+        assert_eq!(at(13 * 3600), Freshness::Expired);
+        // Short lives keep a tenth as the margin.
+        let short = Token { expires: t0 + Duration::from_secs(10), ..t.clone() };
+        assert_eq!(short.freshness(t0 + Duration::from_secs(8)), Freshness::Refresh);
+        assert_eq!(short.freshness(t0 + Duration::from_secs(9)), Freshness::Expired);
+        // Dated in the past (moto): never servable.
+        let past = Token { expires: t0 - Duration::from_secs(1), ..t };
+        assert_eq!(past.freshness(t0), Freshness::Expired);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_upstream_call_for_concurrent_cold_lookups() {
+        let cache = Arc::new(TokenCache::new(16));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(&key("r"), || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok(token(Duration::from_secs(3600), "pw"))
+                    })
+                    .await
+                    .map(|(t, _)| t.password.expose().to_owned())
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "pw");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.servable(), vec![key("r")]);
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached_and_past_tokens_are_served_once() {
+        let cache = TokenCache::new(16);
+        let err =
+            cache.get(&key("r"), || async { Err(EcrError::new("throttled", "slow down")) }).await;
+        assert!(err.is_err());
+        let past = Token {
+            expires: SystemTime::now() - Duration::from_secs(10),
+            ..token(Duration::ZERO, "old")
+        };
+        let (t, _) = cache.get(&key("r"), || async { Ok(past) }).await.unwrap();
+        assert_eq!(t.password.expose(), "old");
+        assert!(cache.servable().is_empty(), "a token dated in the past was cached");
+    }
+
+    #[test]
+    fn bounded_expired_first_then_soonest() {
+        let cache = TokenCache::new(2);
+        cache.store(&key("long"), &token(Duration::from_secs(7200), "a"));
+        cache.store(&key("short"), &token(Duration::from_secs(600), "b"));
+        cache.store(&key("new"), &token(Duration::from_secs(3600), "c"));
+        assert_eq!(cache.servable(), vec![key("long"), key("new")]);
+    }
+}

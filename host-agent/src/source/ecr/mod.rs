@@ -1,0 +1,357 @@
+//! Native Amazon ECR and ECR Public: registry tokens from the host's AWS configuration, so
+//! no AWS secret ever enters the VM. It replaces `docker-credential-ecr-login`:
+//!
+//! * [`host`]: which registries are ECR (every partition, FIPS, dual-stack; case-insensitive).
+//! * [`aws`]: the AWS SDK clients per identity (profile, role, region) and the token calls.
+//! * [`cache`]: tokens in memory only, refreshed ahead of expiry, single flight, bounded.
+//!
+//! Selected by `ecr-login` in `credsStore`/`credHelpers`, and (with `[ecr] auto = true`, the
+//! default) for any ECR hostname whatever `credsStore` says, unless `credHelpers` names
+//! another helper for it. Which identity serves a registry comes from the host config's
+//! `[[ecr.registry]]` rules (first match), never from the VM. `store` and `erase` are accepted
+//! and ignored (tokens are minted, not stored), as the reference does with
+//! `AWS_ECR_IGNORE_CREDS_STORAGE=true`; `list` answers the registries with cached tokens.
+
+pub mod aws;
+pub mod cache;
+pub mod host;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use base64::Engine;
+use finch_shared::Secret;
+use finch_shared::message::ListEntry;
+
+use self::aws::{ClientPool, Identity};
+use self::cache::{CacheKey, Freshness, TokenCache};
+use self::host::EcrHost;
+use super::{Credential, CredentialSource, SourceError, SourceFuture};
+use crate::policy::Pattern;
+
+/// The helper name that selects this source.
+pub const HELPER_NAME: &str = "ecr-login";
+/// Username of every ECR token.
+pub const TOKEN_USERNAME: &str = "AWS";
+/// Default bound of one token call, retries included.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most tokens kept.
+pub const MAX_CACHED: usize = 512;
+
+/// Why a token could not be had: a class (for the audit line) and a gist (for the user).
+/// Never carries a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ECR ({class}): {reason}")]
+pub struct EcrError {
+    /// `no-credentials`, `sso-expired`, `credentials-rejected`, `access-denied`, `throttled`,
+    /// `timeout`, `network`, `region`, `bad-token`, `config` or `aws`.
+    pub class: &'static str,
+    /// What happened and what to do.
+    pub reason: String,
+}
+
+impl EcrError {
+    /// An error of `class`.
+    pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
+        EcrError { class, reason: reason.into() }
+    }
+}
+
+/// Decodes a `GetAuthorizationToken` token: base64 of `USER:PASSWORD`, split at the first
+/// colon (the password may hold more).
+pub fn decode_token(encoded: &str) -> Result<(String, Secret), EcrError> {
+    let bad = |why: &str| {
+        EcrError::new("bad-token", format!("the authorization token is malformed ({why})"))
+    };
+    let bytes = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| bad("not base64"))?,
+    );
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not UTF-8"))?;
+    let (user, password) = text.split_once(':').ok_or_else(|| bad("no colon"))?;
+    if user.is_empty() || password.is_empty() {
+        return Err(bad("empty user or password"));
+    }
+    Ok((user.to_owned(), Secret::new(password.to_owned())))
+}
+
+/// Which registries a rule covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryMatch {
+    /// Every private registry of this 12-digit account.
+    Account(String),
+    /// A registry pattern (`*`, `*.suffix`, `host`).
+    Pattern(Pattern),
+}
+
+/// One `[[ecr.registry]]` rule: the identity used for the registries it matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcrRule {
+    /// What it matches.
+    pub registry: RegistryMatch,
+    /// AWS profile (alone: no fallback to the default chain).
+    pub profile: Option<String>,
+    /// Region override of the token API.
+    pub region: Option<String>,
+    /// Role to assume.
+    pub role_arn: Option<String>,
+}
+
+/// The `[ecr]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcrSettings {
+    /// Serve every ECR hostname natively, whatever `credsStore` says.
+    pub auto: bool,
+    /// Let the default chain ask the EC2 instance metadata service.
+    pub instance_metadata: bool,
+    /// Bound of one token call.
+    pub timeout: Duration,
+    /// Identity rules, first match wins.
+    pub rules: Vec<EcrRule>,
+}
+
+impl Default for EcrSettings {
+    fn default() -> Self {
+        EcrSettings {
+            auto: true,
+            instance_metadata: false,
+            timeout: DEFAULT_TIMEOUT,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl EcrSettings {
+    /// The identity serving `registry`.
+    pub fn identity(&self, registry: &EcrHost) -> Identity {
+        let rule = self.rules.iter().find(|r| match &r.registry {
+            RegistryMatch::Account(a) => registry.account() == Some(a.as_str()),
+            RegistryMatch::Pattern(p) => p.matches(registry.host()),
+        });
+        Identity {
+            profile: rule.and_then(|r| r.profile.clone()),
+            role_arn: rule.and_then(|r| r.role_arn.clone()),
+            region: rule
+                .and_then(|r| r.region.clone())
+                .unwrap_or_else(|| registry.region().to_owned()),
+            instance_metadata: self.instance_metadata,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The ECR source; one per agent, so its cache and clients outlive reloads.
+#[derive(Debug)]
+pub struct Ecr {
+    settings: RwLock<EcrSettings>,
+    cache: TokenCache,
+    pool: ClientPool,
+}
+
+impl Ecr {
+    /// A source with `settings`.
+    pub fn new(settings: EcrSettings) -> Arc<Ecr> {
+        Arc::new(Ecr {
+            settings: RwLock::new(settings),
+            cache: TokenCache::new(MAX_CACHED),
+            pool: ClientPool::default(),
+        })
+    }
+
+    /// Uses `settings` from now on (cached tokens stay under their identities).
+    pub fn configure(&self, settings: EcrSettings) {
+        *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> EcrSettings {
+        self.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// How many tokens can be served from memory now.
+    pub fn cached(&self) -> usize {
+        self.cache.servable().len()
+    }
+
+    /// The identities the rules name, plus the default chain (for `doctor`).
+    pub fn identities(&self) -> Vec<(String, Identity)> {
+        let settings = self.settings();
+        let mut out = vec![(
+            "default chain".to_owned(),
+            Identity {
+                profile: None,
+                role_arn: None,
+                region: host::PUBLIC_REGION.to_owned(),
+                instance_metadata: settings.instance_metadata,
+                timeout: settings.timeout,
+            },
+        )];
+        for rule in &settings.rules {
+            let label = match (&rule.profile, &rule.role_arn) {
+                (Some(p), Some(r)) => format!("profile {p}, role {r}"),
+                (Some(p), None) => format!("profile {p}"),
+                (None, Some(r)) => format!("default chain, role {r}"),
+                (None, None) => "default chain".to_owned(),
+            };
+            let identity = Identity {
+                profile: rule.profile.clone(),
+                role_arn: rule.role_arn.clone(),
+                region: rule.region.clone().unwrap_or_else(|| host::PUBLIC_REGION.to_owned()),
+                instance_metadata: settings.instance_metadata,
+                timeout: settings.timeout,
+            };
+            if !out.iter().any(|(l, _)| *l == label) {
+                out.push((label, identity));
+            }
+        }
+        out
+    }
+
+    /// Resolves `identity`'s credentials without printing them (for `doctor`).
+    pub async fn check(
+        &self,
+        identity: &Identity,
+    ) -> Result<Option<std::time::SystemTime>, EcrError> {
+        self.pool.get(identity).await.check_credentials().await
+    }
+
+    /// A servable token for `registry`.
+    pub async fn token(self: &Arc<Self>, registry: &EcrHost) -> Result<cache::Token, EcrError> {
+        let identity = self.settings().identity(registry);
+        let key = CacheKey {
+            profile: identity.profile.clone(),
+            role_arn: identity.role_arn.clone(),
+            region: identity.region.clone(),
+            registry: registry.host().to_owned(),
+        };
+        let (token, freshness) = self
+            .cache
+            .get(&key, || async {
+                let clients = self.pool.get(&identity).await;
+                clients.token(registry).await
+            })
+            .await?;
+        if freshness == Freshness::Refresh
+            && let Some(flight) = self.cache.try_flight(&key)
+        {
+            let (ecr, registry) = (self.clone(), registry.clone());
+            tokio::spawn(async move {
+                let _flight = flight;
+                let clients = ecr.pool.get(&identity).await;
+                match clients.token(&registry).await {
+                    Ok(t) => {
+                        ecr.cache.store(&key, &t);
+                        tracing::debug!(registry = %registry.host(), "ECR token refreshed ahead of expiry");
+                    }
+                    Err(e) => {
+                        tracing::warn!(registry = %registry.host(), error = %e, "ECR token refresh failed; the current token is served until it expires")
+                    }
+                }
+            });
+        }
+        Ok(token)
+    }
+}
+
+/// [`Ecr`] behind the credential-source trait.
+#[derive(Debug, Clone)]
+pub struct EcrSource(pub Arc<Ecr>);
+
+impl CredentialSource for EcrSource {
+    fn name(&self) -> String {
+        "ecr".into()
+    }
+
+    fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
+        Box::pin(async move {
+            let Some(registry) = EcrHost::parse(server) else { return Ok(None) };
+            let token = self.0.token(&registry).await.map_err(SourceError::Ecr)?;
+            Ok(Some(Credential { username: token.username, secret: token.password }))
+        })
+    }
+
+    fn store<'a>(&'a self, server: &'a str, _credential: &'a Credential) -> SourceFuture<'a, ()> {
+        Box::pin(async move {
+            tracing::debug!(server, "store for an ECR registry ignored: tokens are minted by AWS");
+            Ok(())
+        })
+    }
+
+    fn erase<'a>(&'a self, _server: &'a str) -> SourceFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn list(&self) -> SourceFuture<'_, Vec<ListEntry>> {
+        Box::pin(async {
+            let mut entries: Vec<ListEntry> = self
+                .0
+                .cache
+                .servable()
+                .into_iter()
+                .map(|k| ListEntry { server: k.registry, username: TOKEN_USERNAME.into() })
+                .collect();
+            entries.dedup();
+            Ok(entries)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn tokens_split_once_and_bad_ones_are_errors() {
+        let (user, pw) = decode_token(&b64("AWS:pass:with:colons")).unwrap();
+        assert_eq!((user.as_str(), pw.expose()), ("AWS", "pass:with:colons"));
+        for bad in [
+            "%%%",
+            &b64("nocolon"),
+            &b64(":pw"),
+            &b64("AWS:"),
+            &base64::engine::general_purpose::STANDARD.encode([0xff, b':', b'x']),
+        ] {
+            let e = decode_token(bad).unwrap_err();
+            assert_eq!(e.class, "bad-token", "{bad}");
+            assert!(!e.to_string().contains("pass"), "{e}");
+        }
+    }
+
+    #[test]
+    fn identity_rules_first_match() {
+        let settings = EcrSettings {
+            rules: vec![
+                EcrRule {
+                    registry: RegistryMatch::Account("210987654321".into()),
+                    profile: Some("cross".into()),
+                    region: None,
+                    role_arn: Some("arn:aws:iam::210987654321:role/pull".into()),
+                },
+                EcrRule {
+                    registry: RegistryMatch::Pattern(
+                        "*.dkr.ecr.eu-west-1.amazonaws.com".parse().unwrap(),
+                    ),
+                    profile: Some("eu".into()),
+                    region: Some("eu-central-1".into()),
+                    role_arn: None,
+                },
+            ],
+            ..EcrSettings::default()
+        };
+        let id = settings
+            .identity(&EcrHost::parse("210987654321.dkr.ecr.eu-west-1.amazonaws.com").unwrap());
+        assert_eq!((id.profile.as_deref(), id.region.as_str()), (Some("cross"), "eu-west-1"));
+        assert!(id.role_arn.is_some());
+        let id = settings
+            .identity(&EcrHost::parse("123456789012.dkr.ecr.eu-west-1.amazonaws.com").unwrap());
+        assert_eq!((id.profile.as_deref(), id.region.as_str()), (Some("eu"), "eu-central-1"));
+        let id = settings.identity(&EcrHost::parse("public.ecr.aws").unwrap());
+        assert_eq!((id.profile, id.region.as_str()), (None, "us-east-1"));
+        assert!(!id.instance_metadata);
+    }
+}
