@@ -311,14 +311,14 @@ mod tests {
         assert_eq!((user.as_str(), pw.expose()), ("AWS", "pass:with:colons"));
         for bad in [
             "%%%",
-            &b64("nocolon"),
-            &b64(":pw"),
+            &b64("s3cr3tnocolon"),
+            &b64(":s3cr3t"),
             &b64("AWS:"),
             &base64::engine::general_purpose::STANDARD.encode([0xff, b':', b'x']),
         ] {
             let e = decode_token(bad).unwrap_err();
             assert_eq!(e.class, "bad-token", "{bad}");
-            assert!(!e.to_string().contains("pass"), "{e}");
+            assert!(!e.to_string().contains("s3cr3t") && !e.to_string().contains(bad), "{e}");
         }
     }
 
