@@ -224,16 +224,38 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
     let routing = &config.routing;
     let mut entries: Vec<ListEntry> =
         PlainAuths::new(&current.settings.docker_config, config.auths.clone()).list().await?;
-    if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
-        entries.extend(current.helper(store)?.list().await?);
-    }
-    // ECR tokens served under `auto` appear once, whatever else lists them.
-    if current.settings.ecr.auto && routing.creds_store.as_deref() != Some(ecr::HELPER_NAME) {
-        for e in EcrSource(current.ecr.clone()).list().await? {
-            if !entries.contains(&e) {
-                entries.push(e);
+    // A store that cannot list is left out (and logged) rather than failing the whole list;
+    // if every store failed, the first failure is the answer.
+    let mut failure: Option<SourceError> = None;
+    let mut listed_any = false;
+    let mut add = |name: &str,
+                   result: Result<Vec<ListEntry>, SourceError>,
+                   only: Option<&[&String]>| match result {
+        Ok(found) => {
+            listed_any = true;
+            for e in found {
+                if only.is_none_or(|mine| mine.contains(&&registry_key(&e.server)))
+                    && !entries.contains(&e)
+                {
+                    entries.push(e);
+                }
             }
         }
+        Err(e) => {
+            tracing::warn!(store = name, error = %e, "left out of list");
+            failure.get_or_insert(e);
+        }
+    };
+    if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
+        let result = match current.helper(store) {
+            Ok(source) => source.list().await,
+            Err(e) => Err(e),
+        };
+        add(store, result, None);
+    }
+    // ECR tokens served under `auto` appear too.
+    if current.settings.ecr.auto && routing.creds_store.as_deref() != Some(ecr::HELPER_NAME) {
+        add(ecr::HELPER_NAME, EcrSource(current.ecr.clone()).list().await, None);
     }
     let mut helpers: Vec<&String> = routing.cred_helpers.values().collect();
     helpers.sort();
@@ -244,14 +266,17 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
         }
         let mine: Vec<&String> =
             routing.cred_helpers.iter().filter(|(_, h)| *h == name).map(|(r, _)| r).collect();
-        entries.extend(
-            current
-                .helper(name)?
-                .list()
-                .await?
-                .into_iter()
-                .filter(|e| mine.contains(&&registry_key(&e.server))),
-        );
+        let result = match current.helper(name) {
+            Ok(source) => source.list().await,
+            Err(e) => Err(e),
+        };
+        add(name, result, Some(&mine));
+    }
+    if let Some(e) = failure
+        && !listed_any
+        && entries.is_empty()
+    {
+        return Err(e.into());
     }
     entries.retain(|e| rule.allows(&e.server));
     if entries.len() > MAX_LIST_ENTRIES {

@@ -384,6 +384,15 @@ impl Bridge {
             .args(&self.host_flags)
             .env("PATH", path)
             .env("RUST_LOG", "debug");
+        // Hermetic AWS: nothing of the test runner's own AWS setup reaches the host agent.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("AWS_CONFIG_FILE", self.path("aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("aws-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true");
         for (k, v) in &self.host_env {
             cmd.env(k, v);
         }
@@ -548,6 +557,108 @@ pub mod keyring {
 
     impl Keyring {
         /// The session's log.
+        pub fn output(&self) -> String {
+            self.proc.output()
+        }
+    }
+}
+
+/// AWS stand-ins on 127.0.0.1: the project's own fake ECR endpoint and moto_server.
+pub mod aws {
+    use std::io::{Read, Write};
+    use std::path::Path;
+    use std::process::Command;
+
+    use crate::{Proc, STARTUP, wait_until};
+
+    /// `tests/fake_ecr.py` running on 127.0.0.1.
+    #[derive(Debug)]
+    pub struct FakeEcr {
+        _proc: Proc,
+        /// Its port.
+        pub port: u16,
+    }
+
+    /// A minimal HTTP/1.1 exchange with a server on 127.0.0.1 (test control only).
+    pub fn http(port: u16, method: &str, path: &str, body: &str) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+
+    impl FakeEcr {
+        /// Starts it, logging to `dir/fake-ecr.log`.
+        pub fn start(dir: &Path) -> FakeEcr {
+            let port_file = dir.join("fake-ecr.port");
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fake_ecr.py");
+            let mut cmd = Command::new("python3");
+            cmd.arg(script).arg(&port_file);
+            let proc = Proc::spawn("fake-ecr", cmd, &dir.join("fake-ecr.log"));
+            assert!(
+                wait_until(STARTUP, || port_file.exists()),
+                "fake ECR did not start:\n{}",
+                proc.output()
+            );
+            let port = std::fs::read_to_string(&port_file).unwrap().trim().parse().unwrap();
+            FakeEcr { _proc: proc, port }
+        }
+
+        /// Changes its behaviour (see `tests/fake_ecr.py`).
+        pub fn control(&self, json: &str) {
+            assert!(http(self.port, "POST", "/control", json).contains("ok"));
+        }
+
+        /// (private, public) token calls so far.
+        pub fn calls(&self) -> (u64, u64) {
+            let v: serde_json::Value =
+                serde_json::from_str(&http(self.port, "GET", "/calls", "")).unwrap();
+            (v["private"].as_u64().unwrap(), v["public"].as_u64().unwrap())
+        }
+
+        /// The endpoint URL for `AWS_ENDPOINT_URL`.
+        pub fn url(&self) -> String {
+            format!("http://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// `moto_server` on 127.0.0.1 with extra environment.
+    #[derive(Debug)]
+    pub struct Moto {
+        proc: Proc,
+        /// Its port.
+        pub port: u16,
+    }
+
+    impl Moto {
+        /// Starts it on a free port and waits until it answers.
+        pub fn start(dir: &Path, env: &[(&str, &str)]) -> Moto {
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut cmd = Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).envs(env.iter().copied());
+            let proc = Proc::spawn("moto_server", cmd, &dir.join("moto.log"));
+            let up = wait_until(STARTUP * 3, || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && !http(port, "GET", "/moto-api/", "").is_empty()
+            });
+            assert!(up, "moto_server did not answer:\n{}", proc.output());
+            Moto { proc, port }
+        }
+
+        /// The endpoint URL for `AWS_ENDPOINT_URL`.
+        pub fn url(&self) -> String {
+            format!("http://127.0.0.1:{}", self.port)
+        }
+
+        /// Its log.
         pub fn output(&self) -> String {
             self.proc.output()
         }

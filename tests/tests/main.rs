@@ -6,6 +6,7 @@
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
 //! * `readme`: the README's bridge command works as written.
 //! * `reference`: differential tests against the reference helper (docker-credential-helpers).
+//! * `ecr`: native ECR against the fake endpoint (`tests/fake_ecr.py`) and moto_server.
 //! * `hostconfig`: per-VM policy, reloads, the control socket (`status`), `doctor`.
 //! * `keychain`: the native Secret Service source vs Debian's docker-credential-secretservice
 //!   on a real gnome-keyring, a locked keyring, no session bus.
@@ -20,6 +21,7 @@
 
 mod auth;
 mod e2e_skopeo;
+mod ecr;
 mod hostconfig;
 mod keychain;
 mod link;

@@ -55,6 +55,28 @@ impl EcrError {
     pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
         EcrError { class, reason: reason.into() }
     }
+
+    /// Names the profile in errors about credentials, with the commands that fix them.
+    pub fn for_profile(self, profile: Option<&str>) -> Self {
+        let name = profile.unwrap_or("default");
+        let flag = profile.map(|p| format!(" --profile {p}")).unwrap_or_default();
+        let reason = match self.class {
+            "no-credentials" => format!(
+                "no AWS credentials for profile {name:?} on the host: configure them (aws configure{flag}, or aws sso login{flag}); {}",
+                self.reason
+            ),
+            "sso-expired" => format!(
+                "the AWS SSO session of profile {name:?} is missing or expired: run `aws sso login{flag}` on the host; {}",
+                self.reason
+            ),
+            "credentials-rejected" => format!(
+                "AWS rejected the credentials of profile {name:?}: {}; check them (aws sts get-caller-identity{flag})",
+                self.reason
+            ),
+            _ => return self,
+        };
+        EcrError { class: self.class, reason }
+    }
 }
 
 /// Decodes a `GetAuthorizationToken` token: base64 of `USER:PASSWORD`, split at the first
@@ -213,7 +235,12 @@ impl Ecr {
         &self,
         identity: &Identity,
     ) -> Result<Option<std::time::SystemTime>, EcrError> {
-        self.pool.get(identity).await.check_credentials().await
+        self.pool
+            .get(identity)
+            .await
+            .check_credentials()
+            .await
+            .map_err(|e| e.for_profile(identity.profile.as_deref()))
     }
 
     /// A servable token for `registry`.
@@ -231,7 +258,8 @@ impl Ecr {
                 let clients = self.pool.get(&identity).await;
                 clients.token(registry).await
             })
-            .await?;
+            .await
+            .map_err(|e| e.for_profile(identity.profile.as_deref()))?;
         if freshness == Freshness::Refresh
             && let Some(flight) = self.cache.try_flight(&key)
         {

@@ -1,0 +1,235 @@
+//! Native ECR through the whole chain, against the project's own fake token endpoint
+//! (`tests/fake_ecr.py`: ECR Public, future expiries, refresh-ahead, throttling, failures)
+//! and against `moto_server` (profiles, assumed roles through its STS, rejected keys).
+
+use std::time::{Duration, Instant};
+
+use finch_tests::aws::{FakeEcr, Moto};
+use finch_tests::{Bridge, HelperRun, assert_no_secret, wait_until};
+
+const PRIVATE: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+const PUBLIC: &str = "public.ecr.aws";
+const SECRET_KEY: &str = "fake-secret-key-do-not-log";
+
+fn ecr_bridge(docker_config: &str, host_config: &str, fake: &FakeEcr) -> Bridge {
+    let mut b = Bridge::new(docker_config);
+    std::fs::write(b.host_config(), host_config).unwrap();
+    b.host_env = vec![
+        ("AWS_ENDPOINT_URL".into(), fake.url()),
+        ("AWS_ACCESS_KEY_ID".into(), "AKIAFAKEFAKEFAKE".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+    ];
+    b.start();
+    b
+}
+
+fn secret(run: &HelperRun) -> String {
+    assert_eq!(run.code, 0, "get failed: {}{}", run.out(), run.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(v["Username"], "AWS");
+    v["Secret"].as_str().unwrap().to_owned()
+}
+
+fn not_found(run: &HelperRun) -> &str {
+    assert_eq!(
+        (run.code, run.out()),
+        (1, "credentials not found in native keychain\n"),
+        "{}",
+        run.stderr
+    );
+    &run.stderr
+}
+
+#[test]
+fn private_and_public_tokens_served_natively_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "tok-{n}"}"#);
+    // credsStore names a helper that does not exist: ECR hosts go native anyway (auto).
+    let b = ecr_bridge(r#"{"credsStore":"nosuchhelper"}"#, "", &fake);
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
+    assert_eq!(fake.calls(), (1, 0));
+    // Warm, by other spellings: no second call.
+    assert_eq!(
+        secret(&b.helper("get", &format!("https://{}:443/v2/", PRIVATE.to_uppercase()))),
+        "tok-1"
+    );
+    assert_eq!(fake.calls(), (1, 0));
+    assert_eq!(secret(&b.helper("get", PUBLIC)), "tok-2");
+    assert_eq!(secret(&b.helper("get", "https://public.ecr.aws/v2/")), "tok-2");
+    assert_eq!(fake.calls(), (1, 1));
+
+    let (_, out, _) = b.host_cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cache_entries"], 2, "{out}");
+    let listed = b.helper("list", "");
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({PRIVATE: "AWS", PUBLIC: "AWS"}), "{}", listed.stderr);
+    // store/erase are accepted and change nothing.
+    let store = format!(r#"{{"ServerURL":"{PRIVATE}","Username":"AWS","Secret":"x"}}"#);
+    assert_eq!(b.helper("store", &store).code, 0);
+    assert_eq!(b.helper("erase", PRIVATE).code, 0);
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
+
+    let host_log = b.host_log();
+    assert!(host_log.contains("source=\"ecr\""), "{host_log}");
+    let logs = [("host log", host_log.as_str()), ("guest log", &b.guest_log())];
+    for s in ["tok-1", "tok-2", SECRET_KEY] {
+        assert_no_secret(s, &logs);
+    }
+}
+
+#[test]
+fn a_hundred_concurrent_cold_lookups_make_one_upstream_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "tok-{n}", "delay": 1.5}"#);
+    let b = ecr_bridge("{}", "", &fake);
+    let b = &b;
+    let tokens: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..100).map(|_| s.spawn(|| secret(&b.helper("get", PRIVATE)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(tokens.len(), 100);
+    assert!(tokens.iter().all(|t| t == "tok-1"), "{tokens:?}");
+    assert_eq!(fake.calls(), (1, 0));
+}
+
+#[test]
+fn refreshed_ahead_of_expiry_and_never_served_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "tok-{n}", "life": 8}"#);
+    let b = ecr_bridge("{}", "", &fake);
+    let first = Instant::now();
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
+    // Past half its life: still served, and exactly one refresh starts behind it.
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(first.elapsed()));
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
+    assert!(
+        wait_until(Duration::from_secs(3), || fake.calls() == (2, 0)),
+        "no refresh: {:?}",
+        fake.calls()
+    );
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-2");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.calls(), (2, 0), "more than one refresh");
+
+    // Upstream now fails; once tok-2 is past its last servable moment, nothing is served.
+    let refreshed = Instant::now();
+    fake.control(r#"{"fail": true}"#);
+    std::thread::sleep(Duration::from_millis(7600).saturating_sub(refreshed.elapsed()));
+    let r = b.helper("get", PRIVATE);
+    let err = not_found(&r);
+    assert!(err.contains("ECR (aws)") && err.contains("ServerException"), "{err}");
+    assert!(!r.out().contains("tok-2"));
+}
+
+#[test]
+fn throttling_is_retried_inside_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "tok-{n}", "throttle": 2}"#);
+    let b = ecr_bridge("{}", "", &fake);
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-3");
+    assert_eq!(fake.calls(), (3, 0));
+    fake.control(r#"{"throttle": -1}"#);
+    let started = Instant::now();
+    let r = b.helper("get", "210987654321.dkr.ecr.us-west-2.amazonaws.com");
+    assert!(not_found(&r).contains("ECR (throttled)"), "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+#[test]
+fn missing_credentials_and_routing_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    // No credentials at all: an actionable error, and AWS never called.
+    let mut b = Bridge::new("{}");
+    b.host_env = vec![("AWS_ENDPOINT_URL".into(), fake.url())];
+    b.start();
+    let r = b.helper("get", PRIVATE);
+    let err = not_found(&r);
+    assert!(err.contains("ECR (no-credentials)") && err.contains("aws sso login"), "{err}");
+    assert_eq!(fake.calls(), (0, 0));
+    drop(b);
+
+    // auto = false: credsStore serves ECR hosts too.
+    let b = ecr_bridge(r#"{"credsStore":"fakestore"}"#, "[ecr]\nauto = false\n", &fake);
+    b.fake_helper(
+        "fakestore",
+        r#"read s; printf '{"ServerURL":"%s","Username":"fromhelper","Secret":"h"}' "$s""#,
+    );
+    let r = b.helper("get", PRIVATE);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.out().contains("fromhelper"), "{}", r.out());
+    assert_eq!(fake.calls(), (0, 0));
+    drop(b);
+
+    // credHelpers naming ecr-login is native even with auto = false.
+    let docker =
+        format!(r#"{{"credsStore":"fakestore","credHelpers":{{"{PRIVATE}":"ecr-login"}}}}"#);
+    let b = ecr_bridge(&docker, "[ecr]\nauto = false\n", &fake);
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "fake-ecr-token-1");
+    assert_eq!(fake.calls(), (1, 0));
+}
+
+fn moto_bridge(moto: &Moto, host_config: &str) -> Bridge {
+    let mut b = Bridge::new("{}");
+    std::fs::write(b.path("aws-config"), "[profile dev]\nregion = us-west-2\n").unwrap();
+    std::fs::write(
+        b.path("aws-credentials"),
+        format!(
+            "[dev]\naws_access_key_id = AKIAMOTODEVKEY\naws_secret_access_key = {SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(b.host_config(), host_config).unwrap();
+    b.host_env = vec![("AWS_ENDPOINT_URL".into(), moto.url())];
+    b.start();
+    b
+}
+
+#[test]
+fn moto_profiles_assumed_roles_and_expired_tokens() {
+    if !finch_tests::require("moto_profiles_assumed_roles_and_expired_tokens", &["moto_server"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), &[]);
+    let b = moto_bridge(
+        &moto,
+        "[[ecr.registry]]\nregistry = \"123456789012\"\nprofile = \"dev\"\n\n\
+         [[ecr.registry]]\nregistry = \"210987654321\"\nprofile = \"dev\"\nrole_arn = \"arn:aws:iam::210987654321:role/pull\"\n",
+    );
+    // The profile's own account.
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "123456789012-auth-token");
+    // The assumed role's account: the token proves the role was used.
+    let cross = "210987654321.dkr.ecr.us-west-2.amazonaws.com";
+    assert_eq!(secret(&b.helper("get", cross)), "210987654321-auth-token", "{}", b.host_log());
+    // moto dates its tokens in 2015: used once, never cached.
+    assert_eq!(secret(&b.helper("get", PRIVATE)), "123456789012-auth-token");
+    let (_, out, _) = b.host_cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cache_entries"], 0, "an expired token was cached: {out}");
+    assert_no_secret(SECRET_KEY, &[("host log", &b.host_log())]);
+}
+
+#[test]
+fn moto_rejects_unknown_keys() {
+    if !finch_tests::require("moto_rejects_unknown_keys", &["moto_server"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let b = moto_bridge(&moto, "[[ecr.registry]]\nregistry = \"*\"\nprofile = \"dev\"\n");
+    let r = b.helper("get", PRIVATE);
+    let err = not_found(&r);
+    assert!(
+        err.contains("ECR (credentials-rejected)") && err.contains("profile \"dev\""),
+        "{err}\n{}",
+        moto.output()
+    );
+    assert_no_secret(SECRET_KEY, &[("host log", &b.host_log()), ("helper", err)]);
+}
