@@ -34,25 +34,25 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Starts docker-registry with TLS and htpasswd on 127.0.0.1; returns it and its CA dir.
-fn start_registry(dir: &Path, port: u16) -> (Proc, PathBuf) {
+/// Writes a docker-registry config serving TLS for `san` (`IP:…` or `DNS:…`) on `addr`,
+/// with htpasswd `user`/`password`; returns the config file and the CA dir for clients.
+pub(crate) fn registry_files(
+    dir: &Path,
+    addr: &str,
+    san: &str,
+    user: &str,
+    password: &str,
+) -> (PathBuf, PathBuf) {
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     let (cert, key) = (certs.join("ca.crt"), dir.join("registry.key"));
+    let cn = san.split_once(':').map_or(san, |(_, v)| v);
     run_ok(
         Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=127.0.0.1",
-            ])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN={cn}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName={san}"))
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -60,7 +60,7 @@ fn start_registry(dir: &Path, port: u16) -> (Proc, PathBuf) {
         "openssl",
     );
     let htpasswd = dir.join("htpasswd");
-    let out = Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]).output().unwrap();
+    let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
     assert!(out.status.success());
     std::fs::write(&htpasswd, out.stdout).unwrap();
     let config = dir.join("registry.yml");
@@ -68,7 +68,7 @@ fn start_registry(dir: &Path, port: u16) -> (Proc, PathBuf) {
         &config,
         format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {cert}\n    key: {key}\n\
+             http:\n  addr: {addr}\n  tls:\n    certificate: {cert}\n    key: {key}\n\
              auth:\n  htpasswd:\n    realm: finch-e2e\n    path: {htpasswd}\n",
             root = dir.join("registry-data").display(),
             cert = cert.display(),
@@ -77,6 +77,13 @@ fn start_registry(dir: &Path, port: u16) -> (Proc, PathBuf) {
         ),
     )
     .unwrap();
+    (config, certs)
+}
+
+/// Starts docker-registry with TLS and htpasswd on 127.0.0.1; returns it and its CA dir.
+fn start_registry(dir: &Path, port: u16) -> (Proc, PathBuf) {
+    let (config, certs) =
+        registry_files(dir, &format!("127.0.0.1:{port}"), "IP:127.0.0.1", USER, PASSWORD);
     let mut cmd = Command::new("docker-registry");
     cmd.arg("serve").arg(&config);
     let proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
@@ -90,7 +97,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// A one-layer OCI image layout at `dir`, tag `v1`.
-fn make_oci_image(dir: &Path, work: &Path) {
+pub(crate) fn make_oci_image(dir: &Path, work: &Path) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let content = work.join("layer-content");

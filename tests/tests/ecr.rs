@@ -233,3 +233,143 @@ fn moto_rejects_unknown_keys() {
     );
     assert_no_secret(SECRET_KEY, &[("host log", &b.host_log()), ("helper", err)]);
 }
+
+/// A network namespace of the test's own, with its loopback up and `/etc/netns/NAME/hosts`
+/// (which `ip netns exec` mounts over `/etc/hosts`) mapping `names` to 127.0.0.1. Both are
+/// removed on drop; no system file is touched.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(names: &[&str]) -> Netns {
+        let name = format!("finch-ecr-{}", std::process::id());
+        finch_tests::run_ok(
+            std::process::Command::new("ip").args(["netns", "add", &name]),
+            "ip netns add",
+        );
+        let ns = Netns { name };
+        finch_tests::run_ok(
+            std::process::Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]),
+            "lo up",
+        );
+        let etc = ns.etc();
+        std::fs::create_dir_all(&etc).unwrap();
+        let mut hosts = "127.0.0.1 localhost\n".to_owned();
+        for n in names {
+            hosts.push_str(&format!("127.0.0.1 {n}\n"));
+        }
+        std::fs::write(etc.join("hosts"), hosts).unwrap();
+        ns
+    }
+
+    fn etc(&self) -> std::path::PathBuf {
+        std::path::Path::new("/etc/netns").join(&self.name)
+    }
+
+    /// A command run inside the namespace.
+    fn cmd(&self, program: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.etc());
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[test]
+fn skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token() {
+    const TOOLS: &[&str] =
+        &["ip", "docker-registry", "skopeo", "htpasswd", "openssl", "tar", "bash"];
+    let test = "skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token";
+    if !finch_tests::require(test, TOOLS) || !finch_tests::require_root(test) {
+        return;
+    }
+    const TOKEN: &str = "ecr-e2e-Token-5c1d";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fake = FakeEcr::start(d);
+    fake.control(&format!(r#"{{"password": "{TOKEN}"}}"#));
+    let b = ecr_bridge("{}", "", &fake);
+
+    let ns = Netns::new(&[PRIVATE]);
+    let (config, certs) = crate::e2e_skopeo::registry_files(
+        d,
+        "127.0.0.1:443",
+        &format!("DNS:{PRIVATE}"),
+        "AWS",
+        TOKEN,
+    );
+    let mut reg = ns.cmd("docker-registry");
+    reg.arg("serve").arg(&config);
+    let registry = finch_tests::Proc::spawn("docker-registry", reg, &d.join("registry.log"));
+    let up = wait_until(finch_tests::STARTUP, || {
+        ns.cmd("bash")
+            .args(["-c", "exec 3<>/dev/tcp/127.0.0.1/443"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(up, "registry did not listen in the namespace:\n{}", registry.output());
+
+    let home = d.join("client-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let authfile = d.join("auth.json");
+    std::fs::write(&authfile, format!(r#"{{"credHelpers":{{"{PRIVATE}":"finchhost"}}}}"#)).unwrap();
+    let anonymous = d.join("anonymous.json");
+    std::fs::write(&anonymous, "{}").unwrap();
+    let policy = d.join("policy.json");
+    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).unwrap();
+    let oci = d.join("oci-image");
+    crate::e2e_skopeo::make_oci_image(&oci, d);
+    let image = format!("docker://{PRIVATE}/finch/hello:v1");
+    let skopeo = |args: &[&str]| {
+        let mut c = ns.cmd("skopeo");
+        c.arg("--policy")
+            .arg(&policy)
+            .args(args)
+            .env("PATH", finch_tests::path_with(&finch_tests::bin_dir()))
+            .env("HOME", &home)
+            .env("FINCH_GUEST_AGENT_SOCKET", b.helper_socket())
+            .env_remove("REGISTRY_AUTH_FILE");
+        finch_tests::run_with_input(c, b"", Duration::from_secs(180))
+    };
+    let (auth, anon, certs_s) = (
+        authfile.display().to_string(),
+        anonymous.display().to_string(),
+        certs.display().to_string(),
+    );
+
+    let r = skopeo(&["inspect", "--authfile", &anon, "--cert-dir", &certs_s, &image]);
+    assert_ne!(r.code, 0, "the registry must refuse anonymous access");
+    let src = format!("oci:{}:v1", oci.display());
+    let r = skopeo(&["copy", "--authfile", &auth, "--dest-cert-dir", &certs_s, &src, &image]);
+    assert_eq!(r.code, 0, "push failed: {}\n--- host\n{}", r.stderr, b.host_log());
+    let pulled = d.join("pulled");
+    let r = skopeo(&[
+        "copy",
+        "--authfile",
+        &auth,
+        "--src-cert-dir",
+        &certs_s,
+        &image,
+        &format!("dir:{}", pulled.display()),
+    ]);
+    assert_eq!(r.code, 0, "pull failed: {}", r.stderr);
+    assert!(pulled.join("manifest.json").exists());
+    // One token from the host's ECR source served the push and the pull.
+    assert_eq!(fake.calls(), (1, 0));
+    let host_log = b.host_log();
+    assert!(
+        host_log.contains(&format!("registry=\"{PRIVATE}\" source=\"ecr\" result=\"ok\"")),
+        "{host_log}"
+    );
+    assert_no_secret(
+        TOKEN,
+        &[("host log", &host_log), ("guest log", &b.guest_log()), ("skopeo", &r.stderr)],
+    );
+}
