@@ -10,7 +10,10 @@ Control (JSON):
                  password may hold {n}, the call number; throttle = how many next calls are
                  throttled (-1: all); fail = answer ServerException
   GET  /calls    {"private": N, "public": N}
-Signatures are not checked. Usage: fake_ecr.py PORT_FILE
+With --tls CERT KEY it also answers HTTP CONNECT (as an HTTPS_PROXY) by speaking TLS with
+CERT on the tunnel, so clients that ignore AWS_ENDPOINT_URL (docker-credential-ecr-login 0.6.0)
+reach it through HTTPS_PROXY and AWS_CA_BUNDLE.
+Signatures are not checked. Usage: fake_ecr.py PORT_FILE [--tls CERT KEY]
 """
 
 import base64
@@ -43,6 +46,21 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("x-amzn-ErrorType", error_type)
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
+
+    def do_CONNECT(self):
+        if TLS is None:
+            self.reply(405, {"message": "no CONNECT without --tls"})
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        self.connection = TLS.wrap_socket(self.connection, server_side=True)
+        self.rfile = self.connection.makefile("rb")
+        self.wfile = self.connection.makefile("wb")
+        self.close_connection = False
+        self.handle()
+        self.close_connection = True
 
     def do_GET(self):
         if self.path == "/calls":
@@ -88,7 +106,16 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, {"authorizationData": data})
 
 
+TLS = None
+
+
 def main():
+    global TLS
+    if len(sys.argv) == 5 and sys.argv[2] == "--tls":
+        import ssl
+
+        TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        TLS.load_cert_chain(sys.argv[3], sys.argv[4])
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     with open(sys.argv[1] + ".tmp", "w") as f:
