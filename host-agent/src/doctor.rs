@@ -74,7 +74,7 @@ pub fn run(overrides: &Overrides) -> Report {
     for (name, vm) in &settings.vms {
         check_key(&mut r, &settings, name);
         let what = format!("vm {name} endpoint");
-        match runtime.block_on(crate::link::dial(&vm.endpoint)) {
+        match runtime.block_on(crate::transport::dial(&vm.endpoint)) {
             Ok(_) => r.ok(&what, format!("{} accepts connections", vm.endpoint)),
             Err(e) => r.fail(
                 &what,

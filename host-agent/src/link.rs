@@ -11,7 +11,6 @@ use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LinkMsg, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -65,7 +64,7 @@ pub async fn run_vm(
     let mut last_error = String::new();
     loop {
         let attempt = async {
-            let mut stream = dial(&vm.endpoint).await?;
+            let mut stream = crate::transport::dial(&vm.endpoint).await?;
             let established = tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, &vm))
                 .await
                 .context("handshake timed out")??;
@@ -126,15 +125,6 @@ async fn send_response<W: AsyncWrite + Unpin>(
 /// Resolves once shutdown was requested (without holding the channel's lock).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
-}
-
-/// Connects to `endpoint` within [`IO_TIMEOUT`] (no handshake).
-pub async fn dial(endpoint: &Endpoint) -> anyhow::Result<UnixStream> {
-    let Endpoint::Unix(path) = endpoint;
-    tokio::time::timeout(IO_TIMEOUT, UnixStream::connect(path))
-        .await
-        .context("dial timed out")?
-        .with_context(|| format!("cannot connect to {endpoint}"))
 }
 
 async fn handshake<S>(stream: &mut S, vm: &VmLink) -> anyhow::Result<Established>

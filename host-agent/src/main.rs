@@ -5,7 +5,8 @@
 //! each VM, authenticate, serve, reconnect), `resolve` (policy, route a request in docker/cli's
 //! order, try every registry spelling, audit), `source` (the credential sources behind one
 //! trait: host helpers, plaintext `auths`, native keychains), `control` (the control socket
-//! behind `status` and `reload`), `status`, `doctor`.
+//! behind `status` and `reload`), `status`, `doctor`, `transport` (unix, vsock, hybrid vsock,
+//! Hyper-V: one stream type, chosen by the endpoint string).
 //!
 //! Path of a request: guest's `LinkMsg::Request` → `link::serve` spawns →
 //! `Resolver::handle` (check, policy) → `source::*` → audit line → `LinkMsg::Response` back on
@@ -20,6 +21,7 @@ mod policy;
 mod resolve;
 mod source;
 mod status;
+mod transport;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

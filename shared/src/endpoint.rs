@@ -1,37 +1,155 @@
-//! Link endpoints as users write them: `unix:///abs/path`.
+//! Link endpoints as users write them:
 //!
-//! Parsing only; the agents own the sockets. Later transports (vsock, hybrid vsock, Hyper-V
-//! sockets) add variants here.
+//! * `unix:///abs/path`: a unix socket (Lima's forwarded socket, the local bridge).
+//! * `vsock://CID:PORT`: AF_VSOCK; `CID` may be `-1` (any) where the guest listens.
+//! * `hybrid:///abs/path/to/vmm.sock:PORT`: hybrid vsock (Firecracker, Cloud Hypervisor,
+//!   vhost-device-vsock): the VMM's unix socket, then `CONNECT PORT\n`.
+//! * `hvsock://VMID:PORT` or `hvsock://wsl:PORT`: a Hyper-V socket to a VM by id (a GUID), or
+//!   to the WSL2 utility VM (its id asked of WSL at every dial).
+//!
+//! Parsing only; the agents own the sockets.
 
 use std::path::PathBuf;
+
+/// The vsock port the guest agent listens on unless told otherwise.
+pub const DEFAULT_VSOCK_PORT: u32 = 6127;
+/// `VMADDR_CID_ANY` (`-1`).
+pub const CID_ANY: u32 = u32::MAX;
+/// `VMADDR_CID_HOST`: the host, as a guest sees it.
+pub const CID_HOST: u32 = 2;
+
+/// Which Hyper-V VM a `hvsock://` endpoint names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HvVm {
+    /// A VM id, as a lower-case GUID `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+    Id(String),
+    /// The WSL2 utility VM, whose id changes at every WSL restart.
+    Wsl,
+}
 
 /// Where a link is dialed or listened on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// A unix socket (Lima's forwarded socket, or the local bridge).
+    /// A unix socket.
     Unix(PathBuf),
+    /// AF_VSOCK.
+    Vsock {
+        /// Context id ([`CID_ANY`] for `-1`).
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// Hybrid vsock through a VMM's unix socket.
+    Hybrid {
+        /// The VMM's socket.
+        path: PathBuf,
+        /// The guest port asked for with `CONNECT`.
+        port: u32,
+    },
+    /// A Hyper-V socket (Windows hosts).
+    HvSock {
+        /// The VM.
+        vm: HvVm,
+        /// The vsock port (its service id is [`hv_service_id`]).
+        port: u32,
+    },
+}
+
+/// The Hyper-V service id of vsock port `port`: `PPPPPPPP-facb-11e6-bd58-64006a7986d3`.
+pub fn hv_service_id(port: u32) -> String {
+    format!("{port:08x}-facb-11e6-bd58-64006a7986d3")
 }
 
 /// Why an endpoint string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EndpointError {
     /// Not a form this build knows.
-    #[error("unsupported endpoint {0:?}: expected unix:///absolute/path")]
+    #[error(
+        "unsupported endpoint {0:?}: expected unix:///abs/path, vsock://CID:PORT, hybrid:///abs/vmm.sock:PORT or hvsock://VMID|wsl:PORT"
+    )]
     EndpointUnsupported(String),
-    /// A unix endpoint whose path is not absolute.
+    /// A path that is not absolute.
     #[error("endpoint {0:?}: the socket path must be absolute (unix:///abs/path)")]
     EndpointRelative(String),
+    /// A CID, port or VM id that does not parse.
+    #[error("endpoint {0:?}: {1}")]
+    EndpointInvalid(String, &'static str),
+}
+
+fn port(s: &str, whole: &str) -> Result<u32, EndpointError> {
+    match s.parse::<u32>() {
+        Ok(p) if p != u32::MAX && !s.starts_with('+') => Ok(p),
+        _ => Err(EndpointError::EndpointInvalid(
+            whole.to_owned(),
+            "the port must be a number below 4294967295",
+        )),
+    }
+}
+
+fn guid(s: &str) -> Option<String> {
+    let lower = s.trim_start_matches('{').trim_end_matches('}').to_ascii_lowercase();
+    let groups: Vec<&str> = lower.split('-').collect();
+    let shape = [8, 4, 4, 4, 12];
+    (groups.len() == 5
+        && groups
+            .iter()
+            .zip(shape)
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit())))
+    .then_some(lower)
 }
 
 impl std::str::FromStr for Endpoint {
     type Err = EndpointError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix://") {
+        let absolute = |path: &str| {
             if !path.starts_with('/') || path.len() < 2 {
                 return Err(EndpointError::EndpointRelative(s.to_owned()));
             }
-            return Ok(Endpoint::Unix(PathBuf::from(path)));
+            Ok(PathBuf::from(path))
+        };
+        if let Some(path) = s.strip_prefix("unix://") {
+            return absolute(path).map(Endpoint::Unix);
+        }
+        if let Some(rest) = s.strip_prefix("vsock://") {
+            let (cid, p) = rest.split_once(':').ok_or_else(|| {
+                EndpointError::EndpointInvalid(s.to_owned(), "expected vsock://CID:PORT")
+            })?;
+            let cid = match cid {
+                "-1" => CID_ANY,
+                c => c.parse::<u32>().ok().filter(|_| !c.starts_with('+')).ok_or_else(|| {
+                    EndpointError::EndpointInvalid(
+                        s.to_owned(),
+                        "the CID must be a number (or -1 for any)",
+                    )
+                })?,
+            };
+            return Ok(Endpoint::Vsock { cid, port: port(p, s)? });
+        }
+        if let Some(rest) = s.strip_prefix("hybrid://") {
+            let (path, p) = rest.rsplit_once(':').ok_or_else(|| {
+                EndpointError::EndpointInvalid(s.to_owned(), "expected hybrid:///abs/vmm.sock:PORT")
+            })?;
+            return Ok(Endpoint::Hybrid { path: absolute(path)?, port: port(p, s)? });
+        }
+        if let Some(rest) = s.strip_prefix("hvsock://") {
+            let (vm, p) = rest.rsplit_once(':').ok_or_else(|| {
+                EndpointError::EndpointInvalid(
+                    s.to_owned(),
+                    "expected hvsock://VMID:PORT or hvsock://wsl:PORT",
+                )
+            })?;
+            let vm = if vm.eq_ignore_ascii_case("wsl") {
+                HvVm::Wsl
+            } else {
+                HvVm::Id(guid(vm).ok_or_else(|| {
+                    EndpointError::EndpointInvalid(
+                        s.to_owned(),
+                        "the VM id must be a GUID (or wsl)",
+                    )
+                })?)
+            };
+            return Ok(Endpoint::HvSock { vm, port: port(p, s)? });
         }
         Err(EndpointError::EndpointUnsupported(s.to_owned()))
     }
@@ -41,6 +159,11 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(path) => write!(f, "unix://{}", path.display()),
+            Endpoint::Vsock { cid: CID_ANY, port } => write!(f, "vsock://-1:{port}"),
+            Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            Endpoint::Hybrid { path, port } => write!(f, "hybrid://{}:{port}", path.display()),
+            Endpoint::HvSock { vm: HvVm::Wsl, port } => write!(f, "hvsock://wsl:{port}"),
+            Endpoint::HvSock { vm: HvVm::Id(id), port } => write!(f, "hvsock://{id}:{port}"),
         }
     }
 }
@@ -51,11 +174,55 @@ mod tests {
 
     #[test]
     fn parse_table() {
-        let ok: Endpoint = "unix:///run/x.sock".parse().unwrap();
-        assert_eq!(ok, Endpoint::Unix("/run/x.sock".into()));
-        assert_eq!(ok.to_string(), "unix:///run/x.sock");
-        for bad in ["unix://run/x", "unix://", "/run/x.sock", "tcp://1.2.3.4:5", ""] {
+        let cases: &[(&str, Endpoint)] = &[
+            ("unix:///run/x.sock", Endpoint::Unix("/run/x.sock".into())),
+            ("vsock://3:6127", Endpoint::Vsock { cid: 3, port: 6127 }),
+            ("vsock://-1:6127", Endpoint::Vsock { cid: CID_ANY, port: 6127 }),
+            (
+                "hybrid:///run/vm/v.sock:6127",
+                Endpoint::Hybrid { path: "/run/vm/v.sock".into(), port: 6127 },
+            ),
+            ("hvsock://wsl:6127", Endpoint::HvSock { vm: HvVm::Wsl, port: 6127 }),
+            (
+                "hvsock://0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0:6127",
+                Endpoint::HvSock {
+                    vm: HvVm::Id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into()),
+                    port: 6127,
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            let got: Endpoint = text.parse().unwrap();
+            assert_eq!(&got, want, "{text}");
+            assert_eq!(got.to_string().parse::<Endpoint>().unwrap(), got, "{text} round trip");
+        }
+        assert_eq!("hvsock://wsl:1".parse::<Endpoint>().unwrap().to_string(), "hvsock://wsl:1");
+        for bad in [
+            "unix://run/x",
+            "unix://",
+            "/run/x.sock",
+            "tcp://1.2.3.4:5",
+            "",
+            "vsock://3",
+            "vsock://x:1",
+            "vsock://3:x",
+            "vsock://3:-1",
+            "vsock://+3:1",
+            "vsock://3:4294967295",
+            "hybrid://rel/v.sock:1",
+            "hybrid:///v.sock",
+            "hybrid:///v.sock:x",
+            "hvsock://not-a-guid:1",
+            "hvsock://wsl",
+            "hvsock://0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f:1",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn hyper_v_service_ids() {
+        assert_eq!(hv_service_id(DEFAULT_VSOCK_PORT), "000017ef-facb-11e6-bd58-64006a7986d3");
+        assert_eq!(hv_service_id(1), "00000001-facb-11e6-bd58-64006a7986d3");
     }
 }

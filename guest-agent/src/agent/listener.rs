@@ -9,6 +9,7 @@ use finch_shared::frame::async_io::{read_msg, write_msg};
 use finch_shared::handshake::GuestHandshake;
 use finch_shared::key::LinkKey;
 use finch_shared::message::Handshake;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 use super::link::LinkSlot;
@@ -31,33 +32,89 @@ pub struct LinkSettings {
     pub heartbeat: Duration,
 }
 
-/// A bound link listener.
+/// A bound link listener: a unix socket (checked by peer uid) or, on Linux, a vsock port
+/// (checked by peer CID: only the host, CID 2).
 #[derive(Debug)]
-pub struct LinkListener(Listening);
+pub(crate) enum LinkListener {
+    /// A unix socket, mode 0600.
+    Unix(Listening),
+    /// A vsock port.
+    #[cfg(target_os = "linux")]
+    Vsock(tokio_vsock::VsockListener),
+}
 
 impl LinkListener {
     /// Binds the endpoint. A unix socket gets mode 0600 and, when a forwarder uid other than
     /// root is allowed, that uid as its owner.
     pub fn bind(endpoint: &Endpoint, extra_uids: &[u32]) -> anyhow::Result<Self> {
-        let Endpoint::Unix(path) = endpoint;
-        let owner = extra_uids.iter().copied().find(|&u| u != 0);
-        let access = Access { mode: LINK_SOCKET_MODE, owner, group: None };
-        Listening::bind(path, "link socket", access).map(LinkListener)
+        match endpoint {
+            Endpoint::Unix(path) => {
+                let owner = extra_uids.iter().copied().find(|&u| u != 0);
+                let access = Access { mode: LINK_SOCKET_MODE, owner, group: None };
+                Listening::bind(path, "link socket", access).map(LinkListener::Unix)
+            }
+            #[cfg(target_os = "linux")]
+            Endpoint::Vsock { cid, port } => {
+                tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
+                    .with_context(|| format!("cannot listen on {endpoint}"))
+                    .map(LinkListener::Vsock)
+            }
+            other => anyhow::bail!(
+                "the guest agent listens on unix:///path or vsock://-1:PORT, not {other}"
+            ),
+        }
     }
 
     /// Accepts links until shutdown; each authenticated one becomes the active link.
     pub async fn run(self, slot: LinkSlot, settings: LinkSettings, shutdown: Shutdown) {
         let links_shutdown = shutdown.clone();
-        self.0
-            .serve(shutdown, |stream| {
-                accept_link(stream, slot.clone(), settings.clone(), links_shutdown.clone())
-            })
-            .await;
+        match self {
+            LinkListener::Unix(listening) => {
+                listening
+                    .serve(shutdown, |stream| {
+                        accept_unix(stream, slot.clone(), settings.clone(), links_shutdown.clone())
+                    })
+                    .await;
+            }
+            #[cfg(target_os = "linux")]
+            LinkListener::Vsock(listener) => serve_vsock(listener, slot, settings, shutdown).await,
+        }
     }
 }
 
-async fn accept_link(
-    mut stream: UnixStream,
+#[cfg(target_os = "linux")]
+async fn serve_vsock(
+    listener: tokio_vsock::VsockListener,
+    slot: LinkSlot,
+    settings: LinkSettings,
+    mut shutdown: Shutdown,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if peer.cid() == finch_shared::endpoint::CID_HOST => {
+                    tasks.spawn(authenticate(stream, slot.clone(), settings.clone(), shutdown.clone()));
+                }
+                Ok((_, peer)) => tracing::warn!(
+                    cid = peer.cid(),
+                    port = peer.port(),
+                    "vsock link connection not from the host (CID 2); dropped"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.shutdown().await;
+}
+
+async fn accept_unix(
+    stream: UnixStream,
     slot: LinkSlot,
     settings: LinkSettings,
     shutdown: Shutdown,
@@ -76,6 +133,14 @@ async fn accept_link(
             return;
         }
     }
+    authenticate(stream, slot, settings, shutdown).await;
+}
+
+/// Runs the handshake on an accepted connection; an authenticated host becomes the link.
+async fn authenticate<S>(mut stream: S, slot: LinkSlot, settings: LinkSettings, shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, settings.key)).await {
         Ok(Ok(established)) => {
             tracing::info!(vm = %established.vm, version = established.version, "host authenticated");
@@ -86,10 +151,13 @@ async fn accept_link(
     }
 }
 
-async fn handshake(
-    stream: &mut UnixStream,
+async fn handshake<S>(
+    stream: &mut S,
     key: LinkKey,
-) -> anyhow::Result<finch_shared::handshake::Established> {
+) -> anyhow::Result<finch_shared::handshake::Established>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let hello: Handshake = read_msg(stream).await.context("reading the host's hello")?;
     let boot_id = std::fs::read_to_string(BOOT_ID_PATH).unwrap_or_default();
     let (guest, answer) = match GuestHandshake::answer(key, boot_id.trim(), hello) {
