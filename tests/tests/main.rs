@@ -10,6 +10,8 @@
 //! * `hostconfig`: per-VM policy, reloads, the control socket (`status`), `doctor`.
 //! * `keychain`: the native Secret Service source vs Debian's docker-credential-secretservice
 //!   on a real gnome-keyring, a locked keyring, no session bus.
+//! * `vm`: a real VM (QEMU + vhost-device-vsock) with the guest agent on vsock, dialed by the
+//!   host agent over hybrid vsock.
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
 //!
@@ -28,3 +30,4 @@ mod link;
 mod protocol;
 mod readme;
 mod reference;
+mod vm;
