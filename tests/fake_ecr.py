@@ -100,7 +100,14 @@ class Handler(BaseHTTPRequestHandler):
         token = base64.b64encode(("AWS:" + state["password"].replace("{n}", str(n))).encode()).decode()
         data = {"authorizationToken": token, "expiresAt": time.time() + state["life"]}
         if kind == "private":
-            data["proxyEndpoint"] = "https://fake.example"
+            # The registry the token is for, as real ECR names it (clients may check it).
+            try:
+                account = (json.loads(body or b"{}").get("registryIds") or ["123456789012"])[0]
+            except ValueError:
+                account = "123456789012"
+            host = self.headers.get("Host", "")
+            region = host.split(".")[2] if host.startswith("api.ecr.") else "us-west-2"
+            data["proxyEndpoint"] = f"https://{account}.dkr.ecr.{region}.amazonaws.com"
             self.reply(200, {"authorizationData": [data]})
         else:
             self.reply(200, {"authorizationData": data})

@@ -33,6 +33,37 @@ struct Cli {
 enum Command {
     /// Serve helper calls over the link to the host agent.
     Serve(ServeArgs),
+    /// Point a docker config's credsStore at finchhost, or put back what was there.
+    #[command(subcommand)]
+    DockerConfig(DockerConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DockerConfigCommand {
+    /// Set credsStore (other keys kept), recording the previous value once.
+    SetCredsStore {
+        /// The docker config file (config.json).
+        #[arg(long)]
+        file: PathBuf,
+        /// The helper name.
+        #[arg(long, default_value = "finchhost")]
+        name: String,
+        /// Where the previous value is recorded.
+        #[arg(long)]
+        record: PathBuf,
+    },
+    /// Put back the recorded credsStore, if credsStore is still NAME.
+    RestoreCredsStore {
+        /// The docker config file (config.json).
+        #[arg(long)]
+        file: PathBuf,
+        /// The helper name set before.
+        #[arg(long, default_value = "finchhost")]
+        name: String,
+        /// The record written by set-creds-store.
+        #[arg(long)]
+        record: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,7 +77,7 @@ struct ServeArgs {
     /// Give the helper socket to this group (name or GID; mode 0660), so allowed users can connect.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
-    /// Where the host agent's link arrives: unix:///abs/path.
+    /// Where the host agent's link arrives: unix:///abs/path or vsock://-1:PORT (default port 6127).
     #[arg(long, default_value = agent::DEFAULT_LINK_LISTEN)]
     link_listen: Endpoint,
     /// Also accept a unix link connection from this uid (the socket forwarder's). Repeatable.
@@ -68,8 +99,16 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     init_tracing();
-    let Cli { command: Command::Serve(args) } = Cli::parse();
-    match run(args) {
+    let result = match Cli::parse().command {
+        Command::Serve(args) => run(args),
+        Command::DockerConfig(DockerConfigCommand::SetCredsStore { file, name, record }) => {
+            finch_guest_agent::docker_config::set_creds_store(&file, &name, &record).map(|_| ())
+        }
+        Command::DockerConfig(DockerConfigCommand::RestoreCredsStore { file, name, record }) => {
+            finch_guest_agent::docker_config::restore_creds_store(&file, &name, &record).map(|_| ())
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -586,6 +586,20 @@ impl Settings {
                 );
             }
         }
+        // VMs attached at run time (`finch-host-agent attach`): after the file, before flags.
+        let mut attached_names = std::collections::HashSet::new();
+        for (name, vm) in read_attached(&state_dir.join(ATTACHED_FILE))? {
+            let entry = vms.entry(name.clone()).or_insert_with(|| VmSettings {
+                endpoint: vm.endpoint.clone(),
+                key_file: None,
+                policy: Policy::default(),
+            });
+            entry.endpoint = vm.endpoint;
+            if vm.key.is_some() {
+                entry.key_file = vm.key;
+            }
+            attached_names.insert(name);
+        }
         let mut seen = std::collections::HashSet::new();
         for spec in &o.vms {
             if !seen.insert(spec.name.clone()) {
@@ -602,7 +616,7 @@ impl Settings {
             }
         }
         for (name, (span, has_endpoint)) in file_endpoints {
-            if !has_endpoint && !seen.contains(&name) {
+            if !has_endpoint && !seen.contains(&name) && !attached_names.contains(&name) {
                 return Err(src.error(
                     span,
                     &format!("vm.{name}.endpoint"),
@@ -645,6 +659,104 @@ fn absolute(p: PathBuf, what: &str) -> Result<PathBuf, ConfigError> {
             p.display()
         )))
     }
+}
+
+/// The file in the state directory holding the VMs attached at run time.
+pub const ATTACHED_FILE: &str = "attached.toml";
+
+/// One VM attached at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedVm {
+    /// Where to dial it.
+    pub endpoint: Endpoint,
+    /// Its key file, when not the state directory's.
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachedFile {
+    #[serde(default)]
+    vm: BTreeMap<toml::Spanned<String>, AttachedEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachedEntry {
+    endpoint: toml::Spanned<String>,
+    key: Option<toml::Spanned<String>>,
+}
+
+/// The VMs in `path` (none if it does not exist).
+pub fn read_attached(path: &Path) -> Result<BTreeMap<String, AttachedVm>, ConfigError> {
+    let Some(text) = read_file(path, false)? else { return Ok(BTreeMap::new()) };
+    let src = Source { file: path, text: &text };
+    let file: AttachedFile = toml::from_str(&text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        src.error(span.clone(), &key_at(&text, span.start), e.message().trim())
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, vm) in file.vm {
+        let key = format!("vm.{}", name.get_ref());
+        if !valid_vm_name(name.get_ref()) {
+            return Err(src.error(name.span(), &key, vm_name_error(name.get_ref())));
+        }
+        let endpoint = vm.endpoint.get_ref().parse::<Endpoint>().map_err(|e| {
+            src.error(vm.endpoint.span(), &format!("{key}.endpoint"), e.to_string())
+        })?;
+        let key_file = match &vm.key {
+            Some(k) => Some(src.path(k, &format!("{key}.key"))?),
+            None => None,
+        };
+        out.insert(name.into_inner(), AttachedVm { endpoint, key: key_file });
+    }
+    Ok(out)
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Writes `vms` to `path` atomically, mode 0600.
+pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text =
+        String::from("# VMs attached with `finch-host-agent attach`; `detach` removes them.\n");
+    for (name, vm) in vms {
+        text.push_str(&format!(
+            "\n[vm.{}]\nendpoint = {}\n",
+            toml_string(name),
+            toml_string(&vm.endpoint.to_string())
+        ));
+        if let Some(k) = &vm.key {
+            text.push_str(&format!("key = {}\n", toml_string(&k.display().to_string())));
+        }
+    }
+    let tmp = path.with_extension("toml.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Where the key of VM `name` lives in the state directory.
@@ -817,6 +929,38 @@ mod tests {
             let err = load(text, Overrides::default()).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}\n got: {err}\nwant: {want}");
         }
+    }
+
+    #[test]
+    fn attached_vms_merge_after_the_file_and_before_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let mut vms = BTreeMap::new();
+        vms.insert(
+            "b".to_owned(),
+            AttachedVm {
+                endpoint: "unix:///att/b \"q\".sock".parse().unwrap(),
+                key: Some("/k/b.key".into()),
+            },
+        );
+        vms.insert(
+            "a".to_owned(),
+            AttachedVm { endpoint: "hybrid:///att/a.sock:6127".parse().unwrap(), key: None },
+        );
+        write_attached(&state.join(ATTACHED_FILE), &vms).unwrap();
+        assert_eq!(read_attached(&state.join(ATTACHED_FILE)).unwrap(), vms);
+        let o = Overrides { state_dir: Some(state.clone()), ..Overrides::default() };
+        let text = "[vm.a]\nendpoint = \"unix:///file/a.sock\"\n[vm.a.policy]\nlist = []\n[vm.c.policy]\nget = []\n";
+        // vm.c has no endpoint anywhere: refused.
+        assert!(load(text, o.clone()).unwrap_err().to_string().contains("vm.c.endpoint"));
+        let text = "[vm.a]\nendpoint = \"unix:///file/a.sock\"\n[vm.a.policy]\nlist = []\n[vm.b.policy]\nget = []\n";
+        let s = load(text, Overrides { vms: vec!["b=unix:///flag/b.sock".parse().unwrap()], ..o })
+            .unwrap();
+        assert_eq!(s.vms["a"].endpoint, "hybrid:///att/a.sock:6127".parse().unwrap());
+        assert!(s.vms["a"].policy.list.is_empty(), "the file's policy is kept");
+        assert_eq!(s.vms["b"].endpoint, Endpoint::Unix("/flag/b.sock".into()));
+        assert_eq!(s.vms["b"].key_file, Some(PathBuf::from("/k/b.key")));
     }
 
     #[test]

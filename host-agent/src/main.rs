@@ -16,6 +16,7 @@ mod agent;
 mod config;
 mod control;
 mod doctor;
+mod install;
 mod link;
 mod policy;
 mod resolve;
@@ -56,6 +57,56 @@ enum Command {
     Doctor(SettingsArgs),
     /// Make the running agent re-read its config file (as SIGHUP does).
     Reload(SettingsArgs),
+    /// Add a VM (or change its endpoint) at run time; kept in STATE/attached.toml.
+    Attach {
+        /// The VM's name.
+        name: String,
+        /// Where to dial it (unix:///…, vsock://CID:PORT, hybrid:///vmm.sock:PORT, hvsock://…).
+        endpoint: finch_shared::endpoint::Endpoint,
+        /// Its key file [default: STATE/vms/NAME.key, created when missing].
+        #[arg(long, value_name = "PATH")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Remove a VM attached with `attach`.
+    Detach {
+        /// The VM's name.
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Print the path of a VM's key (creating the key, 0600, when missing).
+    KeyPath {
+        /// The VM's name.
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Run the agent at login: a systemd user unit, a LaunchAgent or a logon task.
+    Install {
+        /// Print the service file instead of installing it.
+        #[arg(long)]
+        print: bool,
+        /// Platform whose service file to generate [default: this one].
+        #[arg(long, value_enum)]
+        platform: Option<install::Platform>,
+        /// Write the file but do not register or start it.
+        #[arg(long)]
+        no_start: bool,
+        /// Arguments given to `finch-host-agent run` at login (after `--`).
+        #[arg(last = true)]
+        run_args: Vec<String>,
+    },
+    /// Stop the login service and remove its file.
+    Uninstall {
+        /// Platform whose service to remove [default: this one].
+        #[arg(long, value_enum)]
+        platform: Option<install::Platform>,
+        /// Remove the file without stopping the service.
+        #[arg(long)]
+        no_stop: bool,
+    },
 }
 
 /// Settings every command takes; unset ones come from the environment, the file, defaults.
@@ -118,6 +169,20 @@ fn main() -> ExitCode {
             return if report.failures() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
         Command::Reload(args) => reload(&args.overrides()),
+        Command::Attach { name, endpoint, key, settings } => {
+            attach(&settings.overrides(), &name, Some((endpoint, key)))
+        }
+        Command::Detach { name, settings } => attach(&settings.overrides(), &name, None),
+        Command::KeyPath { name, settings } => key_path(&settings.overrides(), &name),
+        Command::Install { print: only_print, platform, no_start, run_args } => install_service(
+            platform.unwrap_or_else(install::Platform::current),
+            only_print,
+            no_start,
+            &run_args,
+        ),
+        Command::Uninstall { platform, no_stop } => {
+            uninstall_service(platform.unwrap_or_else(install::Platform::current), no_stop)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -162,6 +227,104 @@ fn reload(overrides: &config::Overrides) -> anyhow::Result<()> {
     let message = reply.message.unwrap_or_default();
     anyhow::ensure!(reply.ok, "{message}");
     print(&format!("{message}\n"));
+    Ok(())
+}
+
+/// Adds, changes (`Some`) or removes (`None`) an attached VM, then asks a running agent to
+/// reload (links of other VMs are kept).
+fn attach(
+    overrides: &config::Overrides,
+    name: &str,
+    what: Option<(finch_shared::endpoint::Endpoint, Option<PathBuf>)>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config::valid_vm_name(name),
+        "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
+    );
+    let state_dir = doctor::state_dir_fallback(overrides)?;
+    config::private_dir(&state_dir)?;
+    let path = state_dir.join(config::ATTACHED_FILE);
+    let mut vms = config::read_attached(&path)?;
+    let changed = match what {
+        Some((endpoint, key)) => {
+            if let Some(k) = &key {
+                anyhow::ensure!(k.is_absolute(), "--key must be an absolute path");
+                finch_shared::key::LinkKey::load(k)?;
+            }
+            let vm = config::AttachedVm { endpoint, key };
+            vms.insert(name.to_owned(), vm.clone()) != Some(vm)
+        }
+        None => vms.remove(name).is_some(),
+    };
+    if changed {
+        config::write_attached(&path, &vms)?;
+    }
+    let verb = if vms.contains_key(name) { "attached" } else { "detached" };
+    match control::call(&state_dir, "reload") {
+        Ok(reply) if reply.ok => {
+            print(&format!("{verb} {name}: {}\n", reply.message.unwrap_or_default()))
+        }
+        Ok(reply) => anyhow::bail!(
+            "{verb} {name}, but the agent did not reload: {}",
+            reply.message.unwrap_or_default()
+        ),
+        Err(_) => {
+            print(&format!("{verb} {name} (no agent running: it takes effect at the next start)\n"))
+        }
+    }
+    Ok(())
+}
+
+fn key_path(overrides: &config::Overrides, name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config::valid_vm_name(name),
+        "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
+    );
+    let state_dir = doctor::state_dir_fallback(overrides)?;
+    let path = match config::Settings::load(overrides)
+        .ok()
+        .and_then(|s| s.vms.get(name).and_then(|v| v.key_file.clone()))
+    {
+        Some(p) => {
+            finch_shared::key::LinkKey::load(&p)?;
+            p
+        }
+        None => {
+            let p = config::key_path(&state_dir, name);
+            config::private_dir(&state_dir)?;
+            if let Some(dir) = p.parent() {
+                config::private_dir(dir)?;
+            }
+            finch_shared::key::LinkKey::load_or_create(&p)?;
+            p
+        }
+    };
+    print(&format!("{}\n", path.display()));
+    Ok(())
+}
+
+fn install_service(
+    platform: install::Platform,
+    only_print: bool,
+    no_start: bool,
+    run_args: &[String],
+) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("cannot tell where this binary is")?;
+    let binary = binary.canonicalize().unwrap_or(binary);
+    let file = install::service_file(platform, &config::home()?, &binary, run_args);
+    if only_print {
+        print(&file.text);
+        return Ok(());
+    }
+    install::install(platform, &file, no_start)?;
+    print(&format!("installed {}\n", file.path.display()));
+    Ok(())
+}
+
+fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {
+    let file = install::service_file(platform, &config::home()?, std::path::Path::new("/"), &[]);
+    install::uninstall(platform, &file.path, no_stop)?;
+    print(&format!("removed {}\n", file.path.display()));
     Ok(())
 }
 
