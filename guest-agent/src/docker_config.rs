@@ -64,10 +64,26 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Rewrites the config keeping its mode and owner (a user's config stays the user's); a new
+/// one is 0600 and owned by its directory's owner.
 fn write_config(path: &Path, map: &Map<String, Value>) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let mut text = serde_json::to_vec_pretty(&Value::Object(map.clone()))?;
     text.push(b'\n');
-    write(path, &text, 0o600)
+    let (mode, owner) = match std::fs::metadata(path) {
+        Ok(m) => (m.mode() & 0o7777, Some((m.uid(), m.gid()))),
+        Err(_) => {
+            let dir = path.parent().and_then(|d| std::fs::metadata(d).ok());
+            (0o600, dir.map(|m| (m.uid(), m.gid())))
+        }
+    };
+    write(path, &text, mode)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("cannot give {} back to its owner", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    Ok(())
 }
 
 /// Sets `credsStore` to `name` in `config`, recording what was there in `record` (once).
@@ -132,8 +148,11 @@ mod tests {
         let (config, record) = (dir.path().join("c/config.json"), dir.path().join("r.json"));
         std::fs::create_dir_all(config.parent().unwrap()).unwrap();
         std::fs::write(&config, r#"{"auths":{"x":{}},"credsStore":"desktop","z":1}"#).unwrap();
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         assert!(set_creds_store(&config, "finchhost", &record).unwrap());
         assert!(!set_creds_store(&config, "finchhost", &record).unwrap());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o644, "the mode was not kept");
         let v: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
         assert_eq!(v["credsStore"], "finchhost");
         assert_eq!(v["z"], 1);

@@ -1,0 +1,190 @@
+#!/bin/sh
+# Installs the guest side of the finch credential bridge into a VM (Lima, WSL2, any Linux VM).
+# POSIX sh (busybox works). Idempotent: Lima runs provisioning at every boot, and a second run
+# changes nothing. Every path is under --root, so it can be tried on a scratch directory.
+# uninstall.sh undoes exactly what this did.
+#
+#   install.sh --bundle DIR [--root DIR] [--init systemd|wsl|none]
+#              [--link-listen ENDPOINT] [--link-allow-uid UID]... [--allow-uid UID]...
+#              [--socket-group GROUP] [--docker-config DIR]...
+#
+# The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
+# link.key (this VM's key, from `finch-host-agent key-path NAME` on the host). Nothing is
+# changed unless every checksum matches. The key ends up in /etc/finch-guest-agent/link.key
+# (0600, directory 0700) and is never printed.
+set -eu
+
+root=/
+bundle=
+init=systemd
+link_listen=
+socket_group=
+allow_args=
+first_uid=
+docker_configs=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) root=$2; shift 2 ;;
+    --bundle) bundle=$2; shift 2 ;;
+    --init) init=$2; shift 2 ;;
+    --link-listen) link_listen=$2; shift 2 ;;
+    --link-allow-uid) allow_args="$allow_args --link-allow-uid $2"; shift 2 ;;
+    --allow-uid) allow_args="$allow_args --allow-uid $2"; first_uid=${first_uid:-$2}; shift 2 ;;
+    --socket-group) socket_group=$2; shift 2 ;;
+    --docker-config) docker_configs="$docker_configs $2"; shift 2 ;;
+    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$bundle" ] || { echo "install.sh: --bundle DIR is required" >&2; exit 2; }
+case "$init" in systemd|wsl|none) ;; *) echo "install.sh: --init is systemd, wsl or none" >&2; exit 2 ;; esac
+case "$link_listen" in
+  "") if [ "$init" = wsl ]; then link_listen=vsock://-1:6127; else link_listen=unix:///run/finch-guest-agent/link.sock; fi ;;
+esac
+R=${root%/}
+STATE=$R/var/lib/finch-guest-agent
+
+# 1. Check the bundle before touching anything.
+for f in finch-guest-agent docker-credential-finchhost SHA256SUMS link.key; do
+  [ -f "$bundle/$f" ] || { echo "install.sh: $bundle/$f is missing" >&2; exit 1; }
+done
+(cd "$bundle" && sha256sum -c SHA256SUMS >/dev/null 2>&1) || {
+  echo "install.sh: the bundle's checksums do not match SHA256SUMS; nothing installed" >&2
+  exit 1
+}
+for f in finch-guest-agent docker-credential-finchhost; do
+  grep -q " \*\{0,1\}$f\$" "$bundle/SHA256SUMS" || { echo "install.sh: SHA256SUMS does not cover $f" >&2; exit 1; }
+done
+
+# Directories this script creates are recorded, so uninstall.sh removes exactly those.
+# (POSIX sh has no local variables: the helpers' names start with an underscore.)
+mkdirs() { # DIR MODE
+  _missing=
+  _dir=$1
+  while [ ! -d "$_dir" ]; do _missing="$_dir
+$_missing"; _dir=$(dirname "$_dir"); done
+  printf '%s' "$_missing" | while IFS= read -r _m; do
+    [ -n "$_m" ] || continue
+    mkdir -m "$2" "$_m"
+    if [ -d "$STATE" ]; then printf '%s\n' "${_m#"$R"}" >> "$STATE/dirs"; else echo "${_m#"$R"}" >> "$R/.finch-dirs.tmp"; fi
+  done
+}
+mkdirs "$STATE" 0755
+if [ -f "$R/.finch-dirs.tmp" ]; then cat "$R/.finch-dirs.tmp" >> "$STATE/dirs"; rm -f "$R/.finch-dirs.tmp"; fi
+
+# Writes stdin to FILE with MODE, only when the content differs (atomic rename).
+put() { # FILE MODE
+  _tmp=$1.finch-new
+  cat > "$_tmp"
+  chmod "$2" "$_tmp"
+  if [ -f "$1" ] && cmp -s "$_tmp" "$1"; then rm -f "$_tmp"; chmod "$2" "$1"; else mv -f "$_tmp" "$1"; fi
+}
+
+# 2. Binaries.
+mkdirs "$R/usr/local/bin" 0755
+for f in finch-guest-agent docker-credential-finchhost; do
+  put "$R/usr/local/bin/$f" 0755 < "$bundle/$f"
+done
+
+# 3. The key: root only.
+mkdirs "$R/etc/finch-guest-agent" 0700
+chmod 0700 "$R/etc/finch-guest-agent"
+(umask 077 && put "$R/etc/finch-guest-agent/link.key" 0600 < "$bundle/link.key")
+
+# 4. The agent's arguments. The helper socket goes to the first allowed user's primary group,
+#    so that user can connect to it (mode 0660), unless --socket-group says otherwise.
+if [ -z "$socket_group" ] && [ -n "$first_uid" ] && [ -f "$R/etc/passwd" ]; then
+  socket_group=$(awk -F: -v u="$first_uid" '$3 == u { print $4; exit }' "$R/etc/passwd")
+fi
+args="--link-listen $link_listen --link-key-file /etc/finch-guest-agent/link.key$allow_args"
+[ -z "$socket_group" ] || args="$args --socket-group $socket_group"
+mkdirs "$R/etc/default" 0755
+printf '# Written by the finch credential bridge install.sh.\nFINCH_GUEST_AGENT_ARGS="%s"\n' "$args" | put "$R/etc/default/finch-guest-agent" 0644
+
+# 5. Start at boot.
+first_docker_config=
+for d in $docker_configs; do first_docker_config=${first_docker_config:-$d}; done
+case "$init" in
+  systemd)
+    mkdirs "$R/etc/systemd/system/multi-user.target.wants" 0755
+    put "$R/etc/systemd/system/finch-guest-agent.service" 0644 <<'UNIT'
+# Written by the finch credential bridge install.sh; uninstall.sh removes it.
+[Unit]
+Description=finch credential bridge guest agent
+Documentation=https://github.com/runfinch/finch-credential-bridge
+After=local-fs.target
+Before=containerd.service buildkit.service soci-snapshotter.service
+
+[Service]
+Type=simple
+EnvironmentFile=/etc/default/finch-guest-agent
+ExecStart=/usr/local/bin/finch-guest-agent serve $FINCH_GUEST_AGENT_ARGS
+Restart=on-failure
+RestartSec=1
+RuntimeDirectory=finch-guest-agent
+RuntimeDirectoryMode=0755
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_READ_SEARCH
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_UNIX AF_VSOCK
+RestrictNamespaces=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    ln -sfn /etc/systemd/system/finch-guest-agent.service "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service"
+    if [ -n "$first_docker_config" ]; then
+      mkdirs "$R/etc/systemd/system/soci-snapshotter.service.d" 0755
+      printf '# Written by the finch credential bridge install.sh.\n[Service]\nEnvironment=DOCKER_CONFIG=%s\n' "$first_docker_config" \
+        | put "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" 0644
+    fi
+    if [ "$R" = "" ] && [ -d /run/systemd/system ]; then
+      systemctl daemon-reload
+      systemctl restart finch-guest-agent.service
+    fi
+    ;;
+  wsl)
+    mkdirs "$R/usr/local/libexec" 0755
+    put "$R/usr/local/libexec/finch-guest-agent-start" 0755 <<'START'
+#!/bin/sh
+# Started by WSL's [boot] command: runs the guest agent detached, logging to /var/log.
+. /etc/default/finch-guest-agent
+mkdir -p /run/finch-guest-agent
+# shellcheck disable=SC2086
+setsid /usr/local/bin/finch-guest-agent serve $FINCH_GUEST_AGENT_ARGS >>/var/log/finch-guest-agent.log 2>&1 < /dev/null &
+START
+    conf=$R/etc/wsl.conf
+    line='command = "/usr/local/libexec/finch-guest-agent-start"'
+    if [ -f "$conf" ] && grep -qF "$line" "$conf"; then
+      :
+    elif [ -f "$conf" ] && grep -q '^\[boot\]' "$conf"; then
+      echo "install.sh: $conf already has a [boot] section; add this line to it:" >&2
+      echo "  $line" >&2
+      echo "  (or, with systemd = true there, run install.sh --init systemd)" >&2
+    else
+      if [ -f "$conf" ]; then cp -p "$conf" "$STATE/wsl.conf.orig"; else : > "$STATE/wsl.conf.absent"; fi
+      { [ ! -f "$conf" ] || cat "$conf"; printf '\n[boot]\n%s\n' "$line"; } | put "$conf" 0644
+    fi
+    ;;
+  none) ;;
+esac
+
+# 6. Clients: docker config (nerdctl, BuildKit, SOCI) and containers-image tools.
+for d in $docker_configs; do
+  rec=creds-store-$(printf '%s' "$d" | sha256sum | cut -c1-16).json
+  mkdirs "$R$d" 0700
+  grep -qxF "$rec $d" "$STATE/docker-configs" 2>/dev/null || printf '%s %s\n' "$rec" "$d" >> "$STATE/docker-configs"
+  "$R/usr/local/bin/finch-guest-agent" docker-config set-creds-store --file "$R$d/config.json" --record "$STATE/$rec"
+done
+mkdirs "$R/etc/containers/registries.conf.d" 0755
+printf '# Written by the finch credential bridge install.sh.\ncredential-helpers = ["finchhost", "containers-auth.json"]\n' \
+  | put "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" 0644
+echo "finch credential bridge: guest side installed (init: $init, link: $link_listen)"

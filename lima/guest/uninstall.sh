@@ -1,0 +1,54 @@
+#!/bin/sh
+# Removes what install.sh installed and puts back what it changed (docker configs' credsStore,
+# /etc/wsl.conf). Safe to run twice. POSIX sh (busybox works).
+#
+#   uninstall.sh [--root DIR]
+set -eu
+root=/
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) root=$2; shift 2 ;;
+    *) echo "uninstall.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+R=${root%/}
+STATE=$R/var/lib/finch-guest-agent
+
+if [ "$R" = "" ] && [ -d /run/systemd/system ] && [ -f /etc/systemd/system/finch-guest-agent.service ]; then
+  systemctl disable --now finch-guest-agent.service || true
+fi
+
+# Docker configs first: it takes the agent binary to put them back.
+if [ -f "$STATE/docker-configs" ] && [ -x "$R/usr/local/bin/finch-guest-agent" ]; then
+  while read -r rec d; do
+    "$R/usr/local/bin/finch-guest-agent" docker-config restore-creds-store --file "$R$d/config.json" --record "$STATE/$rec"
+  done < "$STATE/docker-configs"
+  rm -f "$STATE/docker-configs"
+fi
+
+conf=$R/etc/wsl.conf
+if [ -f "$STATE/wsl.conf.orig" ]; then
+  cp -p "$STATE/wsl.conf.orig" "$conf"
+  rm -f "$STATE/wsl.conf.orig"
+elif [ -f "$STATE/wsl.conf.absent" ]; then
+  rm -f "$conf" "$STATE/wsl.conf.absent"
+fi
+
+rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
+  "$R/etc/systemd/system/finch-guest-agent.service" \
+  "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \
+  "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" \
+  "$R/etc/default/finch-guest-agent" \
+  "$R/etc/finch-guest-agent/link.key" \
+  "$R/usr/local/libexec/finch-guest-agent-start" \
+  "$R/usr/local/bin/docker-credential-finchhost" \
+  "$R/usr/local/bin/finch-guest-agent"
+if [ "$R" = "" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+
+# Directories install.sh created, deepest first, if empty.
+if [ -f "$STATE/dirs" ]; then
+  dirs=$(sort -r "$STATE/dirs")
+  rm -f "$STATE/dirs"
+  for d in $dirs; do rmdir "$R$d" 2>/dev/null || true; done
+fi
+echo "finch credential bridge: guest side removed"
