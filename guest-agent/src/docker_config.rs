@@ -148,10 +148,13 @@ mod tests {
         let (config, record) = (dir.path().join("c/config.json"), dir.path().join("r.json"));
         std::fs::create_dir_all(config.parent().unwrap()).unwrap();
         std::fs::write(&config, r#"{"auths":{"x":{}},"credsStore":"desktop","z":1}"#).unwrap();
-        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
         assert!(set_creds_store(&config, "finchhost", &record).unwrap());
         assert!(!set_creds_store(&config, "finchhost", &record).unwrap());
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&config).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o644, "the mode was not kept");
         let v: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
         assert_eq!(v["credsStore"], "finchhost");

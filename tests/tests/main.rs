@@ -4,6 +4,8 @@
 //! * `link`: the link dropping and coming back, a host agent killed mid-request, slow and
 //!   hung host helpers.
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
+//! * `provision`: the guest install scripts on a scratch root, units and service files, the
+//!   Lima fragment, attach/detach.
 //! * `readme`: the README's bridge command works as written.
 //! * `reference`: differential tests against the reference helper (docker-credential-helpers).
 //! * `ecr`: native ECR against the fake endpoint (`tests/fake_ecr.py`) and moto_server.
@@ -28,6 +30,7 @@ mod hostconfig;
 mod keychain;
 mod link;
 mod protocol;
+mod provision;
 mod readme;
 mod reference;
 mod vm;

@@ -1,0 +1,399 @@
+//! Wiring into VMs and onto the login: the guest install/uninstall scripts on a scratch root
+//! (twice for idempotence, then removal back to the exact starting tree), the systemd units
+//! checked by `systemd-analyze verify`, the LaunchAgent plist and logon task XML parsed, the
+//! Lima fragment parsed as Lima reads it, and `attach`/`detach` against a running bridge.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use finch_tests::{Bridge, bin, run_ok, wait_until, write_key};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Every path under `root` with its type, mode and content (JSON files compared parsed).
+fn snapshot(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                walk(root, &p, out);
+                format!("dir {:o}", m.mode() & 0o7777)
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let content = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(v) if rel.ends_with(".json") => v.to_string(),
+                    _ => format!("{:x?}", sha(&bytes)),
+                };
+                format!("file {:o} {content}", m.mode() & 0o7777)
+            };
+            out.insert(rel, what);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+struct Scratch {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    bundle: PathBuf,
+    key: Vec<u8>,
+}
+
+fn scratch() -> Scratch {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let bundle = dir.path().join("bundle");
+    for d in [root.join("etc"), root.join("home/user/.finch-vm-config"), bundle.clone()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nuser:x:501:20::/home/user:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/wsl.conf"), "[network]\ngenerateResolvConf = true\n").unwrap();
+    std::fs::write(
+        root.join("home/user/.finch-vm-config/config.json"),
+        r#"{"auths":{"x.test":{}},"credsStore":"desktop"}"#,
+    )
+    .unwrap();
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(bin(b), bundle.join(b)).unwrap();
+    }
+    write_key(&bundle.join("link.key"), 23);
+    let key = std::fs::read(bundle.join("link.key")).unwrap();
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum finch-guest-agent docker-credential-finchhost > SHA256SUMS")
+            .current_dir(&bundle),
+        "sha256sum",
+    );
+    Scratch { _dir: dir, root, bundle, key }
+}
+
+fn install(s: &Scratch, init: &str) -> std::process::Output {
+    Command::new("sh")
+        .arg(repo().join("lima/guest/install.sh"))
+        .arg("--root")
+        .arg(&s.root)
+        .arg("--bundle")
+        .arg(&s.bundle)
+        .args(["--init", init, "--allow-uid", "501", "--link-allow-uid", "501"])
+        .args([
+            "--docker-config",
+            "/home/user/.finch-vm-config",
+            "--docker-config",
+            "/root/.docker",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn uninstall(s: &Scratch) {
+    let out = Command::new("sh")
+        .arg(repo().join("lima/guest/uninstall.sh"))
+        .arg("--root")
+        .arg(&s.root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn guest_install_is_idempotent_and_uninstall_restores_the_tree() {
+    for init in ["systemd", "wsl", "none"] {
+        let s = scratch();
+        let before = snapshot(&s.root);
+        let out = install(&s, init);
+        assert!(out.status.success(), "{init}: {}", String::from_utf8_lossy(&out.stderr));
+        let first = snapshot(&s.root);
+        assert!(install(&s, init).status.success());
+        assert_eq!(snapshot(&s.root), first, "{init}: the second install changed something");
+
+        let r = &s.root;
+        assert_eq!(mode(&r.join("etc/finch-guest-agent")), 0o700);
+        assert_eq!(mode(&r.join("etc/finch-guest-agent/link.key")), 0o600);
+        assert_eq!(std::fs::read(r.join("etc/finch-guest-agent/link.key")).unwrap(), s.key);
+        assert_eq!(mode(&r.join("usr/local/bin/finch-guest-agent")), 0o755);
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(r.join("home/user/.finch-vm-config/config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["credsStore"], "finchhost");
+        assert!(config["auths"]["x.test"].is_object(), "other keys were lost");
+        let root_config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.join("root/.docker/config.json")).unwrap())
+                .unwrap();
+        assert_eq!(root_config, serde_json::json!({"credsStore": "finchhost"}));
+        let defaults = std::fs::read_to_string(r.join("etc/default/finch-guest-agent")).unwrap();
+        assert!(
+            defaults.contains("--allow-uid 501") && defaults.contains("--socket-group 20"),
+            "{defaults}"
+        );
+        let registries = std::fs::read_to_string(
+            r.join("etc/containers/registries.conf.d/50-finch-credential-helpers.conf"),
+        )
+        .unwrap();
+        assert!(
+            registries.contains(r#"credential-helpers = ["finchhost", "containers-auth.json"]"#)
+        );
+        match init {
+            "systemd" => {
+                assert!(defaults.contains("--link-listen unix:///run/finch-guest-agent/link.sock"));
+                let wants =
+                    r.join("etc/systemd/system/multi-user.target.wants/finch-guest-agent.service");
+                assert_eq!(
+                    std::fs::read_link(wants).unwrap(),
+                    Path::new("/etc/systemd/system/finch-guest-agent.service")
+                );
+                let soci = std::fs::read_to_string(
+                    r.join("etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf"),
+                )
+                .unwrap();
+                assert!(soci.contains("Environment=DOCKER_CONFIG=/home/user/.finch-vm-config"));
+            }
+            "wsl" => {
+                assert!(defaults.contains("--link-listen vsock://-1:6127"));
+                let wsl = std::fs::read_to_string(r.join("etc/wsl.conf")).unwrap();
+                assert!(
+                    wsl.starts_with("[network]")
+                        && wsl.contains(
+                            "[boot]\ncommand = \"/usr/local/libexec/finch-guest-agent-start\""
+                        ),
+                    "{wsl}"
+                );
+            }
+            _ => assert!(!r.join("etc/systemd/system/finch-guest-agent.service").exists()),
+        }
+        // The key's bytes are in the key file only.
+        for (path, what) in &first {
+            if what.starts_with("file") && !path.ends_with("link.key") {
+                let bytes = std::fs::read(r.join(path)).unwrap();
+                assert!(
+                    !bytes.windows(s.key.len()).any(|w| w == s.key.as_slice()),
+                    "{path} holds the key"
+                );
+            }
+        }
+
+        uninstall(&s);
+        assert_eq!(snapshot(&s.root), before, "{init}: uninstall did not restore the tree");
+        uninstall(&s);
+        assert_eq!(snapshot(&s.root), before, "{init}: a second uninstall changed something");
+    }
+}
+
+#[test]
+fn a_tampered_bundle_changes_nothing() {
+    let s = scratch();
+    let before = snapshot(&s.root);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(s.bundle.join("docker-credential-finchhost"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"tampered").unwrap();
+    let out = install(&s, "systemd");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksums do not match"));
+    assert_eq!(snapshot(&s.root), before);
+}
+
+#[test]
+fn units_verify_and_login_services_parse() {
+    if !finch_tests::require(
+        "units_verify_and_login_services_parse",
+        &["systemd-analyze", "python3"],
+    ) {
+        return;
+    }
+    // The guest unit, with its paths pointed into the scratch root.
+    let s = scratch();
+    assert!(install(&s, "systemd").status.success());
+    let unit = std::fs::read_to_string(s.root.join("etc/systemd/system/finch-guest-agent.service"))
+        .unwrap();
+    let root = s.root.display().to_string();
+    let unit = unit
+        .replace("/usr/local/bin/", &format!("{root}/usr/local/bin/"))
+        .replace("/etc/default/", &format!("{root}/etc/default/"));
+    let check = s.root.join("finch-guest-agent.service");
+    std::fs::write(&check, unit).unwrap();
+    run_ok(
+        Command::new("systemd-analyze").arg("verify").arg(&check),
+        "systemd-analyze verify (guest unit)",
+    );
+
+    // The host's login services, generated by the binary.
+    let home = tempfile::tempdir().unwrap();
+    let runtime = home.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let print = |platform: &str| {
+        let out = Command::new(bin("finch-host-agent"))
+            .args(["install", "--print", "--platform", platform])
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let user_unit = home.path().join("finch-host-agent.service");
+    std::fs::write(&user_unit, print("linux")).unwrap();
+    run_ok(
+        Command::new("systemd-analyze")
+            .args(["verify", "--user"])
+            .arg(&user_unit)
+            .env("XDG_RUNTIME_DIR", &runtime),
+        "systemd-analyze verify --user (host unit)",
+    );
+    let agent = bin("finch-host-agent").canonicalize().unwrap().display().to_string();
+    let check_py = |script: &str, input: String| {
+        let mut c = Command::new("python3");
+        c.args(["-c", script]).arg(&agent).arg(home.path());
+        let r =
+            finch_tests::run_with_input(c, input.as_bytes(), std::time::Duration::from_secs(30));
+        assert_eq!(r.code, 0, "{script}: {}", r.stderr);
+    };
+    check_py(
+        "import plistlib,sys; d=plistlib.loads(sys.stdin.buffer.read()); \
+         assert d['Label']=='io.finch.credential-bridge.host-agent'; assert d['ProgramArguments'][:2]==[sys.argv[1],'run']; \
+         assert d['RunAtLoad'] is True; assert d['StandardErrorPath']==sys.argv[2]+'/Library/Logs/finch-host-agent.log'",
+        print("macos"),
+    );
+    check_py(
+        "import sys,xml.dom.minidom as m; d=m.parseString(sys.stdin.buffer.read()); \
+         assert d.getElementsByTagName('Command')[0].firstChild.data==sys.argv[1]; \
+         assert d.getElementsByTagName('Arguments')[0].firstChild.data=='run'; \
+         assert d.getElementsByTagName('LogonTrigger')",
+        print("windows"),
+    );
+
+    // install --no-start writes exactly what --print shows; uninstall --no-stop removes it.
+    let out = Command::new(bin("finch-host-agent"))
+        .args(["install", "--no-start", "--platform", "linux"])
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let installed = home.path().join(".config/systemd/user/finch-host-agent.service");
+    assert_eq!(std::fs::read_to_string(&installed).unwrap(), print("linux"));
+    let out = Command::new(bin("finch-host-agent"))
+        .args(["uninstall", "--no-stop", "--platform", "linux"])
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!installed.exists());
+}
+
+#[test]
+fn the_lima_fragment_is_what_lima_reads() {
+    if !finch_tests::require("the_lima_fragment_is_what_lima_reads", &["python3", "shellcheck"]) {
+        return;
+    }
+    let yaml = repo().join("lima/finch-credential-bridge.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import sys,yaml,json; d=yaml.safe_load(open(sys.argv[1])); \
+        m=d['mounts'][0]; assert m['location'].endswith('/finch-bridge') and m['mountPoint']=='/mnt/finch-bridge' and m['writable'] is False; \
+        p=d['provision'][0]; assert p['mode']=='system'; \
+        f=d['portForwards'][0]; assert f['guestSocket']=='/run/finch-guest-agent/link.sock' and f['hostSocket'].endswith('/sock/finch-guest-agent.sock'); \
+        r=d['probes'][0]; assert r['mode']=='readiness'; \
+        subst=lambda s: s.replace('{{.UID}}','501').replace('{{.Home}}','/home/user.linux'); \
+        open(sys.argv[2]+'/provision.sh','w').write(subst(p['script'])); open(sys.argv[2]+'/probe.sh','w').write(subst(r['script']))";
+    run_ok(
+        Command::new("python3").args(["-c", script]).arg(&yaml).arg(dir.path()),
+        "parsing the Lima fragment",
+    );
+    let provision = std::fs::read_to_string(dir.path().join("provision.sh")).unwrap();
+    // The key comes from the read-only bundle mount, never from the template's text.
+    assert!(provision.contains("--bundle /mnt/finch-bridge"), "{provision}");
+    assert!(!std::fs::read_to_string(&yaml).unwrap().to_lowercase().contains("link.key"));
+    run_ok(
+        Command::new("shellcheck")
+            .args(["-s", "sh"])
+            .arg(dir.path().join("provision.sh"))
+            .arg(dir.path().join("probe.sh")),
+        "shellcheck on the fragment's scripts",
+    );
+}
+
+#[test]
+fn attach_and_detach_a_vm_on_a_running_agent() {
+    let mut b = Bridge::new(r#"{"auths":{"a.test":{"auth":"dTpw"}}}"#);
+    b.start();
+    let (code, key, err) = b.host_cli(&["key-path", "second"]);
+    assert_eq!(code, 0, "{err}");
+    let key = PathBuf::from(key.trim());
+    assert_eq!(mode(&key), 0o600);
+    assert!(key.starts_with(b.state_dir()));
+    // A second guest agent, keyed by that file.
+    let (helper2, link2) = (b.path("helper2.sock"), b.path("link2.sock"));
+    let mut cmd = Command::new(bin("finch-guest-agent"));
+    cmd.arg("serve")
+        .arg("--helper-socket")
+        .arg(&helper2)
+        .arg("--link-listen")
+        .arg(format!("unix://{}", link2.display()))
+        .arg("--link-key-file")
+        .arg(&key)
+        .env("RUST_LOG", "info");
+    let guest2 = finch_tests::Proc::spawn("guest2", cmd, &b.path("guest2.log"));
+    assert!(wait_until(finch_tests::STARTUP, || link2.exists()));
+
+    let endpoint = format!("unix://{}", link2.display());
+    let (code, out, err) = b.host_cli(&["attach", "second", &endpoint]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("attached second: config reloaded: 1 links kept, 1 started, 0 stopped"),
+        "{out}"
+    );
+    assert!(
+        wait_until(finch_tests::STARTUP, || guest2.output().contains("host link up")),
+        "{}",
+        b.host_log()
+    );
+    let mut get = Command::new(bin("docker-credential-finchhost"));
+    get.arg("get").env("FINCH_GUEST_AGENT_SOCKET", &helper2);
+    let r = finch_tests::run_with_input(get, b"a.test", std::time::Duration::from_secs(30));
+    assert_eq!(r.code, 0, "the attached VM was not served: {}", r.stderr);
+    let (_, status, _) = b.host_cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["vms"]["second"]["up"], true, "{status}");
+
+    let (_, out, _) = b.host_cli(&["attach", "second", &endpoint]);
+    assert!(
+        out.contains("2 links kept, 0 started, 0 stopped"),
+        "attaching again changed something: {out}"
+    );
+    let (code, out, _) = b.host_cli(&["detach", "second"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("detached second: config reloaded: 1 links kept, 0 started, 1 stopped"),
+        "{out}"
+    );
+    // The first VM's link was never dropped.
+    assert_eq!(b.guest_log().matches("host link up").count(), 1);
+    assert_eq!(b.helper("get", "a.test").code, 0);
+    let attached = std::fs::read_to_string(b.state_dir().join("attached.toml")).unwrap();
+    assert!(!attached.contains("second"), "{attached}");
+}
