@@ -4,7 +4,8 @@
 //! dials it through the hybrid-vsock unix socket. Every socket on this side is a unix socket:
 //! AF_VSOCK is never opened on this machine.
 //!
-//! Inside the guest `/init` runs store/get/list/erase through the helper, a call from uid 4242
+//! Inside the guest `/init` installs the guest side with `lima/guest/install.sh` from a bundle
+//! like the one `wire-lima-vm` makes (checksums, key, docker config), then runs store/get/list/erase through the helper, a call from uid 4242
 //! (refused), a vsock_loopback connection to the agent (dropped: not the host), an impostor
 //! agent with a wrong key on the link port (the host serves it nothing), and a scan of every
 //! file for the secret; outside, the host agent is SIGKILLed and restarted mid-run. The guest
@@ -23,6 +24,8 @@ const REGISTRY: &str = "vm.registry.test:5000";
 /// Assembled at run time inside the guest, so no file there holds it.
 const SECRET: &str = "vm-s3c-ret-42";
 const STEPS: &[&str] = &[
+    "installed",
+    "docker-config",
     "link",
     "store",
     "get",
@@ -54,9 +57,14 @@ REG=@REGISTRY@
 SECRET="vm-s3c-$(echo cmV0LTQy | base64 -d)"
 NF="credentials not found in native keychain"
 export FINCH_GUEST_AGENT_SOCKET=/run/finch/helper.sock
-start_agent() { # key log
-  finch-guest-agent serve --link-listen vsock://-1:6127 --link-key-file "$1" \
-    --helper-socket /run/finch/helper.sock --heartbeat-ms 1000 --link-wait-ms 3000 >> "$2" 2>&1 &
+# The guest side goes in with the same install.sh a Lima VM runs (no systemd here: --init none).
+sh /bundle/install.sh --bundle /bundle --init none --link-listen vsock://-1:6127 --docker-config /root/.docker >/run/install.log 2>&1
+rc=$?; step installed $rc; [ "$rc" = 0 ] || cat /run/install.log
+grep -q '"credsStore": "finchhost"' /root/.docker/config.json; step docker-config $?
+. /etc/default/finch-guest-agent
+start_agent() { # log agent-args...
+  log=$1; shift
+  finch-guest-agent serve "$@" --helper-socket /run/finch/helper.sock --heartbeat-ms 1000 --link-wait-ms 3000 >> "$log" 2>&1 &
   AGENT=$!
 }
 links() { c=$(grep -c "host link up" /run/agent.log 2>/dev/null); echo "${c:-0}"; }
@@ -66,8 +74,9 @@ wait_links() { # count seconds
 }
 has_secret() { case "$1" in *"\"Secret\":\"$SECRET\""*) return 0;; *) return 1;; esac; }
 
-start_agent /etc/finch/link.key /run/agent.log
-wait_links 1 180; step link $?
+# shellcheck disable=SC2086
+start_agent /run/agent.log $FINCH_GUEST_AGENT_ARGS
+wait_links 1 180; rc=$?; step link $rc; [ "$rc" = 0 ] || tail -5 /run/agent.log
 printf '{"ServerURL":"%s","Username":"vmuser","Secret":"%s"}' "$REG" "$SECRET" | docker-credential-finchhost store; step store $?
 has_secret "$(printf %s "$REG" | docker-credential-finchhost get)"; step get $?
 case "$(docker-credential-finchhost list)" in *"\"$REG\":\"vmuser\""*) step list 0;; *) step list 1;; esac
@@ -80,14 +89,15 @@ wait_links $((n+1)) 180; step relinked $?
 has_secret "$(printf %s "$REG" | docker-credential-finchhost get)"; step get-after-relink $?
 
 kill "$AGENT"; wait "$AGENT"
-start_agent /etc/finch/wrong.key /run/impostor.log
+start_agent /run/impostor.log --link-listen vsock://-1:6127 --link-key-file /etc/wrong.key
 IMPOSTOR=$AGENT
 sleep 10
 out=$(printf %s "$REG" | docker-credential-finchhost get 2>/dev/null)
 [ "$out" = "$NF" ] && ! grep -q "host link up" /run/impostor.log; step impostor-gets-nothing $?
 kill "$IMPOSTOR"; wait "$IMPOSTOR"
 n=$(links)
-start_agent /etc/finch/link.key /run/agent.log
+# shellcheck disable=SC2086
+start_agent /run/agent.log $FINCH_GUEST_AGENT_ARGS
 wait_links $((n+1)) 180; step back $?
 has_secret "$(printf %s "$REG" | docker-credential-finchhost get)"; step get-after-impostor $?
 printf %s "$REG" | docker-credential-finchhost erase && [ "$(printf %s "$REG" | docker-credential-finchhost get 2>/dev/null)" = "$NF" ]; step erase $?
@@ -102,22 +112,34 @@ poweroff -f
 /// Builds the initramfs in `dir` from the prepared parts and returns its path.
 fn initramfs(dir: &Path, parts: &Path) -> PathBuf {
     let root = dir.join("root");
-    for sub in ["bin", "lib/modules", "etc/finch", "proc", "sys", "dev", "run", "tmp"] {
+    for sub in ["bin", "lib/modules", "etc", "bundle", "proc", "sys", "dev", "run", "tmp", "root"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
     let copy = |from: &Path, to: &Path| {
         std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
     };
     copy(&finch_tests::which("busybox").unwrap(), &root.join("bin/busybox"));
-    for b in ["finch-guest-agent", "docker-credential-finchhost", "vsock-probe"] {
+    // The bundle a Lima VM gets: binaries, SHA256SUMS, install script, key.
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        copy(&parts.join("bin").join(b), &root.join("bundle").join(b));
         copy(&parts.join("bin").join(b), &root.join("bin").join(b));
     }
+    copy(&parts.join("bin/vsock-probe"), &root.join("bin/vsock-probe"));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    copy(&repo.join("lima/guest/install.sh"), &root.join("bundle/install.sh"));
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum finch-guest-agent docker-credential-finchhost > SHA256SUMS")
+            .current_dir(root.join("bundle")),
+        "sha256sum",
+    );
     for entry in std::fs::read_dir(parts.join("modules")).unwrap() {
         let p = entry.unwrap().path();
         copy(&p, &root.join("lib/modules").join(p.file_name().unwrap()));
     }
-    copy(&dir.join("link.key"), &root.join("etc/finch/link.key"));
-    write_key(&root.join("etc/finch/wrong.key"), 99);
+    copy(&dir.join("link.key"), &root.join("bundle/link.key"));
+    write_key(&root.join("etc/wrong.key"), 99);
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/:/bin/sh\nuser:x:4242:4242::/:/bin/sh\n",
