@@ -5,7 +5,7 @@
 //!   `-1` are refused: the host agent never dials its own host.
 //! * `hybrid:///vmm.sock:PORT`: the VMM's unix socket, `CONNECT PORT\n`, then `OK <n>\n`
 //!   (Firecracker, Cloud Hypervisor, vhost-device-vsock).
-//! * `hvsock://VMID|wsl:PORT`: a Hyper-V socket (Windows hosts; see [`hvsock`]).
+//! * `hvsock://VMID|wsl:PORT`: a Hyper-V socket (Windows hosts; the `hvsock` module).
 //!
 //! The link itself is generic over `AsyncRead + AsyncWrite`; this module only dials.
 

@@ -42,24 +42,28 @@ fn protocol(url: &ServerUrl) -> SecProtocolType {
     if url.scheme == "http" { SecProtocolType::HTTP } else { SecProtocolType::HTTPS }
 }
 
-/// The docker items for `url` (label, server, protocol, port, path): account per item.
-fn accounts(url: &ServerUrl) -> Result<Vec<String>, KeychainError> {
+/// The attributes of every internet password labelled `Docker Credentials`.
+fn docker_items() -> Result<Vec<std::collections::HashMap<String, String>>, KeychainError> {
     let found = ItemSearchOptions::new()
         .class(ItemClass::internet_password())
         .label(DOCKER_LABEL)
         .load_attributes(true)
         .limit(Limit::All)
         .search();
-    let results = match found {
-        Ok(r) => r,
-        Err(e) if e.code() == NOT_FOUND => return Ok(Vec::new()),
-        Err(e) => return Err(classify(e)),
-    };
+    match found {
+        Ok(r) => Ok(r.iter().filter_map(SearchResult::simplify_dict).collect()),
+        Err(e) if e.code() == NOT_FOUND => Ok(Vec::new()),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// The docker items for `url` (server, protocol, port, path): account per item.
+fn accounts(url: &ServerUrl) -> Result<Vec<String>, KeychainError> {
+    let results = docker_items()?;
     let want_port = url.port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());
     let want_ptcl = if url.scheme == "http" { "http" } else { "htps" };
     Ok(results
-        .iter()
-        .filter_map(SearchResult::simplify_dict)
+        .into_iter()
         .filter(|a| {
             a.get("srvr").map(String::as_str) == Some(url.host.as_str())
                 && a.get("ptcl").is_none_or(|p| p == want_ptcl)
@@ -148,20 +152,8 @@ impl SyncKeychain for OsxKeychain {
     }
 
     fn list(&self) -> Result<Vec<ListEntry>, KeychainError> {
-        let found = ItemSearchOptions::new()
-            .class(ItemClass::internet_password())
-            .label(DOCKER_LABEL)
-            .load_attributes(true)
-            .limit(Limit::All)
-            .search();
-        let results = match found {
-            Ok(r) => r,
-            Err(e) if e.code() == NOT_FOUND => return Ok(Vec::new()),
-            Err(e) => return Err(classify(e)),
-        };
-        Ok(results
-            .iter()
-            .filter_map(SearchResult::simplify_dict)
+        Ok(docker_items()?
+            .into_iter()
             .filter_map(|a| {
                 let host = a.get("srvr")?;
                 let scheme = if a.get("ptcl").map(String::as_str) == Some("http") {
