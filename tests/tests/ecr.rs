@@ -100,12 +100,13 @@ fn a_hundred_concurrent_cold_lookups_make_one_upstream_call() {
 fn refreshed_ahead_of_expiry_and_never_served_expired() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeEcr::start(dir.path());
-    fake.control(r#"{"password": "tok-{n}", "life": 8}"#);
+    // A 12 s life: served as is for 6 s, served and refreshed until 10.8 s, then never.
+    fake.control(r#"{"password": "tok-{n}", "life": 12}"#);
     let b = ecr_bridge("{}", "", &fake);
     let first = Instant::now();
     assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
     // Past half its life: still served, and exactly one refresh starts behind it.
-    std::thread::sleep(Duration::from_millis(4500).saturating_sub(first.elapsed()));
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(first.elapsed()));
     assert_eq!(secret(&b.helper("get", PRIVATE)), "tok-1");
     assert!(
         wait_until(Duration::from_secs(3), || fake.calls() == (2, 0)),
@@ -119,7 +120,7 @@ fn refreshed_ahead_of_expiry_and_never_served_expired() {
     // Upstream now fails; once tok-2 is past its last servable moment, nothing is served.
     let refreshed = Instant::now();
     fake.control(r#"{"fail": true}"#);
-    std::thread::sleep(Duration::from_millis(7600).saturating_sub(refreshed.elapsed()));
+    std::thread::sleep(Duration::from_millis(11500).saturating_sub(refreshed.elapsed()));
     let r = b.helper("get", PRIVATE);
     let err = not_found(&r);
     assert!(err.contains("ECR (aws)") && err.contains("ServerException"), "{err}");
