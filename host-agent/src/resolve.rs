@@ -72,13 +72,13 @@ impl Current {
         server: &str,
     ) -> Result<Arc<dyn CredentialSource>, SourceError> {
         let routing = &config.routing;
-        if let Some(name) = routing.cred_helper_for(server) {
-            return self.helper(name);
-        }
-        if self.settings.ecr.auto && ecr::host::is_ecr(server) {
-            return self.helper(ecr::HELPER_NAME);
-        }
-        match routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
+        let explicit = routing.cred_helper_for(server);
+        let name = match explicit {
+            Some(name) => Some(name),
+            None if self.settings.ecr.auto && ecr::host::is_ecr(server) => Some(ecr::HELPER_NAME),
+            None => routing.creds_store.as_deref(),
+        };
+        match name.filter(|n| !n.is_empty()) {
             Some(name) => self.helper(name),
             None => {
                 Ok(Arc::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())))
@@ -257,7 +257,8 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
     if current.settings.ecr.auto && routing.creds_store.as_deref() != Some(ecr::HELPER_NAME) {
         add(ecr::HELPER_NAME, EcrSource(current.ecr.clone()).list().await, None);
     }
-    let mut helpers: Vec<&String> = routing.cred_helpers.values().collect();
+    let mut helpers: Vec<&String> =
+        routing.cred_helpers.values().filter(|h| !h.is_empty()).collect();
     helpers.sort();
     helpers.dedup();
     for name in helpers {

@@ -34,7 +34,8 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// The `credHelpers` entry for `server`, by any spelling.
+    /// The `credHelpers` entry for `server`, by any spelling. An empty entry is `Some("")`:
+    /// as in docker/cli, it sends the registry to the plaintext `auths`, not to `credsStore`.
     pub fn cred_helper_for(&self, server: &str) -> Option<&str> {
         spellings(server)
             .iter()
@@ -42,21 +43,13 @@ impl Routing {
                 self.cred_helpers.get(&registry_key(s)).or_else(|| self.cred_helpers.get(s))
             })
             .map(String::as_str)
-            .filter(|name| !name.is_empty())
     }
 
     /// The helper docker/cli would use for `server`: `credHelpers` by registry key, trying
     /// every spelling of the registry (so nerdctl's `host:443` finds an entry for `host`),
     /// else `credsStore`; `None` means plaintext `auths`.
     pub fn helper_for(&self, server: &str) -> Option<&str> {
-        spellings(server)
-            .iter()
-            .find_map(|s| {
-                self.cred_helpers.get(&registry_key(s)).or_else(|| self.cred_helpers.get(s))
-            })
-            .or(self.creds_store.as_ref())
-            .map(String::as_str)
-            .filter(|name| !name.is_empty())
+        self.cred_helper_for(server).or(self.creds_store.as_deref()).filter(|name| !name.is_empty())
     }
 }
 
@@ -275,6 +268,14 @@ mod tests {
         assert_eq!(Routing::default().helper_for("x"), None);
         let empty = Routing { creds_store: Some(String::new()), ..Routing::default() };
         assert_eq!(empty.helper_for("x"), None);
+        // An empty credHelpers entry means the plaintext auths, not credsStore (docker/cli).
+        let r = Routing {
+            creds_store: Some("secretservice".into()),
+            cred_helpers: [("plain.example".to_owned(), String::new())].into(),
+        };
+        assert_eq!(r.cred_helper_for("plain.example"), Some(""));
+        assert_eq!(r.helper_for("plain.example"), None);
+        assert_eq!(r.helper_for("other.example"), Some("secretservice"));
     }
 
     #[tokio::test]
