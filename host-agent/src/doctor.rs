@@ -68,7 +68,9 @@ pub fn run(overrides: &Overrides) -> Report {
     };
     let uses_ecr = check_docker_config(&mut r, &settings, &runtime);
     if uses_ecr || !settings.ecr.rules.is_empty() {
-        check_ecr(&mut r, &settings, &runtime);
+        // The default chain is checked when the docker config sends registries to ECR; rules
+        // name their own identities.
+        check_ecr(&mut r, &settings, &runtime, uses_ecr || settings.ecr.rules.is_empty());
     }
     check_state_dir(&mut r, &settings.state_dir);
     for (name, vm) in &settings.vms {
@@ -153,9 +155,14 @@ fn check_docker_config(
 }
 
 /// Resolves each ECR identity's AWS credentials (never printing them).
-fn check_ecr(r: &mut Report, settings: &Settings, runtime: &tokio::runtime::Runtime) {
+fn check_ecr(
+    r: &mut Report,
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+    with_default: bool,
+) {
     let ecr = crate::source::ecr::Ecr::new(settings.ecr.clone());
-    for (label, identity) in ecr.identities() {
+    for (label, identity) in ecr.identities(with_default) {
         let what = format!("ecr {label}");
         let bound = identity.timeout + Duration::from_secs(2);
         let result =

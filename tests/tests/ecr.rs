@@ -374,3 +374,53 @@ fn skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token() {
         &[("host log", &host_log), ("guest log", &b.guest_log()), ("skopeo", &r.stderr)],
     );
 }
+
+#[test]
+fn doctor_resolves_each_aws_identity_without_printing_it() {
+    if !finch_tests::require(
+        "doctor_resolves_each_aws_identity_without_printing_it",
+        &["moto_server"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), &[]);
+    let b = moto_bridge(
+        &moto,
+        "[[ecr.registry]]\nregistry = \"123456789012\"\nprofile = \"dev\"\n\n\
+         [[ecr.registry]]\nregistry = \"210987654321\"\nprofile = \"nokeys\"\n",
+    );
+    std::fs::write(
+        b.path("aws-config"),
+        "[profile dev]\nregion = us-west-2\n\n[profile nokeys]\nregion = us-west-2\n",
+    )
+    .unwrap();
+    let mut doctor = std::process::Command::new(finch_tests::bin("finch-host-agent"));
+    doctor
+        .args(["doctor", "--vm", &b.vm_arg(), "--config"])
+        .arg(b.host_config())
+        .arg("--state-dir")
+        .arg(b.state_dir())
+        .arg("--docker-config")
+        .arg(&b.docker_config);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            doctor.env_remove(k);
+        }
+    }
+    doctor
+        .env("AWS_CONFIG_FILE", b.path("aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", b.path("aws-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", moto.url());
+    let out = doctor.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("OK   ecr profile dev: AWS credentials resolve"), "{text}");
+    assert!(text.contains("FAIL ecr profile nokeys: ECR ("), "{text}");
+    assert!(text.contains("fix: configure the profile: aws configure --profile nokeys"), "{text}");
+    assert_eq!(out.status.code(), Some(1));
+    assert_no_secret(
+        SECRET_KEY,
+        &[("doctor", &text), ("doctor stderr", &String::from_utf8_lossy(&out.stderr))],
+    );
+}

@@ -196,19 +196,22 @@ impl Ecr {
         self.cache.servable().len()
     }
 
-    /// The identities the rules name, plus the default chain (for `doctor`).
-    pub fn identities(&self) -> Vec<(String, Identity)> {
+    /// The identities the rules name, and the default chain if `with_default` (for `doctor`).
+    pub fn identities(&self, with_default: bool) -> Vec<(String, Identity)> {
         let settings = self.settings();
-        let mut out = vec![(
-            "default chain".to_owned(),
-            Identity {
-                profile: None,
-                role_arn: None,
-                region: host::PUBLIC_REGION.to_owned(),
-                instance_metadata: settings.instance_metadata,
-                timeout: settings.timeout,
-            },
-        )];
+        let mut out = Vec::new();
+        if with_default {
+            out.push((
+                "default chain".to_owned(),
+                Identity {
+                    profile: None,
+                    role_arn: None,
+                    region: host::PUBLIC_REGION.to_owned(),
+                    instance_metadata: settings.instance_metadata,
+                    timeout: settings.timeout,
+                },
+            ));
+        }
         for rule in &settings.rules {
             let label = match (&rule.profile, &rule.role_arn) {
                 (Some(p), Some(r)) => format!("profile {p}, role {r}"),
