@@ -139,7 +139,7 @@ impl Resolver {
         let current = self.current();
         let (source, outcome) = match check(&request).and_then(|()| allowed(&current, vm, &request))
         {
-            Ok(rule) => dispatch(&current, request, &rule).await,
+            Ok(rule) => dispatch(&current, request, rule).await,
             Err(e) => ("-".to_owned(), Err(e)),
         };
         let result = match &outcome {
@@ -169,7 +169,7 @@ impl Resolver {
 }
 
 /// The VM's rule for this request, if the policy allows it at all.
-fn allowed(current: &Current, vm: &str, request: &Request) -> Result<Rule, WireError> {
+fn allowed<'c>(current: &'c Current, vm: &str, request: &Request) -> Result<&'c Rule, WireError> {
     let op = request.op();
     let denied = |what: String| WireError::Denied {
         reason: format!("the host's policy for VM {vm} does not allow {what}"),
@@ -177,7 +177,10 @@ fn allowed(current: &Current, vm: &str, request: &Request) -> Result<Rule, WireE
     let Some(vm_settings) = current.settings.vms.get(vm) else {
         return Err(denied(format!("{op} (the VM is no longer configured)")));
     };
-    let rule = vm_settings.policy.rule(op).cloned().unwrap_or(Rule(Vec::new()));
+    // Every request's op has a rule; none would mean "nothing allowed".
+    let Some(rule) = vm_settings.policy.rule(op) else {
+        return Err(denied(op.to_owned()));
+    };
     match request.server() {
         Some(server) if !rule.allows(server) => {
             Err(denied(format!("{op} for {}", registry_key(server))))

@@ -176,9 +176,25 @@ fn missing_credentials_and_routing_choices() {
     assert_eq!(fake.calls(), (1, 0));
 }
 
-fn moto_bridge(moto: &Moto, host_config: &str) -> Bridge {
+/// moto_server on 127.0.0.1 (with `moto_env`) and a bridge whose host config is `rules`. The
+/// host's AWS config has profile `dev` (keys in the credentials file) and `nokeys` (none).
+/// `None` only outside CI, when moto_server is missing (the skip is printed).
+fn moto_bridge(
+    test: &str,
+    moto_env: &[(&str, &str)],
+    rules: &str,
+) -> Option<(tempfile::TempDir, Moto, Bridge)> {
+    if !finch_tests::require(test, &["moto_server"]) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path(), moto_env);
     let mut b = Bridge::new("{}");
-    std::fs::write(b.path("aws-config"), "[profile dev]\nregion = us-west-2\n").unwrap();
+    std::fs::write(
+        b.path("aws-config"),
+        "[profile dev]\nregion = us-west-2\n\n[profile nokeys]\nregion = us-west-2\n",
+    )
+    .unwrap();
     std::fs::write(
         b.path("aws-credentials"),
         format!(
@@ -186,24 +202,22 @@ fn moto_bridge(moto: &Moto, host_config: &str) -> Bridge {
         ),
     )
     .unwrap();
-    std::fs::write(b.host_config(), host_config).unwrap();
+    std::fs::write(b.host_config(), rules).unwrap();
     b.host_env = vec![("AWS_ENDPOINT_URL".into(), moto.url())];
     b.start();
-    b
+    Some((dir, moto, b))
 }
 
 #[test]
 fn moto_profiles_assumed_roles_and_expired_tokens() {
-    if !finch_tests::require("moto_profiles_assumed_roles_and_expired_tokens", &["moto_server"]) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let moto = Moto::start(dir.path(), &[]);
-    let b = moto_bridge(
-        &moto,
+    let Some((_dir, _moto, b)) = moto_bridge(
+        "moto_profiles_assumed_roles_and_expired_tokens",
+        &[],
         "[[ecr.registry]]\nregistry = \"123456789012\"\nprofile = \"dev\"\n\n\
          [[ecr.registry]]\nregistry = \"210987654321\"\nprofile = \"dev\"\nrole_arn = \"arn:aws:iam::210987654321:role/pull\"\n",
-    );
+    ) else {
+        return;
+    };
     // The profile's own account.
     assert_eq!(secret(&b.helper("get", PRIVATE)), "123456789012-auth-token");
     // The assumed role's account: the token proves the role was used.
@@ -219,12 +233,13 @@ fn moto_profiles_assumed_roles_and_expired_tokens() {
 
 #[test]
 fn moto_rejects_unknown_keys() {
-    if !finch_tests::require("moto_rejects_unknown_keys", &["moto_server"]) {
+    let Some((_dir, moto, b)) = moto_bridge(
+        "moto_rejects_unknown_keys",
+        &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")],
+        "[[ecr.registry]]\nregistry = \"*\"\nprofile = \"dev\"\n",
+    ) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let moto = Moto::start(dir.path(), &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
-    let b = moto_bridge(&moto, "[[ecr.registry]]\nregistry = \"*\"\nprofile = \"dev\"\n");
+    };
     let r = b.helper("get", PRIVATE);
     let err = not_found(&r);
     assert!(
@@ -377,24 +392,14 @@ fn skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token() {
 
 #[test]
 fn doctor_resolves_each_aws_identity_without_printing_it() {
-    if !finch_tests::require(
+    let Some((_dir, moto, b)) = moto_bridge(
         "doctor_resolves_each_aws_identity_without_printing_it",
-        &["moto_server"],
-    ) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let moto = Moto::start(dir.path(), &[]);
-    let b = moto_bridge(
-        &moto,
+        &[],
         "[[ecr.registry]]\nregistry = \"123456789012\"\nprofile = \"dev\"\n\n\
          [[ecr.registry]]\nregistry = \"210987654321\"\nprofile = \"nokeys\"\n",
-    );
-    std::fs::write(
-        b.path("aws-config"),
-        "[profile dev]\nregion = us-west-2\n\n[profile nokeys]\nregion = us-west-2\n",
-    )
-    .unwrap();
+    ) else {
+        return;
+    };
     let mut doctor = std::process::Command::new(finch_tests::bin("finch-host-agent"));
     doctor
         .args(["doctor", "--vm", &b.vm_arg(), "--config"])

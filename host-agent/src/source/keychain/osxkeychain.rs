@@ -74,6 +74,21 @@ fn accounts(url: &ServerUrl) -> Result<Vec<String>, KeychainError> {
         .collect())
 }
 
+/// Runs `call` with authentication type `dflt`, then "any" (docker-credential-osxkeychain
+/// 0.9.0–0.9.2 left it unset); `None` when neither finds an item.
+fn by_auth_type<T>(
+    call: impl Fn(SecAuthenticationType) -> Result<T, security_framework::base::Error>,
+) -> Result<Option<T>, KeychainError> {
+    for auth in [SecAuthenticationType::Default, SecAuthenticationType::Any] {
+        match call(auth) {
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.code() == NOT_FOUND => continue,
+            Err(e) => return Err(classify(e)),
+        }
+    }
+    Ok(None)
+}
+
 fn url(server: &str) -> Result<ServerUrl, KeychainError> {
     ServerUrl::parse(server)
         .map_err(|reason| KeychainError::KeychainFailed { store: STORE, reason })
@@ -83,8 +98,8 @@ impl SyncKeychain for OsxKeychain {
     fn get(&self, server: &str) -> Result<Option<Credential>, KeychainError> {
         let url = url(server)?;
         let Some(account) = accounts(&url)?.into_iter().next() else { return Ok(None) };
-        for auth in [SecAuthenticationType::Default, SecAuthenticationType::Any] {
-            match passwords::get_internet_password(
+        let found = by_auth_type(|auth| {
+            passwords::get_internet_password(
                 &url.host,
                 None,
                 &account,
@@ -92,24 +107,15 @@ impl SyncKeychain for OsxKeychain {
                 url.port,
                 protocol(&url),
                 auth,
-            ) {
-                Ok(bytes) => {
-                    let bytes = zeroize::Zeroizing::new(bytes);
-                    let secret =
-                        std::str::from_utf8(&bytes).map_err(|_| KeychainError::KeychainFailed {
-                            store: STORE,
-                            reason: format!("the item for {server:?} is not UTF-8"),
-                        })?;
-                    return Ok(Some(Credential {
-                        username: account,
-                        secret: Secret::new(secret.to_owned()),
-                    }));
-                }
-                Err(e) if e.code() == NOT_FOUND => continue,
-                Err(e) => return Err(classify(e)),
-            }
-        }
-        Ok(None)
+            )
+        })?;
+        let Some(bytes) = found else { return Ok(None) };
+        let bytes = zeroize::Zeroizing::new(bytes);
+        let secret = std::str::from_utf8(&bytes).map_err(|_| KeychainError::KeychainFailed {
+            store: STORE,
+            reason: format!("the item for {server:?} is not UTF-8"),
+        })?;
+        Ok(Some(Credential { username: account, secret: Secret::new(secret.to_owned()) }))
     }
 
     fn store(&self, server: &str, credential: &Credential) -> Result<(), KeychainError> {
@@ -132,8 +138,8 @@ impl SyncKeychain for OsxKeychain {
     fn erase(&self, server: &str) -> Result<(), KeychainError> {
         let url = url(server)?;
         for account in accounts(&url)? {
-            for auth in [SecAuthenticationType::Default, SecAuthenticationType::Any] {
-                match passwords::delete_internet_password(
+            by_auth_type(|auth| {
+                passwords::delete_internet_password(
                     &url.host,
                     None,
                     &account,
@@ -141,12 +147,8 @@ impl SyncKeychain for OsxKeychain {
                     url.port,
                     protocol(&url),
                     auth,
-                ) {
-                    Ok(()) => break,
-                    Err(e) if e.code() == NOT_FOUND => continue,
-                    Err(e) => return Err(classify(e)),
-                }
-            }
+                )
+            })?;
         }
         Ok(())
     }

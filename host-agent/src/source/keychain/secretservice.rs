@@ -51,28 +51,31 @@ impl SecretService {
 }
 
 /// Runs `$body` (with `$s` the kept connection, connecting first if needed), bounded by the
-/// source's timeout; any failure drops the connection.
+/// source's timeout; a failure inside drops the connection, so the next call reconnects.
 macro_rules! with_service {
     ($source:expr, |$s:ident| $body:expr) => {{
         let source = $source;
-        let mut slot = source.service.lock().await;
+        // The bound covers the wait for the connection too: calls queue on one connection,
+        // and a queue behind a hung keyring must not grow past the bound either.
         let result = tokio::time::timeout(source.timeout, async {
+            let mut slot = source.service.lock().await;
             if slot.is_none() {
                 *slot = Some(connect().await?);
             }
-            match slot.as_ref() {
+            let result = match slot.as_ref() {
                 Some($s) => $body.await,
                 None => Err(failed("no connection")),
+            };
+            if result.is_err() {
+                *slot = None;
             }
+            result
         })
         .await
         .unwrap_or(Err(KeychainError::KeychainTimeout {
             store: STORE,
             secs: source.timeout.as_secs(),
         }));
-        if result.is_err() {
-            *slot = None;
-        }
         result.map_err(SourceError::from)
     }};
 }
