@@ -40,30 +40,23 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DockerConfigCommand {
-    /// Set credsStore (other keys kept), recording the previous value once.
-    SetCredsStore {
-        /// The docker config file (config.json).
-        #[arg(long)]
-        file: PathBuf,
-        /// The helper name.
-        #[arg(long, default_value = "finchhost")]
-        name: String,
-        /// Where the previous value is recorded.
-        #[arg(long)]
-        record: PathBuf,
-    },
+    /// Set credsStore (other keys, mode and owner kept), recording the previous value once.
+    SetCredsStore(CredsStoreArgs),
     /// Put back the recorded credsStore, if credsStore is still NAME.
-    RestoreCredsStore {
-        /// The docker config file (config.json).
-        #[arg(long)]
-        file: PathBuf,
-        /// The helper name set before.
-        #[arg(long, default_value = "finchhost")]
-        name: String,
-        /// The record written by set-creds-store.
-        #[arg(long)]
-        record: PathBuf,
-    },
+    RestoreCredsStore(CredsStoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CredsStoreArgs {
+    /// The docker config file (config.json).
+    #[arg(long)]
+    file: PathBuf,
+    /// The helper name.
+    #[arg(long, default_value = "finchhost")]
+    name: String,
+    /// Where the previous value is recorded (set-creds-store writes it, restore reads it).
+    #[arg(long)]
+    record: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,11 +94,13 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match Cli::parse().command {
         Command::Serve(args) => run(args),
-        Command::DockerConfig(DockerConfigCommand::SetCredsStore { file, name, record }) => {
-            finch_guest_agent::docker_config::set_creds_store(&file, &name, &record).map(|_| ())
+        Command::DockerConfig(DockerConfigCommand::SetCredsStore(a)) => {
+            finch_guest_agent::docker_config::set_creds_store(&a.file, &a.name, &a.record)
+                .map(|_| ())
         }
-        Command::DockerConfig(DockerConfigCommand::RestoreCredsStore { file, name, record }) => {
-            finch_guest_agent::docker_config::restore_creds_store(&file, &name, &record).map(|_| ())
+        Command::DockerConfig(DockerConfigCommand::RestoreCredsStore(a)) => {
+            finch_guest_agent::docker_config::restore_creds_store(&a.file, &a.name, &a.record)
+                .map(|_| ())
         }
     };
     match result {
