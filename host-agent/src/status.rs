@@ -1,5 +1,7 @@
 //! What `finch-host-agent status` reports: per VM, whether its link is up, since when, how
-//! many requests it made and the last link error; plus the agent's own facts.
+//! many requests it made and the last link error (with its time, and only while it is newer
+//! than the link's `up since`: a link that came up afterwards has no error to show); plus the
+//! agent's own facts.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -18,8 +20,11 @@ pub struct VmStatus {
     pub since: u64,
     /// Requests answered since the agent started.
     pub requests: u64,
-    /// The last reason the link failed, if any.
+    /// Why the link last failed, while that is newer than its coming up.
     pub last_error: Option<String>,
+    /// Unix time of `last_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<u64>,
 }
 
 /// The agent as a whole.
@@ -80,6 +85,9 @@ impl StatusBoard {
             if let Some(s) = map.get_mut(vm) {
                 s.up = true;
                 s.since = now_secs();
+                // An error from before the link came up is history, not news.
+                s.last_error = None;
+                s.last_error_at = None;
             }
         });
     }
@@ -93,6 +101,7 @@ impl StatusBoard {
                 }
                 s.up = false;
                 s.last_error = Some(reason.to_owned());
+                s.last_error_at = Some(now_secs());
             }
         });
     }
@@ -143,7 +152,15 @@ pub fn render(status: &AgentStatus) -> String {
             vm.endpoint
         );
         if let Some(e) = &vm.last_error {
-            let _ = writeln!(out, "  last error: {e}");
+            match vm.last_error_at {
+                Some(at) => {
+                    let ago = duration(now.saturating_sub(at));
+                    let _ = writeln!(out, "  last error ({ago} ago): {e}");
+                }
+                None => {
+                    let _ = writeln!(out, "  last error: {e}");
+                }
+            }
         }
     }
     out
@@ -173,6 +190,12 @@ mod tests {
         let snap = board.snapshot();
         assert!(snap["a"].up && snap["a"].requests == 2);
         assert_eq!(snap["b"].last_error.as_deref(), Some("cannot connect"));
+        assert!(snap["b"].last_error_at.is_some_and(|at| at >= snap["b"].since));
+        // The link comes up afterwards: its old error is no longer shown.
+        board.link_up("b");
+        let snap = board.snapshot();
+        assert_eq!((snap["b"].up, &snap["b"].last_error, snap["b"].last_error_at), (true, &None, None));
+        assert!(!render(&AgentStatus { vms: snap, ..AgentStatus::default() }).contains("last error"));
         board.configure([("a", "unix:///a2".to_owned())]);
         let snap = board.snapshot();
         assert_eq!(snap.len(), 1);
@@ -196,6 +219,7 @@ mod tests {
                 since: now_secs(),
                 requests: 3,
                 last_error: Some("refused".into()),
+                last_error_at: Some(now_secs().saturating_sub(75)),
             },
         );
         let text = render(&status);
@@ -205,6 +229,6 @@ mod tests {
             text.contains("vm finch: link down for 0s, 3 requests, endpoint unix:///s"),
             "{text}"
         );
-        assert!(text.contains("  last error: refused"));
+        assert!(text.contains("  last error (1m15s ago): refused"), "{text}");
     }
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use finch_tests::{Bridge, bin, wait_until};
+use finch_tests::{Bridge, STARTUP, bin, wait_until};
 
 /// base64("user:pw-<host>") entries for each host.
 fn auths(hosts: &[&str]) -> String {
@@ -195,6 +195,35 @@ fn status_over_a_private_control_socket_and_one_agent_per_state_dir() {
     assert!(err.contains("another finch-host-agent is running with the state directory"), "{err}");
     // The first agent was not disturbed.
     assert!(allowed(&b, "other.test"));
+}
+
+#[test]
+fn status_shows_a_link_error_with_its_time_only_until_the_link_comes_up() {
+    let mut b = Bridge::new(&auths(HOSTS));
+    // The host first: its VM is not listening yet, so every dial fails.
+    b.start_host();
+    let status_text = |b: &Bridge| b.host_cli(&["status"]).1;
+    assert!(
+        wait_until(STARTUP, || status_text(&b).contains("link down")
+            && status_text(&b).contains("  last error (")),
+        "{}",
+        status_text(&b)
+    );
+    let (_, json, _) = b.host_cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let vm = &v["vms"]["itvm"];
+    assert!(vm["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{json}");
+    assert!(vm["last_error_at"].as_u64().is_some_and(|at| at >= vm["since"].as_u64().unwrap()));
+
+    // The guest comes up: the error from before is no longer news.
+    b.start_guest();
+    b.wait_link_up(1);
+    assert!(wait_until(STARTUP, || status_text(&b).contains("vm itvm: link up")));
+    let text = status_text(&b);
+    assert!(!text.contains("last error"), "{text}");
+    let (_, json, _) = b.host_cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["vms"]["itvm"]["last_error"].is_null(), "{json}");
 }
 
 #[test]
