@@ -194,8 +194,13 @@ mod tests {
         // The link comes up afterwards: its old error is no longer shown.
         board.link_up("b");
         let snap = board.snapshot();
-        assert_eq!((snap["b"].up, &snap["b"].last_error, snap["b"].last_error_at), (true, &None, None));
-        assert!(!render(&AgentStatus { vms: snap, ..AgentStatus::default() }).contains("last error"));
+        assert_eq!(
+            (snap["b"].up, &snap["b"].last_error, snap["b"].last_error_at),
+            (true, &None, None)
+        );
+        assert!(
+            !render(&AgentStatus { vms: snap, ..AgentStatus::default() }).contains("last error")
+        );
         board.configure([("a", "unix:///a2".to_owned())]);
         let snap = board.snapshot();
         assert_eq!(snap.len(), 1);

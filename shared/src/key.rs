@@ -27,15 +27,15 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    /// The file can be read by group or others.
-    #[error(
-        "link key file {path} has mode {mode:04o}: it must not be readable by group or others (chmod 600)"
-    )]
+    /// Someone but its owner may open the file.
+    #[error("link key file {path} is open to other users ({exposure}): run {fix}")]
     KeyPermissions {
         /// The file.
         path: String,
-        /// Its permission bits.
-        mode: u32,
+        /// Who else may open it (`mode 0640`, or the ACL's other SIDs on Windows).
+        exposure: crate::private::Exposure,
+        /// The command that makes it private.
+        fix: String,
     },
     /// The key is too short or too long.
     #[error("link key in {path} is {len} bytes: it needs {MIN_KEY_LEN} to {MAX_KEY_LEN} bytes")]
@@ -97,10 +97,10 @@ impl LinkKey {
         Ok(Self(bytes))
     }
 
-    /// Loads a key file, refusing one that group or others can read, that is not a regular
-    /// file, or whose length is out of bounds. The file holds the raw key bytes.
+    /// Loads a key file, refusing one that anyone but its owner may open (group or other
+    /// mode bits on unix, another SID in its ACL on Windows), that is not a regular file, or
+    /// whose length is out of bounds. The file holds the raw key bytes.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        use std::os::unix::fs::PermissionsExt;
         let shown = path.display().to_string();
         let read_err = |source| KeyError::KeyRead { path: shown.clone(), source };
         let file = std::fs::File::open(path).map_err(read_err)?;
@@ -108,9 +108,9 @@ impl LinkKey {
         if !meta.is_file() {
             return Err(KeyError::KeyNotFile { path: shown });
         }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::KeyPermissions { path: shown, mode });
+        if let Some(exposure) = crate::private::exposure(&file, path).map_err(read_err)? {
+            let fix = crate::private::fix_command(path, false);
+            return Err(KeyError::KeyPermissions { path: shown, exposure, fix });
         }
         let mut bytes = Zeroizing::new(Vec::with_capacity(MIN_KEY_LEN));
         file.take(MAX_KEY_LEN as u64 + 1).read_to_end(&mut bytes).map_err(read_err)?;
@@ -120,11 +120,11 @@ impl LinkKey {
         Ok(Self(bytes))
     }
 
-    /// Loads the key at `path`, or creates it (mode 0600, new random bytes) when it is missing.
+    /// Loads the key at `path`, or creates it (private: mode 0600, or an owner-only DACL; new
+    /// random bytes) when it is missing.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        match crate::private::create_new(path) {
             Ok(mut file) => {
                 let key = Self::generate()?;
                 let create_err =
@@ -143,7 +143,7 @@ impl LinkKey {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
@@ -157,7 +157,7 @@ mod tests {
         std::fs::write(&path, [1u8; 32]).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = LinkKey::load(&path).unwrap_err();
-        assert!(err.to_string().contains("0640"), "{err}");
+        assert!(err.to_string().contains("(mode 0640): run chmod 600 "), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         LinkKey::load(&path).unwrap();
         std::fs::write(&path, [1u8; 31]).unwrap();

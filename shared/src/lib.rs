@@ -7,6 +7,7 @@
 //! * [`message`]: link and helper-socket messages, typed errors that cross the link.
 //! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
 //! * [`key`]: the per-VM link key and its file checks.
+//! * [`private`]: owner-only files and directories (mode bits on unix, a DACL on Windows).
 //! * [`registry`]: registry-name normalization following docker/cli.
 //! * [`Secret`]: a credential that never prints.
 
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod handshake;
 pub mod key;
 pub mod message;
+pub mod private;
 pub mod registry;
 mod secret;
 
