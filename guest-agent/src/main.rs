@@ -70,9 +70,14 @@ struct ServeArgs {
     /// Give the helper socket to this group (name or GID; mode 0660), so allowed users can connect.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
-    /// Where the host agent's link arrives: unix:///abs/path or vsock://-1:PORT (default port 6127).
+    /// Where the host agent's link arrives: unix:///abs/path, vsock://-1:PORT (default port
+    /// 6127) or tcp://IP:PORT (loopback unless --link-listen-non-loopback).
     #[arg(long, default_value = agent::DEFAULT_LINK_LISTEN)]
     link_listen: Endpoint,
+    /// Let a tcp:// link listen on an address other than loopback (WSL2 NAT, a bridged VM).
+    /// Only the link's mutual authentication then keeps others out.
+    #[arg(long)]
+    link_listen_non_loopback: bool,
     /// Also accept a unix link connection from this uid (the socket forwarder's). Repeatable.
     #[arg(long = "link-allow-uid", value_name = "UID")]
     link_allow_uids: Vec<u32>,
@@ -135,6 +140,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         socket_group: args.socket_group.as_deref().map(group_id).transpose()?,
         link_listen: args.link_listen,
         link_allow_uids: args.link_allow_uids,
+        link_listen_non_loopback: args.link_listen_non_loopback,
         key,
         link_wait: Duration::from_millis(args.link_wait_ms),
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),

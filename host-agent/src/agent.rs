@@ -80,9 +80,8 @@ impl std::fmt::Debug for Agent {
 type FileStamp = (Option<SystemTime>, u64, u64);
 
 fn stamp(path: &std::path::Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok(), m.len(), m.ino()))
+    Some((m.modified().ok(), m.len(), crate::platform::file_id(&m)))
 }
 
 impl Agent {

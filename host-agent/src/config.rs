@@ -729,10 +729,9 @@ fn toml_string(s: &str) -> String {
     out
 }
 
-/// Writes `vms` to `path` atomically, mode 0600.
+/// Writes `vms` to `path` atomically, private (mode 0600, or an owner-only DACL).
 pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut text =
         String::from("# VMs attached with `finch-host-agent attach`; `detach` removes them.\n");
     for (name, vm) in vms {
@@ -746,12 +745,7 @@ pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow
         }
     }
     let tmp = path.with_extension("toml.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
+    let mut f = finch_shared::private::create_or_truncate(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
@@ -764,25 +758,20 @@ pub fn key_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("vms").join(format!("{name}.key"))
 }
 
-/// Creates `dir` (and its parents) with mode 0700 if missing, and refuses one that group or
-/// others can enter: it holds keys and the control socket.
+/// Creates `dir` (and its parents) private (mode 0700, or an owner-only DACL) if missing, and
+/// refuses one that anyone else may enter: it holds keys and the control socket.
 pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)
-        .with_context(|| format!("cannot inspect {}", dir.display()))?
-        .permissions()
-        .mode();
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "{} is open to other users (mode {:o}): chmod 700 it",
-        dir.display(),
-        mode & 0o777
-    );
+    use finch_shared::private;
+    private::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let exposure =
+        private::path_exposure(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if let Some(e) = exposure {
+        anyhow::bail!(
+            "{} is open to other users ({e}): run {}",
+            dir.display(),
+            private::fix_command(dir, true)
+        );
+    }
     Ok(())
 }
 
@@ -874,7 +863,7 @@ mod tests {
             ("helper_timeout_secs = 0\n", ":1:23: key `helper_timeout_secs`: 0 is out of range"),
             ("bogus = 1\n", ":1:1: key `bogus`: unknown field"),
             (
-                "\n[vm.a]\nendpoint = \"tcp://x\"\n",
+                "\n[vm.a]\nendpoint = \"ftp://x\"\n",
                 ":3:12: key `vm.a.endpoint`: unsupported endpoint",
             ),
             (
@@ -972,6 +961,7 @@ mod tests {
         assert!(err.contains("--helper-timeout-secs 0 is out of range"), "{err}");
     }
 
+    #[cfg(unix)]
     #[test]
     fn key_is_created_private() {
         use std::os::unix::fs::PermissionsExt;

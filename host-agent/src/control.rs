@@ -1,35 +1,29 @@
-//! The control socket, `STATE/control.sock`: mode 0600 inside the 0700 state directory,
-//! answering only its own user (or root). One JSON line in (`{"command":"status"}` or
-//! `{"command":"reload"}`), one JSON line out. `STATE/agent.lock` (flock) keeps a second agent
-//! off the same state directory.
+//! The control channel: `STATE/control.sock` on unix (mode 0600 inside the 0700 state
+//! directory, own uid or root only), a named pipe only this user may open on Windows (see
+//! [`crate::platform`]). One JSON line in (`{"command":"status"}` or `{"command":"reload"}`),
+//! one JSON line out. `STATE/agent.lock` (an OS file lock) keeps a second agent off the same
+//! state directory.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::agent::Agent;
+use crate::platform::{ControlListener, control_address, control_connect};
 use crate::status::AgentStatus;
 
-/// File name of the control socket in the state directory.
-pub const SOCKET_FILE: &str = "control.sock";
 /// File name of the lock in the state directory.
 pub const LOCK_FILE: &str = "agent.lock";
 /// Longest request line.
 const MAX_LINE: u64 = 4096;
 /// Time a client gets to send its request, and a command-line client waits for an answer.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The control socket of the agent using `state_dir`.
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(SOCKET_FILE)
-}
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,67 +45,61 @@ pub struct ControlReply {
     pub status: Option<AgentStatus>,
 }
 
+/// The state directory's lock, held while the agent runs (released when dropped, or by the
+/// OS when the process dies).
+#[derive(Debug)]
+pub struct AgentLock {
+    _file: std::fs::File,
+}
+
 /// Takes the state directory's lock, or says which agent holds it.
-pub fn lock(state_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt;
+pub fn lock(state_dir: &Path) -> anyhow::Result<AgentLock> {
     let path = state_dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
+    match file.try_lock() {
+        Ok(()) => Ok(AgentLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
             "another finch-host-agent is running with the state directory {} (see `finch-host-agent status`)",
             state_dir.display()
-        )
-    })
-}
-
-/// Binds the control socket (the caller holds the lock, so any old socket file is stale).
-pub fn bind(state_dir: &Path) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = socket_path(state_dir);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", path.display())),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
 }
 
-/// Serves the control socket until shutdown; removes it at the end.
-pub async fn serve(listener: UnixListener, agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>) {
-    let own = nix::unistd::getuid().as_raw();
+/// Binds the control channel (the caller holds the lock, so an old socket file is stale).
+pub fn bind(state_dir: &Path) -> anyhow::Result<ControlListener> {
+    ControlListener::bind(state_dir)
+}
+
+/// Serves the control channel until shutdown; removes it at the end.
+pub async fn serve(
+    mut listener: ControlListener,
+    agent: Arc<Agent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             () = crate::link::stopped(&mut shutdown) => break,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok(Ok(s)) => s,
+                Ok(Err(refused)) => {
+                    tracing::warn!(peer = %refused.0, "control connection from another user refused");
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
+                    tracing::warn!(error = %e, "control channel accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        match stream.peer_cred() {
-            Ok(c) if c.uid() == own || c.uid() == 0 => {}
-            Ok(c) => {
-                tracing::warn!(uid = c.uid(), "control connection from another user refused");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "control connection without credentials refused");
-                continue;
-            }
-        }
         let agent = agent.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(stream, &agent).await {
@@ -119,16 +107,15 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>, mut shutdown: watc
             }
         });
     }
-    if let Ok(addr) = listener.local_addr()
-        && let Some(path) = addr.as_pathname()
-    {
-        let _ = std::fs::remove_file(path);
-    }
+    listener.remove();
 }
 
-async fn answer(stream: UnixStream, agent: &Agent) -> anyhow::Result<()> {
+async fn answer<S>(stream: S, agent: &Agent) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     use tokio::io::AsyncReadExt;
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut line = String::new();
     tokio::time::timeout(
         IO_TIMEOUT,
@@ -171,20 +158,32 @@ async fn answer(stream: UnixStream, agent: &Agent) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends `command` to the agent using `state_dir` (blocking; for the command line).
+/// Sends `command` to the agent using `state_dir` (blocking; for the command line). The
+/// exchange runs on a thread of its own so that an agent that never answers costs at most
+/// [`IO_TIMEOUT`] on every OS.
 pub fn call(state_dir: &Path, command: &str) -> anyhow::Result<ControlReply> {
-    let path = socket_path(state_dir);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
-        format!("no finch-host-agent is answering on {} (is it running?)", path.display())
+    let address = control_address(state_dir);
+    let mut stream = control_connect(state_dir).with_context(|| {
+        format!("no finch-host-agent is answering on {address} (is it running?)")
     })?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut request = serde_json::to_vec(&ControlRequest { command: command.to_owned() })?;
     request.push(b'\n');
-    stream.write_all(&request)?;
-    let mut line = String::new();
-    std::io::BufReader::new(std::io::Read::take(stream, 16 * 1024 * 1024))
-        .read_line(&mut line)
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let exchange = || -> std::io::Result<String> {
+            stream.write_all(&request)?;
+            let mut line = String::new();
+            std::io::BufReader::new(std::io::Read::take(stream, 16 * 1024 * 1024))
+                .read_line(&mut line)?;
+            Ok(line)
+        };
+        let _ = tx.send(exchange());
+    });
+    let line = rx
+        .recv_timeout(IO_TIMEOUT)
+        .map_err(|_| {
+            anyhow::anyhow!("the agent on {address} did not answer within {IO_TIMEOUT:?}")
+        })?
         .context("reading the agent's answer")?;
     serde_json::from_str(&line).context("the agent's answer is not valid")
 }

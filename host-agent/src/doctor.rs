@@ -200,18 +200,14 @@ fn check_ecr(
 }
 
 fn check_state_dir(r: &mut Report, dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(dir) {
-        Ok(m) if m.permissions().mode() & 0o077 != 0 => r.fail(
+    use finch_shared::private;
+    match private::path_exposure(dir) {
+        Ok(Some(e)) => r.fail(
             "state dir",
-            format!(
-                "{} is open to other users (mode {:o})",
-                dir.display(),
-                m.permissions().mode() & 0o777
-            ),
-            format!("chmod 700 {}", dir.display()),
+            format!("{} is open to other users ({e})", dir.display()),
+            private::fix_command(dir, true),
         ),
-        Ok(_) => r.ok("state dir", format!("{} (mode 700)", dir.display())),
+        Ok(None) => r.ok("state dir", format!("{} (private)", dir.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             r.ok("state dir", format!("{} does not exist yet (created by `run`)", dir.display()))
         }

@@ -169,7 +169,7 @@ pub fn install(platform: Platform, file: &ServiceFile, no_start: bool) -> anyhow
             run(Command::new("systemctl").args(["--user", "enable", "--now", UNIT_NAME]))
         }
         Platform::Macos => {
-            let domain = format!("gui/{}", nix::unistd::getuid());
+            let domain = crate::platform::launchd_domain()?;
             let _ = Command::new("launchctl").args(["bootout", &domain]).arg(&file.path).status();
             run(Command::new("launchctl").args(["bootstrap", &domain]).arg(&file.path))
         }
@@ -190,7 +190,7 @@ pub fn uninstall(platform: Platform, path: &Path, no_stop: bool) -> anyhow::Resu
                 Command::new("systemctl").args(["--user", "disable", "--now", UNIT_NAME]).status()
             }
             Platform::Macos => Command::new("launchctl")
-                .args(["bootout", &format!("gui/{}", nix::unistd::getuid())])
+                .args(["bootout", &crate::platform::launchd_domain()?])
                 .arg(path)
                 .status(),
             Platform::Windows => {

@@ -18,6 +18,7 @@ mod control;
 mod doctor;
 mod install;
 mod link;
+mod platform;
 mod policy;
 mod resolve;
 mod source;
@@ -361,23 +362,24 @@ fn run(overrides: config::Overrides) -> anyhow::Result<()> {
     })
 }
 
-/// Runs until SIGTERM or SIGINT; reloads on SIGHUP and when the config file changes.
+/// Runs until the OS asks it to stop (SIGTERM or SIGINT; Ctrl-C, Ctrl-Break or console
+/// close on Windows); reloads on SIGHUP (unix) and when the config file changes.
 async fn wait_for_stop(agent: &agent::Agent) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::warn!("cannot install signal handlers");
-        return std::future::pending().await;
+    let mut signals = match platform::Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install signal handlers");
+            return std::future::pending().await;
+        }
     };
     let mut poll = tokio::time::interval(CONFIG_POLL);
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return }
-            _ = hup.recv() => { let _ = agent.reload("SIGHUP").await; }
+            event = signals.next() => match event {
+                platform::Event::Stop(why) => { tracing::info!("{why}: shutting down"); return }
+                #[cfg(unix)]
+                platform::Event::Reload(why) => { let _ = agent.reload(why).await; }
+            },
             _ = poll.tick() => {
                 if agent.config_changed() {
                     let _ = agent.reload("config file changed").await;

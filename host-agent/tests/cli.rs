@@ -1,5 +1,7 @@
 //! The host agent's command line: every refusal at start names what is wrong.
-
+// Mode bits and unix sockets: the Windows command line is run under Wine by
+// tests/tests/wine.rs instead.
+#![cfg(unix)]
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

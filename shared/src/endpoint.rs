@@ -6,6 +6,9 @@
 //!   vhost-device-vsock): the VMM's unix socket, then `CONNECT PORT\n`.
 //! * `hvsock://VMID:PORT` or `hvsock://wsl:PORT`: a Hyper-V socket to a VM by id (a GUID), or
 //!   to the WSL2 utility VM (its id asked of WSL at every dial).
+//! * `tcp://HOST:PORT`: TCP, `HOST` an IPv4 literal, a bracketed IPv6 literal or a DNS name
+//!   (WSL2's localhost forwarding, QEMU user networking's host forward). Only the link's
+//!   mutual authentication protects it: anyone who can reach the port can try.
 //!
 //! Parsing only; the agents own the sockets.
 
@@ -46,6 +49,13 @@ pub enum Endpoint {
         /// The guest port asked for with `CONNECT`.
         port: u32,
     },
+    /// TCP.
+    Tcp {
+        /// An IP literal (IPv6 without brackets) or a DNS name, lower case.
+        host: String,
+        /// Port, 1–65535.
+        port: u16,
+    },
     /// A Hyper-V socket (Windows hosts).
     HvSock {
         /// The VM.
@@ -65,7 +75,7 @@ pub fn hv_service_id(port: u32) -> String {
 pub enum EndpointError {
     /// Not a form this build knows.
     #[error(
-        "unsupported endpoint {0:?}: expected unix:///abs/path, vsock://CID:PORT, hybrid:///abs/vmm.sock:PORT or hvsock://VMID|wsl:PORT"
+        "unsupported endpoint {0:?}: expected unix:///abs/path, vsock://CID:PORT, hybrid:///abs/vmm.sock:PORT, hvsock://VMID|wsl:PORT or tcp://HOST:PORT"
     )]
     EndpointUnsupported(String),
     /// A path that is not absolute.
@@ -84,6 +94,42 @@ fn port(s: &str, whole: &str) -> Result<u32, EndpointError> {
             "the port must be a number below 4294967295",
         )),
     }
+}
+
+/// `HOST:PORT` of a `tcp://` endpoint: an IPv4 literal, `[IPv6]` or a DNS name, and a port.
+fn tcp(rest: &str, whole: &str) -> Result<Endpoint, EndpointError> {
+    let invalid = |why| EndpointError::EndpointInvalid(whole.to_owned(), why);
+    let (host, p) = rest.rsplit_once(':').ok_or_else(|| invalid("expected tcp://HOST:PORT"))?;
+    let port = p
+        .parse::<u16>()
+        .ok()
+        .filter(|&n| n != 0 && !p.starts_with('+'))
+        .ok_or_else(|| invalid("the port must be a number from 1 to 65535"))?;
+    let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| invalid("[…] must hold an IPv6 address"))?
+            .to_string()
+    } else if let Ok(v4) = host.parse::<std::net::Ipv4Addr>() {
+        v4.to_string()
+    } else if dns_name(host) {
+        host.to_ascii_lowercase()
+    } else {
+        return Err(invalid("the host must be an IPv4 address, [IPv6] or a DNS name"));
+    };
+    Ok(Endpoint::Tcp { host, port })
+}
+
+/// A DNS name: dot-separated labels of 1–63 letters, digits and inner hyphens, 253 at most,
+/// not all digits (that would be a malformed IPv4 address).
+fn dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && !s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && s.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn guid(s: &str) -> Option<String> {
@@ -151,6 +197,9 @@ impl std::str::FromStr for Endpoint {
             };
             return Ok(Endpoint::HvSock { vm, port: port(p, s)? });
         }
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            return tcp(rest, s);
+        }
         Err(EndpointError::EndpointUnsupported(s.to_owned()))
     }
 }
@@ -164,6 +213,10 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Hybrid { path, port } => write!(f, "hybrid://{}:{port}", path.display()),
             Endpoint::HvSock { vm: HvVm::Wsl, port } => write!(f, "hvsock://wsl:{port}"),
             Endpoint::HvSock { vm: HvVm::Id(id), port } => write!(f, "hvsock://{id}:{port}"),
+            Endpoint::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp://[{host}]:{port}")
+            }
+            Endpoint::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
         }
     }
 }
@@ -190,6 +243,13 @@ mod tests {
                     port: 6127,
                 },
             ),
+            ("tcp://127.0.0.1:6127", Endpoint::Tcp { host: "127.0.0.1".into(), port: 6127 }),
+            ("tcp://[::1]:1", Endpoint::Tcp { host: "::1".into(), port: 1 }),
+            ("tcp://LocalHost:65535", Endpoint::Tcp { host: "localhost".into(), port: 65535 }),
+            (
+                "tcp://vm-1.lima.internal:80",
+                Endpoint::Tcp { host: "vm-1.lima.internal".into(), port: 80 },
+            ),
         ];
         for (text, want) in cases {
             let got: Endpoint = text.parse().unwrap();
@@ -201,7 +261,20 @@ mod tests {
             "unix://run/x",
             "unix://",
             "/run/x.sock",
-            "tcp://1.2.3.4:5",
+            "tcp://1.2.3.4",
+            "tcp://1.2.3.4:0",
+            "tcp://1.2.3.4:65536",
+            "tcp://1.2.3.4:+5",
+            "tcp://1.2.3.400:5",
+            "tcp://1.2.3:5",
+            "tcp://::1:5",
+            "tcp://[::g]:5",
+            "tcp://:5",
+            "tcp://a_b:5",
+            "tcp://-a:5",
+            "tcp://a..b:5",
+            "tcp://user@host:5",
+            "tcp://host:5/path",
             "",
             "vsock://3",
             "vsock://x:1",

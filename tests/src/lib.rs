@@ -242,6 +242,15 @@ pub fn write_script(path: &Path, body: &str) {
 /// for a busy 2-core machine.
 pub const STARTUP: Duration = Duration::from_secs(20);
 
+/// A free TCP port on 127.0.0.1 (bound and released: another process may take it, which a
+/// test then sees as a failed bind, not as a wrong answer).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A guest agent and a host agent linked over a unix socket, in a temp dir of their own.
 #[derive(Debug)]
 pub struct Bridge {
@@ -259,6 +268,8 @@ pub struct Bridge {
     pub host_env: Vec<(String, String)>,
     /// Extra flags for the host agent.
     pub host_flags: Vec<String>,
+    /// A TCP port on 127.0.0.1 for the link instead of the unix socket (`tcp://`).
+    pub tcp_link: Option<u16>,
     /// Extra flags for the guest agent.
     pub guest_flags: Vec<String>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
@@ -287,6 +298,7 @@ impl Bridge {
             host_flags: Vec::new(),
             guest_flags: Vec::new(),
             host_dials: None,
+            tcp_link: None,
         }
     }
 
@@ -330,6 +342,9 @@ impl Bridge {
 
     /// The host agent's `--vm` argument for this bridge's guest.
     pub fn vm_arg(&self) -> String {
+        if let Some(port) = self.tcp_link {
+            return format!("itvm=tcp://127.0.0.1:{port},key={}", self.path("link.key").display());
+        }
         format!(
             "itvm=unix://{},key={}",
             self.host_dials.clone().unwrap_or_else(|| self.link_socket()).display(),
@@ -354,16 +369,23 @@ impl Bridge {
             .arg("--helper-socket")
             .arg(self.helper_socket())
             .arg("--link-listen")
-            .arg(format!("unix://{}", self.link_socket().display()))
+            .arg(match self.tcp_link {
+                Some(port) => format!("tcp://127.0.0.1:{port}"),
+                None => format!("unix://{}", self.link_socket().display()),
+            })
             .arg("--link-key-file")
             .arg(self.path("link.key"))
             .args(["--heartbeat-ms", "500", "--link-wait-ms", "3000"])
             .args(&self.guest_flags)
             .env("RUST_LOG", "debug");
         let proc = Proc::spawn("guest-agent", cmd, &self.path("guest.log"));
-        let (helper, link) = (self.helper_socket(), self.link_socket());
+        let (helper, link, tcp) = (self.helper_socket(), self.link_socket(), self.tcp_link);
+        let listening = || match tcp {
+            Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            None => link.exists(),
+        };
         assert!(
-            wait_until(STARTUP, || helper.exists() && link.exists()),
+            wait_until(STARTUP, || helper.exists() && listening()),
             "guest agent did not start:\n{}",
             proc.output()
         );

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use finch_tests::{Bridge, STARTUP, wait_until};
+use finch_tests::{Bridge, STARTUP, free_port, wait_until};
 
 const NOT_FOUND: &str = "credentials not found in native keychain\n";
 const CONFIG: &str = r#"{"auths":{"reg.example":{"auth":"dTpsaW5rLXNlY3JldA=="}}}"#; // u:link-secret
@@ -52,6 +52,34 @@ fn link_drops_and_comes_back() {
     let mut host = b.host.take().unwrap();
     host.signal(nix::sys::signal::Signal::SIGINT);
     assert!(host.wait_exit(Duration::from_secs(20)).expect("host agent exits on SIGINT").success());
+}
+
+#[test]
+fn a_tcp_link_answers_and_comes_back_and_an_impostor_gets_nothing() {
+    let mut b = Bridge::new(CONFIG);
+    b.tcp_link = Some(free_port());
+    b.start();
+    assert_found(&b);
+    let (_, status, _) = b.host_cli(&["status"]);
+    assert!(status.contains("link up") && status.contains("endpoint tcp://127.0.0.1:"), "{status}");
+
+    // The guest agent restarts on the same port: the host redials it.
+    b.guest.take().unwrap().kill();
+    b.start_guest();
+    b.wait_link_up(2);
+    assert_found(&b);
+
+    // Anyone on loopback can reach the port: without the key a client gets no link, and the
+    // real one stays up.
+    let mut rogue = std::net::TcpStream::connect(("127.0.0.1", b.tcp_link.unwrap())).unwrap();
+    rogue.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    let _ = rogue.write_all(&[0, 0, 0, 4, 1, 2, 3, 4]);
+    let mut buf = [0u8; 64];
+    let n = rogue.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a peer without the key was answered: {:?}", &buf[..n]);
+    assert_found(&b);
+    assert_eq!(b.guest_log().matches("host link up").count(), 2, "{}", b.guest_log());
 }
 
 #[test]

@@ -32,8 +32,9 @@ pub struct LinkSettings {
     pub heartbeat: Duration,
 }
 
-/// A bound link listener: a unix socket (checked by peer uid) or, on Linux, a vsock port
-/// (checked by peer CID: only the host, CID 2).
+/// A bound link listener: a unix socket (checked by peer uid), on Linux a vsock port
+/// (checked by peer CID: only the host, CID 2), or a TCP port (loopback unless allowed
+/// otherwise; only the handshake keeps others out).
 #[derive(Debug)]
 pub(crate) enum LinkListener {
     /// A unix socket, mode 0600.
@@ -41,12 +42,41 @@ pub(crate) enum LinkListener {
     /// A vsock port.
     #[cfg(target_os = "linux")]
     Vsock(tokio_vsock::VsockListener),
+    /// A TCP port.
+    Tcp(tokio::net::TcpListener),
+}
+
+/// The address a `tcp://` link listens on: an IP literal (or `localhost`), loopback unless
+/// `non_loopback` allows another.
+fn tcp_listen_addr(
+    endpoint: &Endpoint,
+    host: &str,
+    port: u16,
+    non_loopback: bool,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let ip: std::net::IpAddr = if host == "localhost" {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        host.parse().map_err(|_| {
+            anyhow::anyhow!("{endpoint}: the guest agent listens on an IP address, not a name")
+        })?
+    };
+    anyhow::ensure!(
+        ip.is_loopback() || non_loopback,
+        "{endpoint}: {ip} is not a loopback address; anyone who reaches it could try the link \
+         (only its key keeps them out): pass --link-listen-non-loopback to mean it"
+    );
+    Ok((ip, port).into())
 }
 
 impl LinkListener {
     /// Binds the endpoint. A unix socket gets mode 0600 and, when a forwarder uid other than
     /// root is allowed, that uid as its owner.
-    pub fn bind(endpoint: &Endpoint, extra_uids: &[u32]) -> anyhow::Result<Self> {
+    pub fn bind(
+        endpoint: &Endpoint,
+        extra_uids: &[u32],
+        non_loopback: bool,
+    ) -> anyhow::Result<Self> {
         match endpoint {
             Endpoint::Unix(path) => {
                 let owner = extra_uids.iter().copied().find(|&u| u != 0);
@@ -59,8 +89,15 @@ impl LinkListener {
                     .with_context(|| format!("cannot listen on {endpoint}"))
                     .map(LinkListener::Vsock)
             }
+            Endpoint::Tcp { host, port } => {
+                let addr = tcp_listen_addr(endpoint, host, *port, non_loopback)?;
+                let socket = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {endpoint}"))?;
+                socket.set_nonblocking(true)?;
+                Ok(LinkListener::Tcp(tokio::net::TcpListener::from_std(socket)?))
+            }
             other => anyhow::bail!(
-                "the guest agent listens on unix:///path or vsock://-1:PORT, not {other}"
+                "the guest agent listens on unix:///path, vsock://-1:PORT or tcp://IP:PORT, not {other}"
             ),
         }
     }
@@ -77,33 +114,56 @@ impl LinkListener {
                     .await;
             }
             #[cfg(target_os = "linux")]
-            LinkListener::Vsock(listener) => serve_vsock(listener, slot, settings, shutdown).await,
+            LinkListener::Vsock(listener) => {
+                let accept = async || {
+                    let (stream, peer) = listener.accept().await?;
+                    if peer.cid() == finch_shared::endpoint::CID_HOST {
+                        return Ok(Some(stream));
+                    }
+                    tracing::warn!(
+                        cid = peer.cid(),
+                        port = peer.port(),
+                        "vsock link connection not from the host (CID 2); dropped"
+                    );
+                    Ok(None)
+                };
+                serve_accepted("vsock", accept, slot, settings, shutdown).await;
+            }
+            LinkListener::Tcp(listener) => {
+                let accept = async || {
+                    let (stream, peer) = listener.accept().await?;
+                    let _ = stream.set_nodelay(true);
+                    tracing::debug!(%peer, "tcp link connection");
+                    Ok(Some(stream))
+                };
+                serve_accepted("tcp", accept, slot, settings, shutdown).await;
+            }
         }
     }
 }
 
-#[cfg(target_os = "linux")]
-async fn serve_vsock(
-    listener: tokio_vsock::VsockListener,
+/// Accepts connections with `accept` (`Ok(None)`: one dropped by its check) and runs the
+/// handshake on each, until shutdown.
+async fn serve_accepted<S>(
+    kind: &'static str,
+    mut accept: impl AsyncFnMut() -> std::io::Result<Option<S>>,
     slot: LinkSlot,
     settings: LinkSettings,
     mut shutdown: Shutdown,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown.wait() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) if peer.cid() == finch_shared::endpoint::CID_HOST => {
+            accepted = accept() => match accepted {
+                Ok(Some(stream)) => {
                     tasks.spawn(authenticate(stream, slot.clone(), settings.clone(), shutdown.clone()));
                 }
-                Ok((_, peer)) => tracing::warn!(
-                    cid = peer.cid(),
-                    port = peer.port(),
-                    "vsock link connection not from the host (CID 2); dropped"
-                ),
+                Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock accept failed");
+                    tracing::warn!(error = %e, "{kind} accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -179,5 +239,41 @@ where
             }
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(endpoint: &str, non_loopback: bool) -> Result<String, String> {
+        let e: Endpoint = endpoint.parse().unwrap();
+        let Endpoint::Tcp { host, port } = &e else { panic!("{endpoint} is not tcp") };
+        tcp_listen_addr(&e, host, *port, non_loopback)
+            .map(|a| a.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tcp_listens_on_loopback_unless_told_otherwise() {
+        assert_eq!(addr("tcp://127.0.0.1:6127", false).unwrap(), "127.0.0.1:6127");
+        assert_eq!(addr("tcp://127.3.2.1:1", false).unwrap(), "127.3.2.1:1");
+        assert_eq!(addr("tcp://[::1]:6127", false).unwrap(), "[::1]:6127");
+        assert_eq!(addr("tcp://localhost:6127", false).unwrap(), "127.0.0.1:6127");
+        for wide in ["tcp://0.0.0.0:6127", "tcp://10.0.2.15:6127", "tcp://[::]:6127"] {
+            let e = addr(wide, false).unwrap_err();
+            assert!(e.contains("--link-listen-non-loopback"), "{e}");
+            assert!(addr(wide, true).is_ok(), "{wide}");
+        }
+        assert!(addr("tcp://vm.example:6127", true).unwrap_err().contains("not a name"));
+    }
+
+    #[tokio::test]
+    async fn binds_tcp_and_refuses_a_wide_address() {
+        // Port 0 (an ephemeral port) is refused by the endpoint parser, not by bind.
+        let e = Endpoint::Tcp { host: "127.0.0.1".into(), port: 0 };
+        assert!(matches!(LinkListener::bind(&e, &[], false), Ok(LinkListener::Tcp(_))));
+        let wide = Endpoint::Tcp { host: "0.0.0.0".into(), port: 0 };
+        assert!(LinkListener::bind(&wide, &[], false).is_err());
     }
 }

@@ -51,6 +51,8 @@ pub struct Config {
     pub link_listen: Endpoint,
     /// Extra uids allowed to connect to a unix link socket (the forwarder's uid).
     pub link_allow_uids: Vec<u32>,
+    /// Whether a `tcp://` link may listen on an address that is not loopback.
+    pub link_listen_non_loopback: bool,
     /// The VM's link key.
     pub key: LinkKey,
     /// Bounded wait for a link that is not up.
@@ -91,7 +93,11 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let link_uids: Arc<[u32]> = [0, me].iter().chain(&config.link_allow_uids).copied().collect();
 
     let helper = helper_socket::HelperSocket::bind(&config.helper_socket, config.socket_group)?;
-    let link_listener = listener::LinkListener::bind(&config.link_listen, &config.link_allow_uids)?;
+    let link_listener = listener::LinkListener::bind(
+        &config.link_listen,
+        &config.link_allow_uids,
+        config.link_listen_non_loopback,
+    )?;
     tracing::info!(
         helper_socket = %config.helper_socket.display(),
         link = %config.link_listen,

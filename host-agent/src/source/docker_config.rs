@@ -154,12 +154,12 @@ impl PlainAuths {
     }
 }
 
-/// A new file (mode 0600) next to the config, for an atomic replace.
+/// A new private file (mode 0600, or an owner-only DACL) next to the config, for an atomic
+/// replace.
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
     for attempt in 0..16u32 {
         let path = dir.join(format!(".{CONFIG_FILE}.{}.{attempt}.tmp", std::process::id()));
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        match finch_shared::private::create_new(&path) {
             Ok(f) => return Ok((path, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -295,9 +295,11 @@ mod tests {
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["proxies"]["x"], 1);
         assert_eq!(v["auths"]["reg.example"]["auth"], STANDARD.encode("u:p:w"));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(CONFIG_FILE)).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            finch_shared::private::path_exposure(&dir.path().join(CONFIG_FILE)).unwrap(),
+            None,
+            "the config is private"
+        );
         let mut names: Vec<_> = src.list().await.unwrap().into_iter().map(|e| e.server).collect();
         names.sort();
         assert_eq!(names, ["reg.example", "tok.example"]);

@@ -2,7 +2,7 @@
 //! environment. Their output may contain credentials: it is parsed, never logged.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ use zeroize::Zeroizing;
 
 use super::{Credential, CredentialSource, SourceError, SourceFuture};
 
-/// Environment variables passed through to a helper; everything else is dropped.
+/// Environment variables passed through to a helper (with the OS's own,
+/// [`crate::platform::OS_HELPER_ENV`]); everything else is dropped.
 pub const HELPER_ENV: &[&str] = &[
     "PATH",
     "HOME",
@@ -58,7 +59,8 @@ pub struct ExecHelper {
 }
 
 impl ExecHelper {
-    /// Finds `docker-credential-<name>` on `search_path` (a `PATH`-style list).
+    /// Finds `docker-credential-<name>` (`.exe` on Windows) on `search_path` (a `PATH`-style
+    /// list).
     pub fn find(
         name: &str,
         search_path: &std::ffi::OsStr,
@@ -67,14 +69,15 @@ impl ExecHelper {
         if !valid_name(name) {
             return Err(SourceError::HelperName(name.to_owned()));
         }
-        let file = format!("docker-credential-{name}");
+        let file = crate::platform::helper_file(name);
         let program = std::env::split_paths(search_path)
             .filter(|dir| dir.is_absolute())
             .map(|dir| dir.join(&file))
-            .find(|p| is_executable(p))
+            .find(|p| crate::platform::is_executable(p))
             .ok_or_else(|| SourceError::HelperMissing(name.to_owned()))?;
         let env = HELPER_ENV
             .iter()
+            .chain(crate::platform::OS_HELPER_ENV)
             .filter_map(|k| std::env::var_os(k).map(|v| ((*k).to_owned(), v)))
             .collect();
         Ok(ExecHelper { name: name.to_owned(), program, timeout, env })
@@ -86,18 +89,19 @@ impl ExecHelper {
         action: &'static str,
         input: &[u8],
     ) -> Result<(ExitStatus, Zeroizing<Vec<u8>>), SourceError> {
-        let mut child = Command::new(&self.program)
-            .arg(action)
+        let mut cmd = Command::new(&self.program);
+        cmd.arg(action)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| SourceError::HelperSpawn { name: self.name.clone(), source })?;
-        let pid = child.id();
+            .kill_on_drop(true);
+        crate::platform::prepare_helper(&mut cmd);
+        let spawn_err = |source| SourceError::HelperSpawn { name: self.name.clone(), source };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        // Its process group (unix) or Job Object (Windows): killed with it on timeout.
+        let tree = crate::platform::HelperTree::adopt(&child).map_err(spawn_err)?;
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take();
         let work = async {
@@ -118,13 +122,7 @@ impl ExecHelper {
                 Err(SourceError::HelperSpawn { name: self.name.clone(), source })
             }
             Err(_) => {
-                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                    // The helper leads its own process group: stop it and its children.
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                tree.kill();
                 Err(SourceError::HelperTimeout {
                     name: self.name.clone(),
                     action,
@@ -141,11 +139,6 @@ impl ExecHelper {
     fn bad_output(&self, action: &'static str) -> SourceError {
         SourceError::HelperOutput { name: self.name.clone(), action }
     }
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn is_not_found(out: &[u8]) -> bool {

@@ -6,11 +6,17 @@
 //! * `hybrid:///vmm.sock:PORT`: the VMM's unix socket, `CONNECT PORT\n`, then `OK <n>\n`
 //!   (Firecracker, Cloud Hypervisor, vhost-device-vsock).
 //! * `hvsock://VMID|wsl:PORT`: a Hyper-V socket (Windows hosts; the `hvsock` module).
+//! * `tcp://HOST:PORT`: TCP (WSL2's localhost forwarding, QEMU's host forward); only the
+//!   link's mutual authentication protects it.
+//!
+//! Every transport is compiled on every OS: where the OS lacks it (unix sockets on Windows,
+//! AF_VSOCK off Linux, Hyper-V sockets off Windows) its stand-in says so at dial time.
 //!
 //! The link itself is generic over `AsyncRead + AsyncWrite`; this module only dials.
 
-#[cfg(windows)]
 pub mod hvsock;
+mod unix;
+mod vsock;
 
 use std::io;
 use std::pin::Pin;
@@ -20,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use finch_shared::endpoint::{CID_ANY, CID_HOST, Endpoint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::UnixStream;
+use tokio::net::TcpStream;
 
 /// Longest a dial (with the hybrid `CONNECT` exchange) may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,23 +37,22 @@ const MAX_OK_LINE: usize = 64;
 #[derive(Debug)]
 pub enum LinkStream {
     /// Unix socket (also the hybrid vsock case, after `CONNECT`).
-    Unix(UnixStream),
+    Unix(unix::Stream),
     /// AF_VSOCK.
-    #[cfg(target_os = "linux")]
-    Vsock(tokio_vsock::VsockStream),
+    Vsock(vsock::Stream),
     /// Hyper-V socket, bridged into the runtime.
-    #[cfg(windows)]
-    HvSock(tokio::io::DuplexStream),
+    HvSock(hvsock::Stream),
+    /// TCP.
+    Tcp(TcpStream),
 }
 
 macro_rules! each {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
             LinkStream::Unix($s) => $e,
-            #[cfg(target_os = "linux")]
             LinkStream::Vsock($s) => $e,
-            #[cfg(windows)]
             LinkStream::HvSock($s) => $e,
+            LinkStream::Tcp($s) => $e,
         }
     };
 }
@@ -80,6 +85,39 @@ impl AsyncWrite for LinkStream {
     }
 }
 
+/// The stream of a transport this OS lacks: it has no values, so its arm of [`LinkStream`]
+/// can never be reached, and the compiler proves it.
+#[derive(Debug)]
+pub enum Unavailable {}
+
+impl AsyncRead for Unavailable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match *self {}
+    }
+}
+
+impl AsyncWrite for Unavailable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        _buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match *self {}
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match *self {}
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match *self {}
+    }
+}
+
 /// Dials `endpoint` within [`DIAL_TIMEOUT`] (no handshake).
 pub async fn dial(endpoint: &Endpoint) -> anyhow::Result<LinkStream> {
     tokio::time::timeout(DIAL_TIMEOUT, dial_unbounded(endpoint))
@@ -89,7 +127,7 @@ pub async fn dial(endpoint: &Endpoint) -> anyhow::Result<LinkStream> {
 
 async fn dial_unbounded(endpoint: &Endpoint) -> anyhow::Result<LinkStream> {
     match endpoint {
-        Endpoint::Unix(path) => UnixStream::connect(path)
+        Endpoint::Unix(path) => unix::connect(path)
             .await
             .map(LinkStream::Unix)
             .with_context(|| format!("cannot connect to {endpoint}")),
@@ -99,34 +137,28 @@ async fn dial_unbounded(endpoint: &Endpoint) -> anyhow::Result<LinkStream> {
                 "{endpoint}: CID {} is not a guest (guests have CID 3 or more; the host agent never dials its own host)",
                 if *cid == CID_ANY { "-1".to_owned() } else { cid.to_string() }
             );
-            dial_vsock(*cid, *port).await.with_context(|| format!("cannot connect to {endpoint}"))
+            vsock::connect(*cid, *port)
+                .await
+                .map(LinkStream::Vsock)
+                .with_context(|| format!("cannot connect to {endpoint}"))
         }
         Endpoint::Hybrid { path, port } => {
-            let mut stream = UnixStream::connect(path)
+            let mut stream = unix::connect(path)
                 .await
                 .with_context(|| format!("cannot connect to the VMM socket {}", path.display()))?;
             hybrid_connect(&mut stream, *port).await.with_context(|| format!("{endpoint}"))?;
             Ok(LinkStream::Unix(stream))
         }
-        #[cfg(windows)]
         Endpoint::HvSock { vm, port } => hvsock::dial(vm, *port).await.map(LinkStream::HvSock),
-        #[cfg(not(windows))]
-        Endpoint::HvSock { .. } => {
-            anyhow::bail!("{endpoint}: Hyper-V sockets exist only on Windows hosts")
+        Endpoint::Tcp { host, port } => {
+            let stream = TcpStream::connect((host.as_str(), *port))
+                .await
+                .with_context(|| format!("cannot connect to {endpoint}"))?;
+            // Frames are small and latency matters more than packet count.
+            let _ = stream.set_nodelay(true);
+            Ok(LinkStream::Tcp(stream))
         }
     }
-}
-
-#[cfg(target_os = "linux")]
-async fn dial_vsock(cid: u32, port: u32) -> anyhow::Result<LinkStream> {
-    Ok(LinkStream::Vsock(
-        tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port)).await?,
-    ))
-}
-
-#[cfg(not(target_os = "linux"))]
-async fn dial_vsock(_cid: u32, _port: u32) -> anyhow::Result<LinkStream> {
-    anyhow::bail!("AF_VSOCK dialing is available on Linux hosts only")
 }
 
 /// The hybrid vsock exchange: `CONNECT <port>\n`, then exactly one `OK <n>\n`, read byte by
@@ -203,6 +235,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dials_tcp_and_refuses_what_this_os_lacks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tcp = Endpoint::Tcp { host: "127.0.0.1".into(), port };
+        assert!(matches!(dial(&tcp).await.unwrap(), LinkStream::Tcp(_)));
+        let hv = Endpoint::HvSock { vm: finch_shared::endpoint::HvVm::Wsl, port: 6127 };
+        if !cfg!(windows) {
+            let e = dial(&hv).await.unwrap_err().to_string();
+            assert!(e.contains("only on Windows hosts"), "{e}");
+        }
+        if cfg!(windows) {
+            let e = format!("{:#}", dial(&Endpoint::Unix("/x.sock".into())).await.unwrap_err());
+            assert!(e.contains("use tcp://"), "{e}");
+        }
+    }
+
+    #[tokio::test]
     async fn own_host_is_never_dialed() {
         for cid in [0, 1, 2, CID_ANY] {
             let e = dial(&Endpoint::Vsock { cid, port: 6127 }).await.unwrap_err().to_string();
@@ -210,6 +259,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn dials_a_unix_socket_and_a_silent_vmm_times_out() {
         let dir = tempfile::tempdir().unwrap();

@@ -3,9 +3,13 @@
 //! (Windows). Items are read and written exactly as docker's own helpers do, so the host's
 //! `docker`/`finch` and the VM see the same credentials and nobody logs in again.
 //!
-//! * [`secretservice`]: the Secret Service over D-Bus (pure-Rust `secret-service` crate), async.
+//! * `secretservice`: the Secret Service over D-Bus (pure-Rust `secret-service` crate), async.
 //! * `osxkeychain` / `wincred`: small [`SyncKeychain`]s (the OS APIs are blocking) run through
 //!   [`Blocking`], which bounds every call and keeps it off the async runtime.
+//!
+//! Each OS compiles its own backend; the others are [`standin::OtherOs`], which answers every
+//! call with the OS that has that keychain (as cargo's `cargo-credential-wincred` does), so
+//! every path of [`open`] is compiled everywhere and none is hidden from the compiler.
 //!
 //! Every call is bounded: a locked keychain, a missing D-Bus session or a denied access is one
 //! clear [`KeychainError`], which the guest sees as `unavailable`, never a hang.
@@ -14,6 +18,7 @@
 mod osxkeychain;
 #[cfg(target_os = "linux")]
 pub mod secretservice;
+mod standin;
 #[cfg(windows)]
 mod wincred;
 
@@ -45,17 +50,46 @@ pub fn open(name: &str, timeout: Duration) -> Option<Arc<dyn CredentialSource>> 
     if NATIVE_NAME != Some(name) {
         return None;
     }
-    #[cfg(target_os = "linux")]
-    return Some(Arc::new(secretservice::SecretService::new(timeout)));
-    #[cfg(target_os = "macos")]
-    return Some(Arc::new(Blocking::new("osxkeychain", osxkeychain::OsxKeychain, timeout)));
-    #[cfg(windows)]
-    return Some(Arc::new(Blocking::new("wincred", wincred::WinCred, timeout)));
-    #[allow(unreachable_code)]
-    {
-        let _ = timeout;
-        None
+    match name {
+        "secretservice" => Some(secretservice(timeout)),
+        "osxkeychain" => Some(Arc::new(Blocking::new("osxkeychain", osxkeychain(), timeout))),
+        "wincred" => Some(Arc::new(Blocking::new("wincred", wincred(), timeout))),
+        _ => None,
     }
+}
+
+#[cfg(target_os = "linux")]
+fn secretservice(timeout: Duration) -> Arc<dyn CredentialSource> {
+    Arc::new(secretservice::SecretService::new(timeout))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn secretservice(timeout: Duration) -> Arc<dyn CredentialSource> {
+    Arc::new(Blocking::new(
+        "secretservice",
+        standin::OtherOs::new("secretservice", "Linux"),
+        timeout,
+    ))
+}
+
+#[cfg(target_os = "macos")]
+fn osxkeychain() -> osxkeychain::OsxKeychain {
+    osxkeychain::OsxKeychain
+}
+
+#[cfg(not(target_os = "macos"))]
+fn osxkeychain() -> standin::OtherOs {
+    standin::OtherOs::new("osxkeychain", "macOS")
+}
+
+#[cfg(windows)]
+fn wincred() -> wincred::WinCred {
+    wincred::WinCred
+}
+
+#[cfg(not(windows))]
+fn wincred() -> standin::OtherOs {
+    standin::OtherOs::new("wincred", "Windows")
 }
 
 /// Why a keychain call failed. Never carries a secret.
@@ -121,8 +155,6 @@ pub fn shorten(reason: impl std::fmt::Display) -> String {
     text
 }
 
-// Used by the macOS and Windows keychains; tested on every OS.
-#[cfg_attr(not(any(target_os = "macos", windows)), allow(dead_code))]
 /// A keychain whose OS API blocks (macOS Security framework, Windows Credential Manager).
 pub trait SyncKeychain: Send + Sync + 'static {
     /// The credential stored under exactly `server`.
@@ -135,8 +167,6 @@ pub trait SyncKeychain: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<ListEntry>, KeychainError>;
 }
 
-// Used by the macOS and Windows keychains; tested on every OS.
-#[cfg_attr(not(any(target_os = "macos", windows)), allow(dead_code))]
 /// Runs a [`SyncKeychain`] on the blocking pool, each call bounded by a timeout.
 #[derive(Debug)]
 pub struct Blocking<K> {
@@ -145,7 +175,6 @@ pub struct Blocking<K> {
     timeout: Duration,
 }
 
-#[cfg_attr(not(any(target_os = "macos", windows)), allow(dead_code))]
 impl<K: SyncKeychain> Blocking<K> {
     /// Wraps `inner`, named `store` in errors and audit lines.
     pub fn new(store: &'static str, inner: K, timeout: Duration) -> Self {
@@ -200,10 +229,10 @@ impl<K: SyncKeychain> CredentialSource for Blocking<K> {
     }
 }
 
-// Used by the macOS and Windows keychains; tested on every OS.
-#[cfg_attr(not(any(target_os = "macos", windows)), allow(dead_code))]
 /// A server URL split the way docker-credential-osxkeychain stores it: protocol (`https`
-/// unless `http://` is given), host, port and path.
+/// unless `http://` is given), host, port and path. Compiled where the macOS Keychain uses
+/// it, and in the tests of every OS.
+#[cfg(any(test, target_os = "macos"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerUrl {
     /// `https` or `http`.
@@ -216,7 +245,7 @@ pub struct ServerUrl {
     pub path: String,
 }
 
-#[cfg_attr(not(any(target_os = "macos", windows)), allow(dead_code))]
+#[cfg(any(test, target_os = "macos"))]
 impl ServerUrl {
     /// Splits `server` (`host`, `host:port`, `https://host:port/path`, …).
     pub fn parse(server: &str) -> Result<ServerUrl, String> {

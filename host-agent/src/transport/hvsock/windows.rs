@@ -1,17 +1,12 @@
-//! Hyper-V sockets (Windows hosts): AF_HYPERV to `SOCKADDR_HV { VmId, ServiceId }`, where the
-//! service id of vsock port P is `PPPPPPPP-facb-11e6-bd58-64006a7986d3` (the guest's AF_VSOCK
-//! listener on port P answers it). For `hvsock://wsl:PORT` the WSL2 utility VM's id is asked
-//! of WSL at every dial (`wsl.exe --exec wslinfo --vm-id`), so a restarted WSL (new id) is
-//! found by the next reconnect.
-//!
-//! Written against the documented `windows-sys` 0.61 and `socket2` 0.6 APIs; not compiled on
-//! the Linux CI machine (only the service-id arithmetic, shared in `finch_shared::endpoint`,
-//! is tested there). The socket is blocking; two threads bridge it into the async runtime.
+//! The Windows implementation: a blocking AF_HYPERV socket, bridged by two threads.
 #![allow(unsafe_code)]
 
 use std::io::{Read, Write};
 
 use anyhow::Context;
+
+/// A Hyper-V socket, bridged into the runtime.
+pub type Stream = tokio::io::DuplexStream;
 use finch_shared::endpoint::{HvVm, hv_service_id};
 use windows_sys::Win32::Networking::WinSock::AF_HYPERV;
 use windows_sys::Win32::System::Hypervisor::{HV_PROTOCOL_RAW, SOCKADDR_HV};
@@ -38,7 +33,7 @@ fn wsl_vm_id() -> anyhow::Result<String> {
 }
 
 /// Connects to `vm` on vsock port `port` and bridges the socket into a duplex stream.
-pub async fn dial(vm: &HvVm, port: u32) -> anyhow::Result<tokio::io::DuplexStream> {
+pub async fn dial(vm: &HvVm, port: u32) -> anyhow::Result<Stream> {
     let vm = vm.clone();
     let socket = tokio::task::spawn_blocking(move || -> anyhow::Result<socket2::Socket> {
         let id = match &vm {
@@ -63,9 +58,9 @@ pub async fn dial(vm: &HvVm, port: u32) -> anyhow::Result<tokio::io::DuplexStrea
                 std::ptr::copy_nonoverlapping(
                     (&addr as *const SOCKADDR_HV).cast::<u8>(),
                     storage.cast::<u8>(),
-                    std::mem::size_of::<SOCKADDR_HV>(),
+                    size_of::<SOCKADDR_HV>(),
                 );
-                *len = std::mem::size_of::<SOCKADDR_HV>() as _;
+                *len = size_of::<SOCKADDR_HV>() as _;
                 Ok(())
             })
         }
