@@ -43,11 +43,11 @@ pub const CONFIG_ENV: &str = "FINCH_HOST_AGENT_CONFIG";
 pub const STATE_DIR_ENV: &str = "FINCH_HOST_AGENT_STATE_DIR";
 /// Environment variable naming the host's docker config directory.
 pub const DOCKER_CONFIG_ENV: &str = "FINCH_HOST_AGENT_DOCKER_CONFIG";
-/// Config file under `$HOME` when nothing else is given.
+/// Config file under Finch's root ([`finch_root`]) when nothing else is given.
 pub const DEFAULT_CONFIG_FILE: &str = ".finch/host-agent.toml";
-/// State directory under `$HOME` when nothing else is given.
+/// State directory under Finch's root when nothing else is given.
 pub const DEFAULT_STATE_SUBDIR: &str = ".finch/host-agent";
-/// Docker config directory under `$HOME` when nothing else is given (Finch's).
+/// Docker config directory under Finch's root when nothing else is given (Finch's).
 pub const DEFAULT_DOCKER_CONFIG_SUBDIR: &str = ".finch";
 /// Default time a host credential helper may take.
 pub const DEFAULT_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -419,21 +419,43 @@ fn key_at(text: &str, offset: usize) -> String {
 
 /// `~/x` and absolute paths; anything else is refused (the agent's cwd means nothing).
 pub fn expand_path(s: &str) -> Result<PathBuf, String> {
-    if let Some(rest) = s.strip_prefix("~/") {
+    if let Some(rest) =
+        s.strip_prefix("~/").or_else(|| s.strip_prefix("~\\").filter(|_| cfg!(windows)))
+    {
         return home().map(|h| h.join(rest)).map_err(|e| e.to_string());
     }
-    if s.starts_with('/') {
+    if Path::new(s).is_absolute() {
         return Ok(PathBuf::from(s));
     }
     Err(format!("{s:?} is not an absolute path (or ~/…)"))
 }
 
-/// `$HOME`, required for defaults.
+/// The user's home, for `~/` in paths and the login service's files: `$HOME` on unix,
+/// `%USERPROFILE%` on Windows.
 pub fn home() -> anyhow::Result<PathBuf> {
-    std::env::var_os("HOME")
+    let var = if cfg!(windows) { "USERPROFILE" } else { "HOME" };
+    std::env::var_os(var).filter(|h| !h.is_empty()).map(PathBuf::from).with_context(|| {
+        format!("{var} is not set: give --state-dir, --docker-config and --config")
+    })
+}
+
+/// Where Finch keeps its files, under which the defaults live (`.finch/…`): the home
+/// directory on macOS and Linux, `%LOCALAPPDATA%` on Windows (Finch's `pkg/path`; like
+/// Finch, a `LOCALAPPDATA` holding `&` or `"` is refused).
+pub fn finch_root() -> anyhow::Result<PathBuf> {
+    if !cfg!(windows) {
+        return home();
+    }
+    let root = std::env::var_os("LOCALAPPDATA")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-        .context("HOME is not set: give --state-dir, --docker-config and --config")
+        .context("LOCALAPPDATA is not set: give --state-dir, --docker-config and --config")?;
+    let text = root.to_string_lossy();
+    anyhow::ensure!(
+        !text.contains(['&', '"']),
+        "LOCALAPPDATA ({text}) contains & or \", which Finch refuses too"
+    );
+    Ok(root)
 }
 
 fn env_path(name: &str) -> Option<PathBuf> {
@@ -446,8 +468,8 @@ pub fn config_file(flag: Option<&Path>) -> Result<(PathBuf, bool), ConfigError> 
     if let Some(p) = flag.map(Path::to_path_buf).or_else(|| env_path(CONFIG_ENV)) {
         return Ok((p, true));
     }
-    let home = home().map_err(|e| ConfigError::ConfigValue(e.to_string()))?;
-    Ok((home.join(DEFAULT_CONFIG_FILE), false))
+    let root = finch_root().map_err(|e| ConfigError::ConfigValue(e.to_string()))?;
+    Ok((root.join(DEFAULT_CONFIG_FILE), false))
 }
 
 fn read_file(path: &Path, named: bool) -> Result<Option<String>, ConfigError> {
@@ -485,16 +507,16 @@ impl Settings {
             (Some(p), _, _) | (None, Some(p), _) => absolute(p, "state directory")?,
             (None, None, Some(v)) => src.path(v, "state_dir")?,
             (None, None, None) => {
-                home().map_err(|e| value(e.to_string()))?.join(DEFAULT_STATE_SUBDIR)
+                finch_root().map_err(|e| value(e.to_string()))?.join(DEFAULT_STATE_SUBDIR)
             }
         };
         let docker_config =
             match (o.docker_config.clone(), env_path(DOCKER_CONFIG_ENV), &file.docker_config) {
                 (Some(p), _, _) | (None, Some(p), _) => absolute(p, "docker config directory")?,
                 (None, None, Some(v)) => src.path(v, "docker_config")?,
-                (None, None, None) => {
-                    home().map_err(|e| value(e.to_string()))?.join(DEFAULT_DOCKER_CONFIG_SUBDIR)
-                }
+                (None, None, None) => finch_root()
+                    .map_err(|e| value(e.to_string()))?
+                    .join(DEFAULT_DOCKER_CONFIG_SUBDIR),
             };
         let number = |flag: Option<u64>,
                       from_file: &Option<toml::Spanned<u64>>,
@@ -826,6 +848,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)] // the fixtures spell unix absolute paths
     #[test]
     fn precedence_flags_over_file_over_defaults() {
         let text = "state_dir = \"/from/file/state\"\nhelper_timeout_secs = 7\nheartbeat_ms = 900\n\
@@ -857,6 +880,7 @@ mod tests {
         assert_eq!(s.vms["b"].policy, Policy::default());
     }
 
+    #[cfg(unix)] // the fixtures spell unix absolute paths
     #[test]
     fn errors_name_file_line_column_and_key() {
         let cases: &[(&str, &str)] = &[
@@ -920,6 +944,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)] // the fixtures spell unix absolute paths
     #[test]
     fn attached_vms_merge_after_the_file_and_before_flags() {
         let dir = tempfile::tempdir().unwrap();
@@ -959,6 +984,19 @@ mod tests {
         let o = Overrides { helper_timeout_secs: Some(0), ..Overrides::default() };
         let err = load("", o).unwrap_err().to_string();
         assert!(err.contains("--helper-timeout-secs 0 is out of range"), "{err}");
+    }
+
+    #[cfg(windows)]
+    #[test]
+    fn windows_defaults_follow_finch_and_paths_are_windows_paths() {
+        let root = PathBuf::from(std::env::var_os("LOCALAPPDATA").unwrap());
+        let s = load("", Overrides::default()).unwrap();
+        assert_eq!(s.docker_config, root.join(".finch"));
+        assert_eq!(s.state_dir, root.join(".finch").join("host-agent"));
+        assert_eq!(config_file(None).unwrap().0, root.join(".finch/host-agent.toml"));
+        assert_eq!(expand_path("C:\\finch\\x").unwrap(), PathBuf::from("C:\\finch\\x"));
+        assert!(expand_path("/unrooted").is_err(), "no drive: not absolute on Windows");
+        assert!(expand_path("~\\x").unwrap().starts_with(home().unwrap()));
     }
 
     #[cfg(unix)]

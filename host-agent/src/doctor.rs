@@ -279,7 +279,7 @@ pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<std::path::Pa
             std::env::var_os(config::STATE_DIR_ENV).filter(|v| !v.is_empty()).map(Into::into)
         }) {
             Some(d) => Ok(d),
-            None => Ok(config::home()?.join(config::DEFAULT_STATE_SUBDIR)),
+            None => Ok(config::finch_root()?.join(config::DEFAULT_STATE_SUBDIR)),
         },
     }
 }

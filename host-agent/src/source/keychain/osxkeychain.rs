@@ -4,10 +4,12 @@
 //! authentication type `dflt` (left unset by docker-credential-osxkeychain 0.9.0–0.9.2, so
 //! lookups also try "any").
 //!
-//! Written against the documented API of `security-framework` 3 (`item::ItemSearchOptions`,
-//! `passwords::{get,delete}_internet_password`, `passwords_options::PasswordOptions`). Not
-//! compiled on the Linux CI machine; the URL splitting it relies on ([`ServerUrl`]) is shared
-//! and tested there, and the [`Blocking`](super::Blocking) adapter around it too.
+//! Written against `security-framework` 3 (`item::ItemSearchOptions`,
+//! `passwords::{get,delete}_internet_password`, `passwords_options::PasswordOptions`,
+//! `passwords::set_generic_password_options`). CI type-checks and lints it for both macOS
+//! targets on Linux (`.ci/zig-cc`); it is linked and run only on macOS (the upstream
+//! workflow). The URL splitting it relies on ([`ServerUrl`]) and the
+//! [`Blocking`](super::Blocking) adapter around it are tested on every OS.
 
 use finch_shared::Secret;
 use finch_shared::message::ListEntry;
@@ -131,7 +133,10 @@ impl SyncKeychain for OsxKeychain {
             SecAuthenticationType::Default,
         );
         options.set_label(DOCKER_LABEL);
-        passwords::set_password_options(credential.secret.expose().as_bytes(), options)
+        // security-framework 3 has one setter for any `PasswordOptions`: despite its name it
+        // adds an item of the options' own class (here kSecClassInternetPassword, with the
+        // label `set_internet_password` cannot give), updating one that exists.
+        passwords::set_generic_password_options(credential.secret.expose().as_bytes(), options)
             .map_err(classify)
     }
 
