@@ -205,13 +205,13 @@ pub fn uninstall(platform: Platform, path: &Path, no_stop: bool) -> anyhow::Resu
     }
 }
 
+// The expected texts spell unix paths (a Windows host joins with `\`); the Windows agent's
+// own `install --print --platform windows` runs in the Wine test.
 #[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
 
-    // The expected texts spell unix paths (a Windows host joins with `\`); the Windows
-    // agent's own `install --print --platform windows` runs in the Wine test.
-    #[cfg(unix)]
     #[test]
     fn files_use_absolute_paths_and_platform_places() {
         let home = Path::new("/home/u");
