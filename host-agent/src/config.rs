@@ -94,7 +94,7 @@ impl std::str::FromStr for VmSpec {
         }
         let (endpoint, key) = match rest.rsplit_once(",key=") {
             Some((endpoint, key)) => {
-                if !key.starts_with('/') {
+                if !Path::new(key).is_absolute() {
                     return Err(format!("{s:?}: key=PATH must be an absolute path"));
                 }
                 (endpoint, Some(PathBuf::from(key)))

@@ -5,7 +5,7 @@
 # uninstall.sh undoes exactly what this did.
 #
 #   install.sh --bundle DIR [--root DIR] [--init systemd|wsl|none]
-#              [--link-listen ENDPOINT] [--link-allow-uid UID]... [--allow-uid UID]...
+#              [--link-listen ENDPOINT] [--link-listen-non-loopback] [--link-allow-uid UID]... [--allow-uid UID]...
 #              [--socket-group GROUP] [--docker-config DIR]...
 #
 # The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     --init) init=$2; shift 2 ;;
     --link-listen) link_listen=$2; shift 2 ;;
     --link-allow-uid) allow_args="$allow_args --link-allow-uid $2"; shift 2 ;;
+    --link-listen-non-loopback) allow_args="$allow_args --link-listen-non-loopback"; shift ;;
     --allow-uid) allow_args="$allow_args --allow-uid $2"; first_uid=${first_uid:-$2}; shift 2 ;;
     --socket-group) socket_group=$2; shift 2 ;;
     --docker-config) docker_configs="$docker_configs $2"; shift 2 ;;

@@ -14,6 +14,9 @@
 //!   on a real gnome-keyring, a locked keyring, no session bus.
 //! * `vm`: a real VM (QEMU + vhost-device-vsock) with the guest agent on vsock, dialed by the
 //!   host agent over hybrid vsock.
+//! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
+//!   Linux guest agent over `tcp://`, answering from Wine's Credential Manager and from a
+//!   Windows host helper; its named-pipe control channel, `doctor`, `install --print`.
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
 //!
@@ -34,3 +37,4 @@ mod provision;
 mod readme;
 mod reference;
 mod vm;
+mod wine;
