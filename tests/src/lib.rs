@@ -270,6 +270,9 @@ pub struct Bridge {
     pub host_flags: Vec<String>,
     /// A TCP port on 127.0.0.1 for the link instead of the unix socket (`tcp://`).
     pub tcp_link: Option<u16>,
+    /// Run the guest agent and the helper from another directory through a runner (an
+    /// aarch64 build under `qemu-aarch64-static`): `(runner, bin dir)`.
+    pub guest_exec: Option<(PathBuf, PathBuf)>,
     /// Extra flags for the guest agent.
     pub guest_flags: Vec<String>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
@@ -299,6 +302,7 @@ impl Bridge {
             guest_flags: Vec::new(),
             host_dials: None,
             tcp_link: None,
+            guest_exec: None,
         }
     }
 
@@ -362,9 +366,22 @@ impl Bridge {
         self.path("link.sock")
     }
 
+    /// A command running the guest-side program `name` (directly, or through the runner of
+    /// [`Bridge::guest_exec`]).
+    pub fn guest_command(&self, name: &str) -> Command {
+        match &self.guest_exec {
+            Some((runner, dir)) => {
+                let mut cmd = Command::new(runner);
+                cmd.arg(dir.join(name));
+                cmd
+            }
+            None => Command::new(bin(name)),
+        }
+    }
+
     /// Starts the guest agent and waits for its helper socket.
     pub fn start_guest(&mut self) {
-        let mut cmd = Command::new(bin("finch-guest-agent"));
+        let mut cmd = self.guest_command("finch-guest-agent");
         cmd.arg("serve")
             .arg("--helper-socket")
             .arg(self.helper_socket())
@@ -457,7 +474,7 @@ impl Bridge {
 
     /// A command running the helper against this bridge's guest agent.
     pub fn helper_cmd(&self, action: &str) -> Command {
-        let mut cmd = Command::new(bin("docker-credential-finchhost"));
+        let mut cmd = self.guest_command("docker-credential-finchhost");
         cmd.arg(action).env("FINCH_GUEST_AGENT_SOCKET", self.helper_socket());
         cmd
     }

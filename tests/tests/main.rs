@@ -14,6 +14,8 @@
 //!   on a real gnome-keyring, a locked keyring, no session bus.
 //! * `vm`: a real VM (QEMU + vhost-device-vsock) with the guest agent on vsock, dialed by the
 //!   host agent over hybrid vsock.
+//! * `aarch64`: the static aarch64 guest binaries (Finch on Apple Silicon) under
+//!   `qemu-aarch64-static`, answering a `get` through the x86_64 host agent.
 //! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
 //!   Linux guest agent over `tcp://`, answering from Wine's Credential Manager and from a
 //!   Windows host helper; its named-pipe control channel, `doctor`, `install --print`.
@@ -26,6 +28,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod aarch64;
 mod auth;
 mod e2e_skopeo;
 mod ecr;
