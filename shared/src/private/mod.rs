@@ -1,7 +1,7 @@
 //! Files and directories only their owner may open, on every OS: what holds link keys, the
 //! host agent's state and the host's credential files.
 //!
-//! * unix ([`unix`]): mode bits. Private means no group or other bits (files 0600, dirs 0700).
+//! * unix (`unix`): mode bits. Private means no group or other bits (files 0600, dirs 0700).
 //! * Windows (`windows`, whose SID and ACL helpers the host agent's named pipe reuses): the DACL. Private means no allowing ACE for anyone but the owner,
 //!   the current user, `SYSTEM` and `Administrators`; created files and directories get a
 //!   protected DACL with one ACE, for the current user.
