@@ -834,8 +834,9 @@ mod tests {
                 key: None
             }
         );
-        let s: VmSpec = "finch=unix:///a/b.sock,key=/k/finch.key".parse().unwrap();
-        assert_eq!(s.key, Some(PathBuf::from("/k/finch.key")));
+        let key = if cfg!(windows) { r"C:\k\finch.key" } else { "/k/finch.key" };
+        let s: VmSpec = format!("finch=unix:///a/b.sock,key={key}").parse().unwrap();
+        assert_eq!(s.key, Some(PathBuf::from(key)));
         for bad in [
             "noequals",
             "=unix:///x",
