@@ -37,13 +37,15 @@ fn unsafe_keys_and_bad_endpoints_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let link = format!("unix://{}/l.sock", dir.path().display());
     let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o640), &link);
-    assert!(err.contains("must not be readable by group or others"), "{err}");
+    assert!(err.contains("is open to other users (mode 0640): run chmod 600"), "{err}");
     let err = serve_fails(dir.path(), &key_file(dir.path(), 16, 0o600), &link);
     assert!(err.contains("needs 32"), "{err}");
     let err = serve_fails(dir.path(), &dir.path().join("missing"), &link);
     assert!(err.contains("cannot read link key file"), "{err}");
-    let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o600), "tcp://127.0.0.1:1");
+    let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o600), "ftp://127.0.0.1:1");
     assert!(err.contains("unsupported endpoint"), "{err}");
+    let err = serve_fails(dir.path(), &key_file(dir.path(), 32, 0o600), "tcp://0.0.0.0:1");
+    assert!(err.contains("pass --link-listen-non-loopback to mean it"), "{err}");
     // Nothing was left behind.
     assert!(!dir.path().join("h.sock").exists());
 }

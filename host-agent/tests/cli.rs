@@ -37,7 +37,8 @@ fn bad_vm_specs_and_keys_are_refused() {
     assert!(err.contains("cannot read config file /nonexistent/host-agent.toml"), "{err}");
     assert!(run_fails(&["--vm", "noendpoint"]).contains("NAME=ENDPOINT"));
     assert!(run_fails(&["--vm", "../x=unix:///x"]).contains("VM name"));
-    assert!(run_fails(&["--vm", "a=tcp://1.2.3.4:1"]).contains("unsupported endpoint"));
+    assert!(run_fails(&["--vm", "a=ftp://1.2.3.4:1"]).contains("unsupported endpoint"));
+    assert!(run_fails(&["--vm", "a=tcp://1.2.3.4"]).contains("expected tcp://HOST:PORT"));
     assert!(run_fails(&["--vm", "a=unix:///x", "--vm", "a=unix:///y"]).contains("given twice"));
     let err = run_fails(&["--vm", "a=unix:///x,key=/nonexistent/key"]);
     assert!(err.contains("cannot read link key file /nonexistent/key"), "{err}");
@@ -46,7 +47,7 @@ fn bad_vm_specs_and_keys_are_refused() {
     std::fs::write(&key, [1u8; 32]).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = run_fails(&["--vm", &format!("a=unix:///x,key={}", key.display())]);
-    assert!(err.contains("must not be readable by group or others"), "{err}");
+    assert!(err.contains("is open to other users (mode 0644): run chmod 600"), "{err}");
 }
 
 #[test]
@@ -64,5 +65,5 @@ fn a_state_dir_others_can_enter_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is open to other users (mode 755): chmod 700 it"), "{err}");
+    assert!(err.contains("is open to other users (mode 0755): run chmod 700 "), "{err}");
 }
