@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use finch_shared::key::LinkKey;
 use tokio::sync::watch;
@@ -76,13 +76,7 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// What identifies a version of the config file, for change polling.
-type FileStamp = (Option<SystemTime>, u64, u64);
-
-fn stamp(path: &std::path::Path) -> Option<FileStamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok(), m.len(), crate::platform::file_id(&m)))
-}
+use crate::platform::{FileStamp, stamp};
 
 impl Agent {
     /// An agent for `prepared` (nothing runs until [`Agent::apply`]).

@@ -816,6 +816,10 @@ pub fn load_key(settings: &Settings, name: &str) -> anyhow::Result<LinkKey> {
 mod tests {
     use super::*;
 
+    fn reg(s: &str) -> finch_shared::registry::Registry {
+        finch_shared::registry::Registry::parse(s).unwrap()
+    }
+
     fn load(text: &str, o: Overrides) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("host-agent.toml");
@@ -862,8 +866,8 @@ mod tests {
         assert_eq!(s.reconnect_max, DEFAULT_RECONNECT_MAX);
         assert!(s.native_keychain);
         let a = &s.vms["a"];
-        assert!(a.policy.store.allows("ghcr.io") && !a.policy.store.allows("quay.io"));
-        assert!(a.policy.get.allows("quay.io"));
+        assert!(a.policy.store.allows(&reg("ghcr.io")) && !a.policy.store.allows(&reg("quay.io")));
+        assert!(a.policy.get.allows(&reg("quay.io")));
         let o = Overrides {
             state_dir: Some("/flag/state".into()),
             helper_timeout_secs: Some(3),
@@ -877,7 +881,7 @@ mod tests {
         assert!(!s.native_keychain);
         assert_eq!(s.vms["a"].endpoint, Endpoint::Unix("/flag.sock".into()));
         // The flag's endpoint keeps the file's policy.
-        assert!(!s.vms["a"].policy.store.allows("quay.io"));
+        assert!(!s.vms["a"].policy.store.allows(&reg("quay.io")));
         assert_eq!(s.vms["b"].policy, Policy::default());
     }
 

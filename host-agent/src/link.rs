@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{MessageError, read_msg, spawn_reader, write_msg};
+use finch_shared::frame::async_io::{
+    FrameQueue, QueueError, read_msg, spawn_reader, spawn_writer, write_msg,
+};
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
-use finch_shared::message::{Handshake, LinkMsg, WireError};
+use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -26,6 +28,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const HEARTBEAT_MISSES: u32 = 3;
 /// Most requests being answered at once on one link.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Longest one write to the guest may take; a guest that stops reading loses its link.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Frames waiting to be written (every answer in flight, and pings and pongs).
+const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 
 /// One VM the host agent serves.
 #[derive(Debug, Clone)]
@@ -76,11 +82,14 @@ pub async fn run_vm(
         };
         match result {
             Ok((stream, established)) => {
-                tracing::info!(vm = %vm.name, boot_id = %established.boot_id, version = established.version, "link up");
+                // The boot id is the guest's word: escaped, so it cannot forge a log line.
+                tracing::info!(vm = %vm.name, boot_id = ?established.boot_id, version = established.version, "link up");
                 last_error.clear();
                 backoff = BACKOFF_MIN;
                 board.link_up(&vm.name);
-                let reason = serve(stream, &vm, resolver.clone(), shutdown.clone()).await;
+                let reason =
+                    serve(stream, &vm, established.version, resolver.clone(), shutdown.clone())
+                        .await;
                 tracing::info!(vm = %vm.name, %reason, "link down");
                 board.link_down(&vm.name, &reason);
                 if *shutdown.borrow() {
@@ -105,18 +114,20 @@ pub async fn run_vm(
     }
 }
 
-/// Sends an answer; one too large for a frame becomes an `unavailable` error, so a big
-/// answer never takes the link down.
-async fn send_response<W: AsyncWrite + Unpin>(
-    wr: &mut W,
+/// Queues an answer in the form the guest's protocol `version` knows; one too large for a
+/// frame becomes an `unavailable` error, so a big answer never takes the link down.
+fn send_response(
+    queue: &FrameQueue,
+    version: u16,
     id: u64,
     outcome: finch_shared::message::Outcome,
-) -> Result<(), MessageError> {
-    match write_msg(wr, &LinkMsg::Response { id, outcome }).await {
-        Err(MessageError::Codec(e)) => {
+) -> Result<(), QueueError> {
+    let outcome = outcome.map(|r| r.for_version(version, LINK_VERSION_LIST_CUT));
+    match queue.send(&LinkMsg::Response { id, outcome }) {
+        Err(QueueError::Codec(e)) => {
             tracing::warn!(id, error = %e, "answer too large for the link");
             let outcome = Err(WireError::unavailable("the answer is too large for the link"));
-            write_msg(wr, &LinkMsg::Response { id, outcome }).await
+            queue.send(&LinkMsg::Response { id, outcome })
         }
         other => other,
     }
@@ -148,18 +159,22 @@ where
     }
 }
 
-/// Serves an authenticated link until it ends; returns why it ended.
+/// Serves an authenticated link of protocol `version` until it ends; returns why it ended.
+/// Every write goes through one writer task under [`WRITE_DEADLINE`], so a guest that stops
+/// reading cannot stall the heartbeat or shutdown.
 pub async fn serve<S>(
     stream: S,
     vm: &VmLink,
+    version: u16,
     resolver: Arc<Resolver>,
     mut shutdown: watch::Receiver<bool>,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
+    let (out, _writer) = spawn_writer(wr, WRITE_QUEUE, WRITE_DEADLINE);
     let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
     let mut ticker = tokio::time::interval(vm.heartbeat);
     let mut last_heard = Instant::now();
@@ -168,6 +183,7 @@ where
     let reason = loop {
         tokio::select! {
             () = stopped(&mut shutdown) => break "agent shutting down".to_owned(),
+            () = out.failed() => break format!("write failed: {}", out.error()),
             msg = incoming.recv() => {
                 last_heard = Instant::now();
                 let reply = match msg {
@@ -188,9 +204,9 @@ where
                     None => break "reader stopped".to_owned(),
                 };
                 if let Some(reply) = reply
-                    && let Err(e) = write_msg(&mut wr, &reply).await
+                    && let Err(e) = out.send(&reply)
                 {
-                    break format!("write failed: {e}");
+                    break e.to_string();
                 }
             }
             Some(done) = answering.join_next(), if !answering.is_empty() => {
@@ -198,8 +214,8 @@ where
                     tracing::error!(vm = %vm.name, "a request task failed; the guest will time out");
                     continue;
                 };
-                if let Err(e) = send_response(&mut wr, id, outcome).await {
-                    break format!("write failed: {e}");
+                if let Err(e) = send_response(&out, version, id, outcome) {
+                    break e.to_string();
                 }
             }
             _ = ticker.tick() => {
@@ -207,8 +223,8 @@ where
                     break format!("no heartbeat for {} ms", dead_after.as_millis());
                 }
                 seq += 1;
-                if let Err(e) = write_msg(&mut wr, &LinkMsg::Ping { seq }).await {
-                    break format!("write failed: {e}");
+                if let Err(e) = out.send(&LinkMsg::Ping { seq }) {
+                    break e.to_string();
                 }
             }
         }

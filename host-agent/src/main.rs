@@ -13,6 +13,7 @@
 //! the same link.
 
 mod agent;
+mod budget;
 mod config;
 mod control;
 mod doctor;

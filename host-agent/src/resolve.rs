@@ -1,27 +1,42 @@
 //! How the host answers one request: check it, route it to a source in docker/cli's order,
 //! check the VM's policy, try every spelling of the registry, and write one audit line.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use finch_shared::limit::{LogGate, cap};
 use finch_shared::message::{ListEntry, MAX_LIST_ENTRIES, Outcome, Request, Response, WireError};
-use finch_shared::registry::{registry_key, spellings};
+use finch_shared::registry::Registry;
 
+use crate::budget::StoreBudget;
 use crate::config::Settings;
 use crate::policy::Rule;
-use crate::source::docker_config::{DockerConfig, PlainAuths};
+use crate::source::docker_config::{ConfigCache, DockerConfig, PlainAuths};
 use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;
 use crate::source::{Credential, CredentialSource, SourceError, keychain};
 use crate::status::StatusBoard;
 
-/// Longest server string accepted from a guest.
-pub const MAX_SERVER_LEN: usize = 1024;
-/// Longest username accepted from a guest.
-pub const MAX_USERNAME_LEN: usize = 1024;
+/// Longest username accepted from a guest (registry accounts are e-mail addresses at most).
+pub const MAX_USERNAME_LEN: usize = 256;
+/// Longest secret accepted from a guest: registry passwords and identity tokens (JWTs of a
+/// few KiB) fit; Windows' Credential Manager itself keeps at most 2.5 KiB.
+pub const MAX_SECRET_LEN: usize = 16 * 1024;
+/// Most bytes of names a `list` answer carries (it must fit one link frame).
+pub const MAX_LIST_BYTES: usize = 48 * 1024;
 /// Tracing target of the audit lines.
 pub const AUDIT_TARGET: &str = "finch_audit";
+/// Longest reason written in an audit line.
+pub const MAX_AUDIT_REASON: usize = 300;
+/// Rejected requests of one VM written to the log per [`REJECTION_WINDOW`]; the rest are
+/// counted in the next line written.
+pub const REJECTION_BURST: u32 = 10;
+/// See [`REJECTION_BURST`].
+pub const REJECTION_WINDOW: Duration = Duration::from_secs(10);
+/// Most VMs whose rejections are counted apart (more, and they share one count).
+const MAX_GATES: usize = 256;
 
 /// What the resolver answers from: the settings and the long-lived native keychain.
 #[derive(Clone)]
@@ -32,6 +47,10 @@ pub struct Current {
     pub keychain: Option<Arc<dyn CredentialSource>>,
     /// Native ECR (one per agent: its token cache outlives reloads).
     pub ecr: Arc<Ecr>,
+    /// What each VM stored (kept across reloads while the state directory is the same).
+    pub budget: Arc<StoreBudget>,
+    /// The docker config as last read.
+    pub configs: Arc<ConfigCache>,
 }
 
 impl std::fmt::Debug for Current {
@@ -40,6 +59,15 @@ impl std::fmt::Debug for Current {
             .field("keychain", &self.keychain.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Runs blocking file or process work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(WireError::Internal { reason: format!("a worker failed: {e}") }))
 }
 
 impl Current {
@@ -60,34 +88,58 @@ impl Current {
             None => Ecr::new(settings.ecr.clone()),
         };
         ecr.configure(settings.ecr.clone());
-        Current { settings: Arc::new(settings), keychain, ecr }
+        let budget = match previous {
+            Some(p) if p.settings.state_dir == settings.state_dir => p.budget.clone(),
+            _ => Arc::new(StoreBudget::new(&settings.state_dir)),
+        };
+        let configs = match previous {
+            Some(p) if p.settings.docker_config == settings.docker_config => p.configs.clone(),
+            _ => Arc::default(),
+        };
+        Current { settings: Arc::new(settings), keychain, ecr, budget, configs }
     }
 
-    /// The source that serves `server` under the docker config's routing: `credHelpers`
+    /// The docker config, read off the runtime (and only again when the file changed).
+    pub async fn docker_config(&self) -> Result<Arc<DockerConfig>, WireError> {
+        let (configs, dir) = (self.configs.clone(), self.settings.docker_config.clone());
+        blocking(move || configs.load(&dir).map_err(Into::into)).await
+    }
+
+    /// The source that serves `registry` under the docker config's routing: `credHelpers`
     /// first; then native ECR for an ECR hostname (with `[ecr] auto`); then `credsStore`;
     /// then the plaintext `auths`.
-    pub fn source_for(
+    pub async fn source_for(
         &self,
         config: &DockerConfig,
-        server: &str,
+        registry: &Registry,
     ) -> Result<Arc<dyn CredentialSource>, SourceError> {
         let routing = &config.routing;
-        let explicit = routing.cred_helper_for(server);
+        let explicit = routing.cred_helper_for(registry);
         let name = match explicit {
             Some(name) => Some(name),
-            None if self.settings.ecr.auto && ecr::host::is_ecr(server) => Some(ecr::HELPER_NAME),
+            None if self.settings.ecr.auto && ecr::host::EcrHost::of(registry).is_some() => {
+                Some(ecr::HELPER_NAME)
+            }
             None => routing.creds_store.as_deref(),
         };
         match name.filter(|n| !n.is_empty()) {
-            Some(name) => self.helper(name),
+            Some(name) => self.helper_async(name).await,
             None => {
                 Ok(Arc::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())))
             }
         }
     }
 
+    /// [`Current::helper`], with the search for a host helper off the runtime.
+    pub async fn helper_async(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
+        let (this, name) = (self.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || this.helper(&name)).await.unwrap_or_else(|e| {
+            Err(SourceError::HelperSpawn { name: String::new(), source: std::io::Error::other(e) })
+        })
+    }
+
     /// The source behind helper `name`: the native keychain when it serves that name,
-    /// else the host's `docker-credential-<name>`.
+    /// else the host's `docker-credential-<name>` (found on `PATH`: blocking).
     pub fn helper(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
         if name == ecr::HELPER_NAME {
             return Ok(Arc::new(EcrSource(self.ecr.clone())));
@@ -112,12 +164,13 @@ pub fn helper_path() -> OsString {
 pub struct Resolver {
     current: RwLock<Current>,
     board: Arc<StatusBoard>,
+    gates: Mutex<HashMap<String, LogGate>>,
 }
 
 impl Resolver {
     /// A resolver answering from `current`, counting requests on `board`.
     pub fn new(current: Current, board: Arc<StatusBoard>) -> Self {
-        Resolver { current: RwLock::new(current), board }
+        Resolver { current: RwLock::new(current), board, gates: Mutex::new(HashMap::new()) }
     }
 
     /// What requests are answered from now.
@@ -130,30 +183,30 @@ impl Resolver {
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = current;
     }
 
-    /// Answers `request` from VM `vm` and writes its audit line.
+    /// Answers `request` from VM `vm` and writes its audit line. The request is checked
+    /// before anything of it is logged; rejections are rate-limited per VM in the log.
     pub async fn handle(&self, vm: &str, request: Request) -> Outcome {
         let started = Instant::now();
         self.board.count_request(vm);
         let op = request.op();
-        let registry = request.server().map(registry_key);
         let current = self.current();
-        let (source, outcome) = match check(&request).and_then(|()| allowed(&current, vm, &request))
-        {
-            Ok(rule) => dispatch(&current, request, rule).await,
-            Err(e) => ("-".to_owned(), Err(e)),
+        let checked = check(&request).and_then(|registry| {
+            let rule = allowed(&current, vm, op, registry.as_ref())?;
+            Ok((registry, rule))
+        });
+        let (registry, rule) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.rejected(vm, op, &e);
+                return Err(e);
+            }
         };
+        let (source, outcome) = dispatch(&current, vm, request, registry.as_ref(), &rule).await;
         let result = match &outcome {
             Ok(_) => "ok",
             Err(e) => e.class(),
         };
-        let reason = match &outcome {
-            Err(
-                WireError::Unavailable { reason }
-                | WireError::Internal { reason }
-                | WireError::Denied { reason },
-            ) => reason.as_str(),
-            _ => "",
-        };
+        let registry = registry.as_ref().map(Registry::key);
         tracing::info!(
             target: AUDIT_TARGET,
             vm,
@@ -161,16 +214,63 @@ impl Resolver {
             registry = registry.as_deref().unwrap_or("-"),
             source,
             result,
-            reason,
+            reason = ?cap(reason_of(&outcome), MAX_AUDIT_REASON),
             ms = started.elapsed().as_millis() as u64,
         );
         outcome
     }
+
+    /// The audit line of a refused request, if the VM's log gate lets it through.
+    fn rejected(&self, vm: &str, op: &str, e: &WireError) {
+        let admitted = {
+            let mut gates = self.gates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if gates.len() >= MAX_GATES && !gates.contains_key(vm) {
+                gates.clear();
+            }
+            gates
+                .entry(vm.to_owned())
+                .or_insert_with(|| LogGate::new(REJECTION_WINDOW, REJECTION_BURST))
+                .admit(Instant::now())
+        };
+        if let Some(suppressed) = admitted {
+            let reason = match e {
+                WireError::BadRequest { reason } | WireError::Denied { reason } => reason.as_str(),
+                _ => "",
+            };
+            tracing::info!(
+                target: AUDIT_TARGET,
+                vm,
+                op,
+                registry = "-",
+                source = "-",
+                result = e.class(),
+                reason = ?cap(reason, MAX_AUDIT_REASON),
+                suppressed,
+                "request refused"
+            );
+        }
+    }
+}
+
+fn reason_of(outcome: &Outcome) -> &str {
+    match outcome {
+        Err(
+            WireError::Unavailable { reason }
+            | WireError::Internal { reason }
+            | WireError::Denied { reason }
+            | WireError::BadRequest { reason },
+        ) => reason.as_str(),
+        _ => "",
+    }
 }
 
 /// The VM's rule for this request, if the policy allows it at all.
-fn allowed<'c>(current: &'c Current, vm: &str, request: &Request) -> Result<&'c Rule, WireError> {
-    let op = request.op();
+fn allowed(
+    current: &Current,
+    vm: &str,
+    op: &str,
+    registry: Option<&Registry>,
+) -> Result<Rule, WireError> {
     let denied = |what: String| WireError::Denied {
         reason: format!("the host's policy for VM {vm} does not allow {what}"),
     };
@@ -181,49 +281,101 @@ fn allowed<'c>(current: &'c Current, vm: &str, request: &Request) -> Result<&'c 
     let Some(rule) = vm_settings.policy.rule(op) else {
         return Err(denied(op.to_owned()));
     };
-    match request.server() {
-        Some(server) if !rule.allows(server) => {
-            Err(denied(format!("{op} for {}", registry_key(server))))
-        }
+    match registry {
+        Some(registry) if !rule.allows(registry) => Err(denied(format!("{op} for {registry}"))),
         None if rule.is_empty() => Err(denied(op.to_owned())),
-        _ => Ok(rule),
+        _ => Ok(rule.clone()),
     }
 }
 
-async fn dispatch(current: &Current, request: Request, rule: &Rule) -> (String, Outcome) {
-    let config = match DockerConfig::load(&current.settings.docker_config) {
+async fn dispatch(
+    current: &Current,
+    vm: &str,
+    request: Request,
+    registry: Option<&Registry>,
+    rule: &Rule,
+) -> (String, Outcome) {
+    let config = match current.docker_config().await {
         Ok(c) => c,
-        Err(e) => return ("docker-config".into(), Err(e.into())),
+        Err(e) => return ("docker-config".into(), Err(e)),
     };
-    let Some(server) = request.server().map(str::to_owned) else {
-        return ("all".into(), list(current, &config, rule).await);
+    let Some(registry) = registry else {
+        return ("all".into(), list(current, vm, &config, rule).await);
     };
-    let source = match current.source_for(&config, &server) {
+    let source = match current.source_for(&config, registry).await {
         Ok(s) => s,
         Err(e) => {
-            return (config.routing.helper_for(&server).unwrap_or("-").to_owned(), Err(e.into()));
+            let name = config.routing.helper_for(registry).unwrap_or("-").to_owned();
+            return (name, Err(e.into()));
         }
     };
+    let name = source.name();
     let outcome = match request {
-        Request::Get { server } => get(source.as_ref(), &server).await,
-        Request::Store { server, username, secret } => {
-            let credential = Credential { username, secret };
-            source
-                .store(&registry_key(&server), &credential)
-                .await
-                .map(|()| Response::Done)
-                .map_err(Into::into)
+        Request::Get { .. } => {
+            let outcome = get(source.as_ref(), registry).await;
+            if outcome.is_ok() && name == "ecr" {
+                current.ecr.served(vm, registry.host());
+            }
+            outcome
         }
-        Request::Erase { server } => erase(source.as_ref(), &server).await,
-        Request::List => list(current, &config, rule).await,
+        Request::Store { username, secret, .. } => {
+            store(current, vm, source.as_ref(), registry, Credential { username, secret }).await
+        }
+        Request::Erase { .. } => {
+            let outcome = erase(source.as_ref(), registry).await;
+            if outcome.is_ok() && name != "ecr" {
+                let (budget, vm, key) = (current.budget.clone(), vm.to_owned(), registry.key());
+                let _ = blocking(move || {
+                    budget.release(&vm, &key);
+                    Ok(())
+                })
+                .await;
+            }
+            outcome
+        }
+        Request::List => list(current, vm, &config, rule).await,
     };
-    (source.name(), outcome)
+    (name, outcome)
+}
+
+/// Stores under docker/cli's key, within the VM's budget (ECR ignores stores: not counted).
+async fn store(
+    current: &Current,
+    vm: &str,
+    source: &dyn CredentialSource,
+    registry: &Registry,
+    credential: Credential,
+) -> Outcome {
+    let key = registry.key();
+    let reserved = if source.name() == "ecr" {
+        None
+    } else {
+        let bytes =
+            (key.len() + credential.username.len() + credential.secret.expose().len()) as u64;
+        let (budget, vm, k) = (current.budget.clone(), vm.to_owned(), key.clone());
+        Some(blocking(move || budget.reserve(&vm, &k, bytes)).await?)
+    };
+    match source.store(&key, &credential).await {
+        Ok(()) => Ok(Response::Done),
+        Err(e) => {
+            if let Some(r) = reserved {
+                let budget = current.budget.clone();
+                let _ = blocking(move || {
+                    budget.undo(r);
+                    Ok(())
+                })
+                .await;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Every credential's server and username that `rule` lets the VM see: plaintext `auths`,
-/// the `credsStore`, and each `credHelpers` helper for the registries routed to it. Never
-/// secrets.
-async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome {
+/// the `credsStore`, each `credHelpers` helper for the registries routed to it, and the ECR
+/// registries this VM was served. Never secrets. Names that are not registries are left out;
+/// the answer is cut to [`MAX_LIST_BYTES`] and says so.
+async fn list(current: &Current, vm: &str, config: &DockerConfig, rule: &Rule) -> Outcome {
     let routing = &config.routing;
     let mut entries: Vec<ListEntry> =
         PlainAuths::new(&current.settings.docker_config, config.auths.clone()).list().await?;
@@ -233,13 +385,13 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
     let mut listed_any = false;
     let mut add = |name: &str,
                    result: Result<Vec<ListEntry>, SourceError>,
-                   only: Option<&[&String]>| match result {
+                   only: Option<&[String]>| match result {
         Ok(found) => {
             listed_any = true;
             for e in found {
-                if only.is_none_or(|mine| mine.contains(&&registry_key(&e.server)))
-                    && !entries.contains(&e)
-                {
+                let key = Registry::parse(&e.server).map(|r| r.key());
+                let mine = only.is_none_or(|mine| key.as_ref().is_ok_and(|k| mine.contains(k)));
+                if mine && !entries.contains(&e) {
                     entries.push(e);
                 }
             }
@@ -249,16 +401,29 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
             failure.get_or_insert(e);
         }
     };
-    if let Some(store) = routing.creds_store.as_deref().filter(|s| !s.is_empty()) {
-        let result = match current.helper(store) {
-            Ok(source) => source.list().await,
-            Err(e) => Err(e),
+    let ecr_entries = || {
+        current
+            .ecr
+            .listed_for(vm)
+            .into_iter()
+            .map(|server| ListEntry { server, username: ecr::TOKEN_USERNAME.into() })
+            .collect::<Vec<_>>()
+    };
+    let creds_store = routing.creds_store.as_deref().filter(|s| !s.is_empty());
+    if let Some(store) = creds_store {
+        let result = if store == ecr::HELPER_NAME {
+            Ok(ecr_entries())
+        } else {
+            match current.helper_async(store).await {
+                Ok(source) => source.list().await,
+                Err(e) => Err(e),
+            }
         };
         add(store, result, None);
     }
     // ECR tokens served under `auto` appear too.
-    if current.settings.ecr.auto && routing.creds_store.as_deref() != Some(ecr::HELPER_NAME) {
-        add(ecr::HELPER_NAME, EcrSource(current.ecr.clone()).list().await, None);
+    if current.settings.ecr.auto && creds_store != Some(ecr::HELPER_NAME) {
+        add(ecr::HELPER_NAME, Ok(ecr_entries()), None);
     }
     let mut helpers: Vec<&String> =
         routing.cred_helpers.values().filter(|h| !h.is_empty()).collect();
@@ -268,11 +433,19 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
         if routing.creds_store.as_ref() == Some(name) {
             continue;
         }
-        let mine: Vec<&String> =
-            routing.cred_helpers.iter().filter(|(_, h)| *h == name).map(|(r, _)| r).collect();
-        let result = match current.helper(name) {
-            Ok(source) => source.list().await,
-            Err(e) => Err(e),
+        let mine: Vec<String> = routing
+            .cred_helpers
+            .iter()
+            .filter(|(_, h)| *h == name)
+            .filter_map(|(r, _)| Registry::parse(r).ok().map(|r| r.key()))
+            .collect();
+        let result = if name == ecr::HELPER_NAME {
+            Ok(ecr_entries())
+        } else {
+            match current.helper_async(name).await {
+                Ok(source) => source.list().await,
+                Err(e) => Err(e),
+            }
         };
         add(name, result, Some(&mine));
     }
@@ -282,19 +455,31 @@ async fn list(current: &Current, config: &DockerConfig, rule: &Rule) -> Outcome 
     {
         return Err(e.into());
     }
-    entries.retain(|e| rule.allows(&e.server));
-    if entries.len() > MAX_LIST_ENTRIES {
-        tracing::warn!(count = entries.len(), kept = MAX_LIST_ENTRIES, "list truncated");
-        entries.truncate(MAX_LIST_ENTRIES);
+    entries.retain(|e| Registry::parse(&e.server).is_ok_and(|r| rule.allows(&r)));
+    entries.sort_by(|a, b| a.server.cmp(&b.server).then_with(|| a.username.cmp(&b.username)));
+    let found = entries.len();
+    let mut bytes = 0;
+    let mut keep = 0;
+    for e in &entries {
+        bytes += e.server.len() + e.username.len() + 8;
+        if bytes > MAX_LIST_BYTES || keep == MAX_LIST_ENTRIES {
+            break;
+        }
+        keep += 1;
+    }
+    entries.truncate(keep);
+    if keep < found {
+        tracing::warn!(vm, found, kept = keep, "list cut to fit one answer");
+        return Ok(Response::ListCut { entries, omitted: (found - keep) as u64 });
     }
     Ok(Response::List { entries })
 }
 
 /// Tries every spelling; the first hit wins. Errors on one spelling don't hide a hit on
 /// another (as nerdctl does); if nothing is found and something failed, the failure is told.
-async fn get(source: &dyn CredentialSource, server: &str) -> Outcome {
+async fn get(source: &dyn CredentialSource, registry: &Registry) -> Outcome {
     let mut failure = None;
-    for spelling in spellings(server) {
+    for spelling in registry.spellings() {
         match source.get(&spelling).await {
             Ok(Some(c)) => {
                 return Ok(Response::Credential { username: c.username, secret: c.secret });
@@ -323,30 +508,33 @@ async fn get(source: &dyn CredentialSource, server: &str) -> Outcome {
 }
 
 /// Erases every spelling, as `docker logout` does for the ones it knows.
-async fn erase(source: &dyn CredentialSource, server: &str) -> Outcome {
-    for spelling in spellings(server) {
+async fn erase(source: &dyn CredentialSource, registry: &Registry) -> Outcome {
+    for spelling in registry.spellings() {
         source.erase(&spelling).await?;
     }
     Ok(Response::Done)
 }
 
-/// Refuses requests no registry client would send.
-fn check(request: &Request) -> Result<(), WireError> {
-    let bad = |reason: &str| Err(WireError::BadRequest { reason: reason.to_owned() });
-    if let Some(server) = request.server() {
-        if server.is_empty() || server.len() > MAX_SERVER_LEN {
-            return bad("server name is empty or too long");
-        }
-        if server.chars().any(char::is_control) {
-            return bad("server name contains control characters");
-        }
-    }
-    if let Request::Store { username, .. } = request
-        && (username.is_empty()
+/// Refuses requests no registry client would send; the server name becomes a [`Registry`]
+/// here, once, for everything after.
+fn check(request: &Request) -> Result<Option<Registry>, WireError> {
+    let bad = |reason: String| WireError::BadRequest { reason };
+    let registry = match request.server() {
+        Some(server) => Some(Registry::parse(server).map_err(|e| bad(e.to_string()))?),
+        None => None,
+    };
+    if let Request::Store { username, secret, .. } = request {
+        if username.is_empty()
             || username.len() > MAX_USERNAME_LEN
-            || username.chars().any(char::is_control))
-    {
-        return bad("username is empty, too long or contains control characters");
+            || username.chars().any(char::is_control)
+        {
+            return Err(bad(format!(
+                "the username is empty, longer than {MAX_USERNAME_LEN} bytes or contains control characters"
+            )));
+        }
+        if secret.expose().len() > MAX_SECRET_LEN {
+            return Err(bad(format!("the secret is longer than {MAX_SECRET_LEN} bytes")));
+        }
     }
-    Ok(())
+    Ok(registry)
 }

@@ -14,6 +14,10 @@ pub const MAX_FRAME: usize = 64 * 1024;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 4;
 
+/// Bytes of a payload read before the rest of an announced length is allocated: a peer must
+/// send data, not only a header, to make us hold a large buffer.
+pub const FIRST_CHUNK: usize = 4096;
+
 /// A frame payload; zeroized on drop.
 pub type Payload = Zeroizing<Vec<u8>>;
 
@@ -76,9 +80,21 @@ pub fn read_frame<R: Read>(reader: &mut R) -> Result<Payload, FrameError> {
         }
     }
     let len = check_len(header)?;
-    let mut payload = Zeroizing::new(vec![0u8; len]);
+    let mut payload = Zeroizing::new(vec![0u8; len.min(FIRST_CHUNK)]);
     reader.read_exact(&mut payload).map_err(|e| map_eof(e, true))?;
+    if len > FIRST_CHUNK {
+        let mut full = grow(&payload, len);
+        reader.read_exact(&mut full[FIRST_CHUNK..]).map_err(|e| map_eof(e, true))?;
+        payload = full;
+    }
     Ok(payload)
+}
+
+/// A buffer of `len` bytes starting with `first` (which is zeroized when dropped).
+fn grow(first: &[u8], len: usize) -> Payload {
+    let mut full = Zeroizing::new(vec![0u8; len]);
+    full[..first.len()].copy_from_slice(first);
+    full
 }
 
 /// Writes one frame to a blocking writer (header and payload in one write where possible).
@@ -97,7 +113,9 @@ pub mod async_io {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use zeroize::Zeroizing;
 
-    use super::{FrameError, HEADER_LEN, Payload, check_len, header_for, map_eof};
+    use super::{
+        FIRST_CHUNK, FrameError, HEADER_LEN, Payload, check_len, grow, header_for, map_eof,
+    };
 
     /// Reads one frame. Cancel-safe only between frames: drop the stream if a read is cancelled.
     pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Payload, FrameError> {
@@ -113,8 +131,13 @@ pub mod async_io {
             }
         }
         let len = check_len(header)?;
-        let mut payload = Zeroizing::new(vec![0u8; len]);
+        let mut payload = Zeroizing::new(vec![0u8; len.min(FIRST_CHUNK)]);
         reader.read_exact(&mut payload).await.map_err(|e| map_eof(e, true))?;
+        if len > FIRST_CHUNK {
+            let mut full = grow(&payload, len);
+            reader.read_exact(&mut full[FIRST_CHUNK..]).await.map_err(|e| map_eof(e, true))?;
+            payload = full;
+        }
         Ok(payload)
     }
 
@@ -176,7 +199,7 @@ pub mod async_io {
         (rx, ReaderTask(task))
     }
 
-    /// Stops its reader task when dropped.
+    /// Stops its reader (or writer) task when dropped.
     #[derive(Debug)]
     pub struct ReaderTask(tokio::task::JoinHandle<()>);
 
@@ -184,6 +207,91 @@ pub mod async_io {
         fn drop(&mut self) {
             self.0.abort();
         }
+    }
+
+    /// Why a message could not be queued for the writer task.
+    #[derive(Debug, thiserror::Error)]
+    pub enum QueueError {
+        /// The message cannot be encoded into one frame.
+        #[error(transparent)]
+        Codec(#[from] crate::codec::CodecError),
+        /// The queue is full: the peer stopped reading.
+        #[error("the peer stopped reading: {0} frames wait to be written")]
+        Stalled(usize),
+        /// The writer stopped (a write failed or missed its deadline).
+        #[error("write failed: {0}")]
+        Closed(String),
+    }
+
+    /// The sending side of a writer task: messages are encoded here and written there, in
+    /// order, each under a deadline. Queuing never waits.
+    #[derive(Debug, Clone)]
+    pub struct FrameQueue {
+        tx: tokio::sync::mpsc::Sender<Payload>,
+        error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+        capacity: usize,
+    }
+
+    impl FrameQueue {
+        /// Encodes `msg` and queues it.
+        pub fn send<T: serde::Serialize>(&self, msg: &T) -> Result<(), QueueError> {
+            // The encoder refuses anything over the frame limit.
+            let payload = crate::codec::encode(msg)?;
+            self.tx.try_send(payload).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                    QueueError::Stalled(self.capacity)
+                }
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    QueueError::Closed(self.error())
+                }
+            })
+        }
+
+        /// Resolves when the writer task has stopped.
+        pub async fn failed(&self) {
+            self.tx.closed().await;
+        }
+
+        /// Why the writer stopped.
+        pub fn error(&self) -> String {
+            self.error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+                .unwrap_or_else(|| "the writer stopped".to_owned())
+        }
+    }
+
+    /// Writes the frames queued on the returned [`FrameQueue`] (at most `capacity` waiting)
+    /// to `writer` on a task of its own, each write and flush bounded by `deadline`; the first
+    /// failure or missed deadline stops it. The task stops when the guard is dropped.
+    pub fn spawn_writer<W>(
+        mut writer: W,
+        capacity: usize,
+        deadline: std::time::Duration,
+    ) -> (FrameQueue, ReaderTask)
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let capacity = capacity.max(1);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Payload>(capacity);
+        let error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let failed = error.clone();
+        let task = tokio::spawn(async move {
+            while let Some(payload) = rx.recv().await {
+                let why = match tokio::time::timeout(deadline, write_frame(&mut writer, &payload))
+                    .await
+                {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("a write took longer than {} ms", deadline.as_millis()),
+                };
+                *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+                break;
+            }
+            // Dropping the receiver here tells every sender (`failed` resolves).
+        });
+        (FrameQueue { tx, error, capacity }, ReaderTask(task))
     }
 
     /// Encodes `msg` and writes it as one frame.

@@ -7,8 +7,9 @@
 //! * [`message`]: link and helper-socket messages, typed errors that cross the link.
 //! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
 //! * [`key`]: the per-VM link key and its file checks.
+//! * [`limit`]: a log gate for floods and a length cap for logged text.
 //! * [`private`]: owner-only files and directories (mode bits on unix, a DACL on Windows).
-//! * [`registry`]: registry-name normalization following docker/cli.
+//! * [`registry`]: the one parser of server names, their spellings, and policy patterns.
 //! * [`Secret`]: a credential that never prints.
 
 pub mod codec;
@@ -16,6 +17,7 @@ pub mod endpoint;
 pub mod frame;
 pub mod handshake;
 pub mod key;
+pub mod limit;
 pub mod message;
 pub mod private;
 pub mod registry;

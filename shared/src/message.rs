@@ -8,11 +8,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::Secret;
 
-/// Link protocol versions this build speaks, newest last.
-pub const LINK_VERSIONS: &[u16] = &[1];
+/// Link protocol versions this build speaks, newest last. Version 2 adds
+/// [`Response::ListCut`]; a version-1 peer is answered [`Response::List`] instead.
+pub const LINK_VERSIONS: &[u16] = &[1, 2];
 
-/// Version of the helper-socket protocol.
-pub const HELPER_VERSION: u16 = 1;
+/// The first link version that may carry [`Response::ListCut`].
+pub const LINK_VERSION_LIST_CUT: u16 = 2;
+
+/// Version of the helper-socket protocol this build's helper speaks. Version 2 adds
+/// [`Response::ListCut`].
+pub const HELPER_VERSION: u16 = 2;
+
+/// Helper-socket versions the guest agent answers.
+pub const HELPER_VERSIONS: &[u16] = &[1, 2];
 
 /// Most versions a hello may list.
 pub const MAX_VERSIONS: usize = 16;
@@ -104,6 +112,30 @@ pub enum Response {
         )]
         entries: Vec<ListEntry>,
     },
+    /// Answer to `list` cut to fit one frame (link and helper version 2 and later).
+    ListCut {
+        /// The entries that fit.
+        #[serde(
+            serialize_with = "bounded_vec::serialize",
+            deserialize_with = "bounded_vec::deserialize::<_, _, MAX_LIST_ENTRIES>"
+        )]
+        entries: Vec<ListEntry>,
+        /// How many more there were.
+        omitted: u64,
+    },
+}
+
+impl Response {
+    /// This answer as a peer speaking protocol `version` understands: below the version that
+    /// brought [`Response::ListCut`], a cut list is a plain list.
+    pub fn for_version(self, version: u16, list_cut_since: u16) -> Response {
+        match self {
+            Response::ListCut { entries, .. } if version < list_cut_since => {
+                Response::List { entries }
+            }
+            other => other,
+        }
+    }
 }
 
 /// An error that crosses the link. Reasons are for people and never carry a secret.

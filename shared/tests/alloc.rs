@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use finch_shared::codec::decode;
-use finch_shared::frame::{MAX_FRAME, read_frame};
+use finch_shared::frame::{FIRST_CHUNK, MAX_FRAME, read_frame};
 use finch_shared::message::{Handshake, HelperCall, HelperReply, LinkMsg, MAX_LIST_ENTRIES};
 
 struct Counting;
@@ -71,6 +71,17 @@ fn decoding_allocation_is_bounded() {
         let _ = read_frame(&mut &[0xffu8, 0xff, 0xff, 0xff, 0, 0][..]);
     });
     assert!(peak < 1024, "{peak}");
+    // A header announcing the largest frame, then a few bytes: the buffer grows only once the
+    // peer has sent the first chunk (a silent peer cannot make the agent hold 64 KiB).
+    let mut short = (MAX_FRAME as u32).to_be_bytes().to_vec();
+    short.extend_from_slice(&[7; 100]);
+    let peak = peak_of(|| {
+        let _ = read_frame(&mut &short[..]);
+    });
+    assert!(peak <= FIRST_CHUNK + 1024, "a 100-byte frame start allocated {peak} bytes");
+    let mut full = (MAX_FRAME as u32).to_be_bytes().to_vec();
+    full.extend_from_slice(&vec![7; MAX_FRAME]);
+    assert_eq!(read_frame(&mut &full[..]).unwrap().len(), MAX_FRAME);
 
     // The worst list that fits in a frame: the most entries allowed, then far too many.
     for count in [MAX_LIST_ENTRIES, MAX_LIST_ENTRIES * 16] {

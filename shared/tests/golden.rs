@@ -87,7 +87,19 @@ fn golden_encodings() {
     );
     golden(LinkMsg::Ping { seq: 7 }, "0207");
     golden(LinkMsg::Pong { seq: 7 }, "0307");
-    golden(HelperCall { version: HELPER_VERSION, request: Request::List }, "0103");
+    golden(HelperCall { version: 1, request: Request::List }, "0103");
+    // Version 2 (link and helper): a list cut to fit, with the count left out.
+    golden(HelperCall { version: HELPER_VERSION, request: Request::List }, "0203");
+    golden(
+        LinkMsg::Response {
+            id: 1,
+            outcome: Ok(Response::ListCut {
+                entries: vec![ListEntry { server: "h".into(), username: "u".into() }],
+                omitted: 5,
+            }),
+        },
+        "01010003010168017505",
+    );
     golden(HelperReply { outcome: Err(WireError::NotFound) }, "0100");
 }
 

@@ -1,10 +1,21 @@
 //! The helper socket: one call per connection, from allowed uids only.
+//!
+//! The peer's uid is checked before a byte of its call is read: a uid that is not allowed is
+//! answered `denied` at once and its connection closed. Allowed callers share the agent
+//! fairly: at most [`MAX_CALLS`] calls are served at once, and at most
+//! [`MAX_CALLS_PER_UID`] of them for one uid, so one user of the VM flooding the socket (or
+//! waiting on slow ECR calls) leaves room for the others; past either bound the caller is
+//! answered `busy` at once. Refusals are logged through a gate: a flood costs a line per
+//! window, with a count.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use finch_shared::frame::async_io::{read_msg, write_msg};
-use finch_shared::message::{HELPER_VERSION, HelperCall, HelperReply, WireError};
+use finch_shared::limit::LogGate;
+use finch_shared::message::{HELPER_VERSIONS, HelperCall, HelperReply, Outcome, WireError};
 use tokio::net::UnixStream;
 
 use super::link::LinkSlot;
@@ -12,10 +23,87 @@ use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of the helper socket: owner and group may connect, nobody else.
 pub const HELPER_SOCKET_MODE: u32 = 0o660;
+/// Most helper calls served at once.
+pub const MAX_CALLS: usize = 128;
+/// Most helper calls of one uid served at once.
+pub const MAX_CALLS_PER_UID: usize = 16;
+/// Refusals logged per [`REFUSAL_WINDOW`]; the rest are counted.
+pub const REFUSAL_BURST: u32 = 10;
+/// See [`REFUSAL_BURST`].
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// The first helper version whose answers may be [`finch_shared::message::Response::ListCut`].
+const HELPER_VERSION_LIST_CUT: u16 = 2;
 
 /// The bound helper socket.
 #[derive(Debug)]
 pub struct HelperSocket(Listening);
+
+/// Calls being served, per uid and in all.
+#[derive(Debug, Default)]
+struct Calls {
+    per_uid: Mutex<HashMap<u32, usize>>,
+}
+
+/// One admitted call; its slot is given back when dropped.
+struct Admitted {
+    calls: Arc<Calls>,
+    uid: u32,
+}
+
+impl Calls {
+    fn admit(self: &Arc<Self>, uid: u32) -> Result<Admitted, WireError> {
+        let mut per_uid = self.per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total: usize = per_uid.values().sum();
+        let mine = per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= MAX_CALLS_PER_UID {
+            return Err(WireError::unavailable(format!(
+                "guest agent busy: uid {uid} already has {MAX_CALLS_PER_UID} calls in progress"
+            )));
+        }
+        if total >= MAX_CALLS {
+            return Err(WireError::unavailable(format!(
+                "guest agent busy: {MAX_CALLS} calls in progress"
+            )));
+        }
+        per_uid.insert(uid, mine + 1);
+        Ok(Admitted { calls: self.clone(), uid })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_uid =
+            self.calls.per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// What every connection's task shares.
+struct Shared {
+    slot: LinkSlot,
+    allowed: Arc<[u32]>,
+    calls: Arc<Calls>,
+    refusals: Mutex<LogGate>,
+}
+
+impl Shared {
+    /// Logs a refusal if the gate lets it through.
+    fn refused(&self, uid: u32, what: &str, detail: &str) {
+        let admitted = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(Instant::now());
+        if let Some(suppressed) = admitted {
+            tracing::warn!(uid, detail = ?detail, suppressed, "{what}");
+        }
+    }
+}
 
 impl HelperSocket {
     /// Binds `path` (mode 0660, group `group` when given).
@@ -26,11 +114,17 @@ impl HelperSocket {
 
     /// Answers helper calls until shutdown; only `allowed` uids are served.
     pub async fn run(self, slot: LinkSlot, allowed: Arc<[u32]>, shutdown: Shutdown) {
-        self.0.serve(shutdown, |stream| serve_call(stream, slot.clone(), allowed.clone())).await;
+        let shared = Arc::new(Shared {
+            slot,
+            allowed,
+            calls: Arc::default(),
+            refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
+        });
+        self.0.serve(shutdown, |stream| serve_call(stream, shared.clone())).await;
     }
 }
 
-async fn serve_call(mut stream: UnixStream, slot: LinkSlot, allowed: Arc<[u32]>) {
+async fn serve_call(mut stream: UnixStream, shared: Arc<Shared>) {
     let uid = match stream.peer_cred() {
         Ok(cred) => cred.uid(),
         Err(e) => {
@@ -38,35 +132,49 @@ async fn serve_call(mut stream: UnixStream, slot: LinkSlot, allowed: Arc<[u32]>)
             return;
         }
     };
+    // Checked before anything is read: a caller that may not ask costs nothing more.
+    if !shared.allowed.contains(&uid) {
+        shared.refused(uid, "helper call from a uid that is not allowed", "");
+        let reason = format!("uid {uid} may not use the finch credential helper");
+        reply(&mut stream, Err(WireError::Denied { reason })).await;
+        return;
+    }
+    let _admitted = match shared.calls.admit(uid) {
+        Ok(a) => a,
+        Err(busy) => {
+            shared.refused(uid, "helper call refused: busy", "");
+            reply(&mut stream, Err(busy)).await;
+            return;
+        }
+    };
     let call = match tokio::time::timeout(IO_TIMEOUT, read_msg::<HelperCall, _>(&mut stream)).await
     {
         Ok(Ok(call)) => call,
         Ok(Err(e)) => {
-            tracing::warn!(uid, error = %e, "bad helper call");
             let reason = format!("malformed call: {e}");
+            shared.refused(uid, "bad helper call", &reason);
             reply(&mut stream, Err(WireError::BadRequest { reason })).await;
             return;
         }
         Err(_) => {
-            tracing::warn!(uid, "helper sent no call in time");
+            shared.refused(uid, "helper sent no call in time", "");
             return;
         }
     };
     let op = call.request.op();
-    let outcome = if !allowed.contains(&uid) {
-        tracing::warn!(uid, op, "helper call from a uid that is not allowed");
-        Err(WireError::Denied {
-            reason: format!("uid {uid} may not use the finch credential helper"),
-        })
-    } else if call.version != HELPER_VERSION {
+    let outcome = if !HELPER_VERSIONS.contains(&call.version) {
         Err(WireError::BadRequest {
             reason: format!(
-                "helper protocol version {} is not supported (agent speaks {HELPER_VERSION})",
+                "helper protocol version {} is not supported (agent speaks {HELPER_VERSIONS:?})",
                 call.version
             ),
         })
     } else {
-        slot.request(call.request).await
+        shared
+            .slot
+            .request(call.request)
+            .await
+            .map(|r| r.for_version(call.version, HELPER_VERSION_LIST_CUT))
     };
     match &outcome {
         Ok(_) => tracing::debug!(uid, op, "helper call answered"),
@@ -75,9 +183,31 @@ async fn serve_call(mut stream: UnixStream, slot: LinkSlot, allowed: Arc<[u32]>)
     reply(&mut stream, outcome).await;
 }
 
-async fn reply(stream: &mut UnixStream, outcome: finch_shared::message::Outcome) {
+async fn reply(stream: &mut UnixStream, outcome: Outcome) {
     let sent = tokio::time::timeout(IO_TIMEOUT, write_msg(stream, &HelperReply { outcome })).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::debug!("the helper went away before its answer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_uid_cannot_take_every_slot() {
+        let calls = Arc::new(Calls::default());
+        let mine: Vec<_> = (0..MAX_CALLS_PER_UID).map(|_| calls.admit(1000).unwrap()).collect();
+        let e = calls.admit(1000).err().unwrap();
+        assert!(e.to_string().contains("busy"), "{e}");
+        // Others still get in, up to the overall bound.
+        let others: Vec<_> = (0..MAX_CALLS - MAX_CALLS_PER_UID)
+            .map(|i| calls.admit(2000 + i as u32).unwrap())
+            .collect();
+        assert!(calls.admit(5000).is_err());
+        drop(mine);
+        drop(others);
+        assert!(calls.per_uid.lock().unwrap().is_empty(), "slots were not given back");
+        assert!(calls.admit(1000).is_ok());
     }
 }

@@ -6,16 +6,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::frame::async_io::{spawn_reader, write_msg};
+use finch_shared::frame::async_io::{spawn_reader, spawn_writer};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{HEARTBEAT_MISSES, Shutdown};
+use super::{HEARTBEAT_MISSES, IO_TIMEOUT, Shutdown};
 
-/// Most requests waiting for an answer on one link.
+/// Most requests waiting for an answer on one link (the host answers at most 256 at once;
+/// the rest are answered `busy` by the host).
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// Frames waiting to be written to the host.
+const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 
 type Call = (Request, oneshot::Sender<Outcome>);
 
@@ -34,6 +37,7 @@ pub struct LinkSlot {
     current: watch::Sender<Option<Handle>>,
     closers: Arc<Mutex<Option<Closer>>>,
     generation: Arc<AtomicU64>,
+    down_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     link_wait: Duration,
     request_timeout: Duration,
 }
@@ -45,32 +49,42 @@ impl LinkSlot {
             current: watch::Sender::new(None),
             closers: Arc::new(Mutex::new(None)),
             generation: Arc::new(AtomicU64::new(0)),
+            down_since: Arc::new(std::sync::Mutex::new(Some(std::time::Instant::now()))),
             link_wait,
             request_timeout,
         }
     }
 
-    /// Sends `request` over the current link (waiting a bounded time for one) and waits a
-    /// bounded time for the answer.
+    /// Sends `request` over the current link and waits a bounded time for the answer. With
+    /// no link, it waits a bounded time for one, unless the link is known to be down (none
+    /// for longer than the link wait): then it answers at once.
     pub async fn request(&self, request: Request) -> Outcome {
         let mut rx = self.current.subscribe();
-        let handle = match tokio::time::timeout(self.link_wait, rx.wait_for(Option::is_some)).await
-        {
-            Ok(Ok(h)) => h.clone(),
+        let known_down = self.down_since().is_some_and(|t| t.elapsed() >= self.link_wait);
+        let wait = if known_down { Duration::ZERO } else { self.link_wait };
+        let waited = match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(h)) => Some(h.clone()),
             _ => None,
         };
+        let handle = waited.flatten().or_else(|| rx.borrow().clone());
         let Some(handle) = handle else {
+            let waited = if known_down {
+                "it has been down for a while".to_owned()
+            } else {
+                format!("waited {} ms", self.link_wait.as_millis())
+            };
             return Err(WireError::unavailable(format!(
-                "no link to the host agent (waited {} ms): is finch-host-agent running on the host?",
-                self.link_wait.as_millis()
+                "no link to the host agent ({waited}): is finch-host-agent running on the host?"
             )));
         };
         let (tx, answer) = oneshot::channel();
-        if handle.calls.send((request, tx)).await.is_err() {
-            return Err(WireError::unavailable("the link to the host agent closed"));
-        }
-        match tokio::time::timeout(self.request_timeout, answer).await {
+        let call = async {
+            handle.calls.send((request, tx)).await.map_err(|_| "closed")?;
+            answer.await.map_err(|_| "lost")
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(outcome)) => outcome,
+            Ok(Err("closed")) => Err(WireError::unavailable("the link to the host agent closed")),
             Ok(Err(_)) => {
                 Err(WireError::unavailable("the link to the host agent was lost mid-request"))
             }
@@ -79,6 +93,15 @@ impl LinkSlot {
                 self.request_timeout.as_secs()
             ))),
         }
+    }
+
+    /// Since when there has been no link (since the agent started, if never one).
+    fn down_since(&self) -> Option<std::time::Instant> {
+        *self.down_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_down_since(&self, when: Option<std::time::Instant>) {
+        *self.down_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = when;
     }
 
     /// Makes `stream` (already authenticated) the active link, closing the previous one, and
@@ -99,9 +122,10 @@ impl LinkSlot {
             let _ = closer.send(());
         }
         self.current.send_replace(Some(Handle { generation, calls: calls_tx }));
+        self.set_down_since(None);
         tracing::info!(link = generation, "host link up");
         let reason = drive(stream, calls, close, heartbeat, shutdown).await;
-        self.current.send_if_modified(|cur| {
+        let gone = self.current.send_if_modified(|cur| {
             if cur.as_ref().is_some_and(|h| h.generation == generation) {
                 *cur = None;
                 true
@@ -109,6 +133,9 @@ impl LinkSlot {
                 false
             }
         });
+        if gone {
+            self.set_down_since(Some(std::time::Instant::now()));
+        }
         let mut closers = self.closers.lock().await;
         if closers.as_ref().is_some_and(|(g, _)| *g == generation) {
             *closers = None;
@@ -119,10 +146,12 @@ impl LinkSlot {
     /// Closes the active link (at shutdown).
     pub fn close(&self) {
         self.current.send_replace(None);
+        self.set_down_since(Some(std::time::Instant::now()));
     }
 }
 
-/// Runs one link until it ends; returns why it ended.
+/// Runs one link until it ends; returns why it ended. Every write goes through one writer
+/// task under a deadline, so a host that stops reading cannot stall heartbeat or shutdown.
 async fn drive<S>(
     stream: S,
     mut calls: mpsc::Receiver<Call>,
@@ -133,8 +162,9 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
+    let (out, _writer) = spawn_writer(wr, WRITE_QUEUE, IO_TIMEOUT);
     let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut ticker = tokio::time::interval(heartbeat);
@@ -144,6 +174,7 @@ where
         tokio::select! {
             () = shutdown.wait() => break "agent shutting down".to_owned(),
             _ = &mut close => break "replaced by a new link".to_owned(),
+            () = out.failed() => break format!("write failed: {}", out.error()),
             msg = incoming.recv() => {
                 last_heard = Instant::now();
                 match msg {
@@ -153,8 +184,8 @@ where
                         None => tracing::debug!(id, "answer for a request no longer waiting"),
                     },
                     Some(Ok(LinkMsg::Ping { seq })) => {
-                        if let Err(e) = write_msg(&mut wr, &LinkMsg::Pong { seq }).await {
-                            break format!("write failed: {e}");
+                        if let Err(e) = out.send(&LinkMsg::Pong { seq }) {
+                            break e.to_string();
                         }
                     }
                     Some(Ok(LinkMsg::Pong { .. })) => {}
@@ -174,17 +205,22 @@ where
                 }
                 let id = next_id;
                 next_id += 1;
-                pending.insert(id, tx);
-                if let Err(e) = write_msg(&mut wr, &LinkMsg::Request { id, request }).await {
-                    break format!("write failed: {e}");
+                match out.send(&LinkMsg::Request { id, request }) {
+                    Ok(()) => {
+                        pending.insert(id, tx);
+                    }
+                    Err(finch_shared::frame::async_io::QueueError::Codec(e)) => {
+                        let _ = tx.send(Err(WireError::BadRequest { reason: format!("the request cannot be sent: {e}") }));
+                    }
+                    Err(e) => break e.to_string(),
                 }
             }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > dead_after {
                     break format!("no heartbeat for {} ms", dead_after.as_millis());
                 }
-                if let Err(e) = write_msg(&mut wr, &LinkMsg::Ping { seq: next_id }).await {
-                    break format!("write failed: {e}");
+                if let Err(e) = out.send(&LinkMsg::Ping { seq: next_id }) {
+                    break e.to_string();
                 }
             }
         }

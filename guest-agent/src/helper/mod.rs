@@ -177,34 +177,40 @@ fn expect_done(answer: Result<Outcome, String>) -> Run {
 }
 
 fn list(agent: &dyn Agent) -> Run {
-    match agent.call(Request::List) {
-        Ok(Ok(Response::List { entries })) => {
-            let map: BTreeMap<String, String> =
-                entries.into_iter().map(|e| (e.server, e.username)).collect();
-            let mut out = Vec::new();
-            out.push(b'{');
-            for (i, (server, username)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                gojson::push_go_string(&mut out, server.as_bytes());
-                out.push(b':');
-                gojson::push_go_string(&mut out, username.as_bytes());
-            }
-            out.extend_from_slice(b"}\n");
-            Run::ok(out)
+    let (entries, omitted) = match agent.call(Request::List) {
+        Ok(Ok(Response::List { entries })) => (entries, 0),
+        Ok(Ok(Response::ListCut { entries, omitted })) => (entries, omitted),
+        Ok(Ok(other)) => return Run::fail(&unexpected(&other)),
+        Ok(Err(e)) => return Run::fail(&format!("{NAME}: {e}")),
+        Err(e) => return Run::fail(&e),
+    };
+    let map: BTreeMap<String, String> =
+        entries.into_iter().map(|e| (e.server, e.username)).collect();
+    let mut out = Vec::new();
+    out.push(b'{');
+    for (i, (server, username)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        Ok(Ok(other)) => Run::fail(&unexpected(&other)),
-        Ok(Err(e)) => Run::fail(&format!("{NAME}: {e}")),
-        Err(e) => Run::fail(&e),
+        gojson::push_go_string(&mut out, server.as_bytes());
+        out.push(b':');
+        gojson::push_go_string(&mut out, username.as_bytes());
     }
+    out.extend_from_slice(b"}\n");
+    let mut run = Run::ok(out);
+    if omitted > 0 {
+        run.stderr = Some(format!(
+            "{NAME}: the list was cut to fit one answer: {omitted} more entries on the host are not shown"
+        ));
+    }
+    run
 }
 
 fn unexpected(answer: &Response) -> String {
     let kind = match answer {
         Response::Credential { .. } => "a credential",
         Response::Done => "an acknowledgement",
-        Response::List { .. } => "a list",
+        Response::List { .. } | Response::ListCut { .. } => "a list",
     };
     format!("{NAME}: the guest agent answered with {kind}, which does not fit the request")
 }

@@ -182,6 +182,16 @@ fn list_is_sorted_json() {
 }
 
 #[test]
+fn a_cut_list_says_so_on_stderr() {
+    let entries = vec![ListEntry { server: "a.example".into(), username: "u".into() }];
+    let agent = Fake::new(Ok(Ok(Response::ListCut { entries, omitted: 7 })));
+    let r = go(&["list"], b"", &agent);
+    assert_eq!((text(&r), r.code), ("{\"a.example\":\"u\"}\n", 0));
+    let stderr = r.stderr.unwrap_or_default();
+    assert!(stderr.contains("cut") && stderr.contains("7 more"), "{stderr}");
+}
+
+#[test]
 fn arguments_follow_the_reference() {
     let agent = Fake::new(Ok(Ok(Response::Done)));
     let usage = "Usage: docker-credential-finchhost <store|get|erase|list|version>\n";

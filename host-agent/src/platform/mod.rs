@@ -37,6 +37,16 @@ pub enum Event {
 #[derive(Debug)]
 pub struct Refused(pub String);
 
+/// What identifies a version of a file, for change polling: modification time, size, file
+/// identity (a file replaced by rename is another file).
+pub type FileStamp = (Option<std::time::SystemTime>, u64, u64);
+
+/// The stamp of `path`, if it can be read.
+pub fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok(), m.len(), file_id(&m)))
+}
+
 /// The helper program for `name` in `dir`: `docker-credential-NAME` (`.exe` on Windows).
 pub fn helper_file(name: &str) -> String {
     format!("docker-credential-{name}{}", std::env::consts::EXE_SUFFIX)

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use finch_shared::Secret;
 use finch_shared::message::ListEntry;
-use finch_shared::registry::{registry_key, spellings};
+use finch_shared::registry::Registry;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
@@ -18,8 +19,16 @@ use super::{Credential, CredentialSource, SourceError, SourceFuture};
 /// File name inside the docker config directory.
 pub const CONFIG_FILE: &str = "config.json";
 
-/// Largest config file read.
+/// Largest config file read; a write that would make the file larger is refused, so the
+/// file always stays readable.
 pub const MAX_CONFIG: u64 = 4 * 1024 * 1024;
+
+/// The advisory lock file next to the config, held while the agent rewrites it.
+pub const LOCK_FILE: &str = ".config.json.finch-lock";
+
+/// Serializes the agent's own rewrites of any docker config (the lock file covers other
+/// processes that take it).
+static WRITERS: Mutex<()> = Mutex::new(());
 
 /// Username docker uses to mark an identity token.
 pub const TOKEN_USERNAME: &str = "<token>";
@@ -36,11 +45,15 @@ pub struct Routing {
 impl Routing {
     /// The `credHelpers` entry for `server`, by any spelling. An empty entry is `Some("")`:
     /// as in docker/cli, it sends the registry to the plaintext `auths`, not to `credsStore`.
-    pub fn cred_helper_for(&self, server: &str) -> Option<&str> {
-        spellings(server)
+    pub fn cred_helper_for(&self, registry: &Registry) -> Option<&str> {
+        registry
+            .spellings()
             .iter()
             .find_map(|s| {
-                self.cred_helpers.get(&registry_key(s)).or_else(|| self.cred_helpers.get(s))
+                self.cred_helpers.get(s).or_else(|| {
+                    let key = Registry::parse(s).ok()?.key();
+                    self.cred_helpers.get(&key)
+                })
             })
             .map(String::as_str)
     }
@@ -48,8 +61,10 @@ impl Routing {
     /// The helper docker/cli would use for `server`: `credHelpers` by registry key, trying
     /// every spelling of the registry (so nerdctl's `host:443` finds an entry for `host`),
     /// else `credsStore`; `None` means plaintext `auths`.
-    pub fn helper_for(&self, server: &str) -> Option<&str> {
-        self.cred_helper_for(server).or(self.creds_store.as_deref()).filter(|name| !name.is_empty())
+    pub fn helper_for(&self, registry: &Registry) -> Option<&str> {
+        self.cred_helper_for(registry)
+            .or(self.creds_store.as_deref())
+            .filter(|name| !name.is_empty())
     }
 }
 
@@ -85,7 +100,7 @@ pub struct DockerConfig {
     /// `credsStore` and `credHelpers`.
     pub routing: Routing,
     /// The `auths` object.
-    pub auths: Map<String, Value>,
+    pub auths: Arc<Map<String, Value>>,
 }
 
 impl DockerConfig {
@@ -106,7 +121,32 @@ impl DockerConfig {
             Some(Value::Object(m)) => m,
             _ => Map::new(),
         };
-        Ok(DockerConfig { routing: Routing { creds_store, cred_helpers }, auths })
+        Ok(DockerConfig { routing: Routing { creds_store, cred_helpers }, auths: Arc::new(auths) })
+    }
+}
+
+/// The docker config as last read, re-read only when the file changes (by modification time,
+/// size and file identity), so a request does not parse the file again.
+#[derive(Debug, Default)]
+pub struct ConfigCache {
+    last: Mutex<Option<(Option<crate::platform::FileStamp>, Arc<DockerConfig>)>>,
+}
+
+impl ConfigCache {
+    /// The config of `dir`, read again only if its file changed. Blocking: call it off the
+    /// async runtime.
+    pub fn load(&self, dir: &Path) -> Result<Arc<DockerConfig>, SourceError> {
+        let stamp = crate::platform::stamp(&dir.join(CONFIG_FILE));
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((s, config)) = last.as_ref()
+            && *s == stamp
+            && stamp.is_some()
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(DockerConfig::load(dir)?);
+        *last = Some((stamp, config.clone()));
+        Ok(config)
     }
 }
 
@@ -115,12 +155,12 @@ impl DockerConfig {
 #[derive(Debug, Clone)]
 pub struct PlainAuths {
     dir: PathBuf,
-    snapshot: Map<String, Value>,
+    snapshot: Arc<Map<String, Value>>,
 }
 
 impl PlainAuths {
     /// The `auths` of `<dir>/config.json`, as read into `snapshot`.
-    pub fn new(dir: &Path, snapshot: Map<String, Value>) -> Self {
+    pub fn new(dir: &Path, snapshot: Arc<Map<String, Value>>) -> Self {
         PlainAuths { dir: dir.to_owned(), snapshot }
     }
 
@@ -128,8 +168,33 @@ impl PlainAuths {
         self.dir.join(CONFIG_FILE)
     }
 
-    /// Rewrites the config with `edit` applied to `auths`, atomically, mode 0600.
-    fn update(&self, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<(), SourceError> {
+    /// Rewrites the config with `edit` applied to `auths`, off the async runtime.
+    async fn update(
+        &self,
+        edit: impl FnOnce(&mut Map<String, Value>) + Send + 'static,
+    ) -> Result<(), SourceError> {
+        let this = self.clone();
+        let path = self.path();
+        tokio::task::spawn_blocking(move || this.update_now(edit)).await.unwrap_or_else(|e| {
+            Err(SourceError::ConfigWrite {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+        })
+    }
+
+    /// Rewrites the config with `edit` applied to `auths`, atomically, mode 0600: one writer
+    /// at a time in this agent, under an advisory lock on [`LOCK_FILE`] against other
+    /// processes that take it, re-reading the file under the lock so no write is lost.
+    fn update_now(&self, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<(), SourceError> {
+        let path = self.path();
+        let err =
+            |reason: String| SourceError::ConfigWrite { path: path.display().to_string(), reason };
+        let _one = WRITERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        let lock = open_lock(&self.dir.join(LOCK_FILE))
+            .map_err(|e| err(format!("cannot open the lock file: {e}")))?;
+        lock.lock().map_err(|e| err(format!("cannot lock: {e}")))?;
         let mut config = read_config(&self.dir)?;
         let auths = config.entry("auths").or_insert_with(|| Value::Object(Map::new()));
         if !auths.is_object() {
@@ -138,19 +203,30 @@ impl PlainAuths {
         if let Value::Object(m) = auths {
             edit(m);
         }
-        let path = self.path();
-        let err =
-            |reason: String| SourceError::ConfigWrite { path: path.display().to_string(), reason };
         let text = Zeroizing::new(
             serde_json::to_vec_pretty(&Value::Object(config)).map_err(|e| err(e.to_string()))?,
         );
-        std::fs::create_dir_all(&self.dir).map_err(|e| err(e.to_string()))?;
+        if text.len() as u64 > MAX_CONFIG {
+            return Err(err(format!(
+                "the file would grow past {MAX_CONFIG} bytes, the most the agent reads; nothing was written"
+            )));
+        }
         let mut tmp = tempfile_in(&self.dir).map_err(|e| err(e.to_string()))?;
         tmp.1.write_all(&text).and_then(|()| tmp.1.sync_all()).map_err(|e| err(e.to_string()))?;
         std::fs::rename(&tmp.0, &path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp.0);
             err(e.to_string())
         })
+    }
+}
+
+/// The lock file (empty; created private when missing).
+fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    match finch_shared::private::create_new(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::OpenOptions::new().write(true).open(path)
+        }
+        other => other,
     }
 }
 
@@ -211,12 +287,14 @@ impl CredentialSource for PlainAuths {
         Box::pin(async move {
             tracing::warn!(
                 file = %self.path().display(),
-                registry = server,
+                registry = ?server,
                 "no credential helper configured: storing the credential unencrypted in the docker config"
             );
-            self.update(|auths| {
-                auths.insert(server.to_owned(), encode_entry(credential));
+            let (server, entry) = (server.to_owned(), encode_entry(credential));
+            self.update(move |auths| {
+                auths.insert(server, entry);
             })
+            .await
         })
     }
 
@@ -225,9 +303,11 @@ impl CredentialSource for PlainAuths {
             if !self.snapshot.contains_key(server) {
                 return Ok(());
             }
-            self.update(|auths| {
-                auths.remove(server);
+            let server = server.to_owned();
+            self.update(move |auths| {
+                auths.remove(&server);
             })
+            .await
         })
     }
 
@@ -249,33 +329,37 @@ impl CredentialSource for PlainAuths {
 mod tests {
     use super::*;
 
+    fn reg(s: &str) -> Registry {
+        Registry::parse(s).unwrap()
+    }
+
     #[test]
     fn routing_follows_docker_cli() {
         let r = Routing {
             creds_store: Some("secretservice".into()),
             cred_helpers: [("reg.example:5000".to_owned(), "pass".to_owned())].into(),
         };
-        assert_eq!(r.helper_for("reg.example:5000"), Some("pass"));
-        assert_eq!(r.helper_for("https://reg.example:5000/v2/"), Some("pass"));
-        assert_eq!(r.helper_for("other.example"), Some("secretservice"));
+        assert_eq!(r.helper_for(&reg("reg.example:5000")), Some("pass"));
+        assert_eq!(r.helper_for(&reg("https://reg.example:5000/v2/")), Some("pass"));
+        assert_eq!(r.helper_for(&reg("other.example")), Some("secretservice"));
         let r = Routing {
             creds_store: None,
             cred_helpers: [("plain.example".to_owned(), "pass".to_owned())].into(),
         };
-        assert_eq!(r.helper_for("plain.example:443"), Some("pass"));
-        assert_eq!(r.helper_for("https://plain.example:443/v2/"), Some("pass"));
-        assert_eq!(r.helper_for("plain.example:5000"), None);
-        assert_eq!(Routing::default().helper_for("x"), None);
+        assert_eq!(r.helper_for(&reg("plain.example:443")), Some("pass"));
+        assert_eq!(r.helper_for(&reg("https://plain.example:443/v2/")), Some("pass"));
+        assert_eq!(r.helper_for(&reg("plain.example:5000")), None);
+        assert_eq!(Routing::default().helper_for(&reg("x")), None);
         let empty = Routing { creds_store: Some(String::new()), ..Routing::default() };
-        assert_eq!(empty.helper_for("x"), None);
+        assert_eq!(empty.helper_for(&reg("x")), None);
         // An empty credHelpers entry means the plaintext auths, not credsStore (docker/cli).
         let r = Routing {
             creds_store: Some("secretservice".into()),
             cred_helpers: [("plain.example".to_owned(), String::new())].into(),
         };
-        assert_eq!(r.cred_helper_for("plain.example"), Some(""));
-        assert_eq!(r.helper_for("plain.example"), None);
-        assert_eq!(r.helper_for("other.example"), Some("secretservice"));
+        assert_eq!(r.cred_helper_for(&reg("plain.example")), Some(""));
+        assert_eq!(r.helper_for(&reg("plain.example")), None);
+        assert_eq!(r.helper_for(&reg("other.example")), Some("secretservice"));
     }
 
     #[tokio::test]

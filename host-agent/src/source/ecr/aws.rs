@@ -303,28 +303,71 @@ where
     }
 }
 
-/// Builds (once) and hands out the clients of each identity.
-#[derive(Debug, Default)]
+/// Most client sets kept (each about 200 KB). Regions come from the guest's server name, but
+/// only real ones parse, and identities come from the host's config; past this bound the one
+/// used longest ago is dropped (its credential cache with it).
+pub const MAX_CLIENT_SETS: usize = 32;
+
+/// Builds (once) and hands out the clients of each identity; at most `max` are kept.
+#[derive(Debug)]
 pub struct ClientPool {
-    clients: tokio::sync::Mutex<std::collections::HashMap<Identity, Arc<Clients>>>,
+    clients: tokio::sync::Mutex<std::collections::HashMap<Identity, (Arc<Clients>, u64)>>,
+    max: usize,
+    clock: std::sync::atomic::AtomicU64,
 }
 
 impl ClientPool {
+    /// A pool of at most `max` client sets.
+    pub fn new(max: usize) -> Self {
+        ClientPool { clients: Default::default(), max: max.max(1), clock: Default::default() }
+    }
+
     /// The clients of `identity`.
     pub async fn get(&self, identity: &Identity) -> Arc<Clients> {
+        let now = self.clock.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = self.clients.lock().await;
-        if let Some(c) = map.get(identity) {
+        if let Some((c, used)) = map.get_mut(identity) {
+            *used = now;
             return c.clone();
         }
         let clients = Arc::new(Clients::new(identity).await);
-        map.insert(identity.clone(), clients.clone());
+        if map.len() >= self.max
+            && let Some(oldest) =
+                map.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(identity.clone(), (clients.clone(), now));
         clients
+    }
+
+    /// How many client sets are kept.
+    #[cfg(test)]
+    pub async fn len(&self) -> usize {
+        self.clients.lock().await.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_its_bound() {
+        let pool = ClientPool::new(3);
+        for region in ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "us-east-1"] {
+            let identity = Identity {
+                profile: None,
+                role_arn: None,
+                region: region.into(),
+                instance_metadata: false,
+                timeout: Duration::from_secs(1),
+            };
+            pool.get(&identity).await;
+            assert!(pool.len().await <= 3);
+        }
+        assert_eq!(pool.len().await, 3);
+    }
 
     #[test]
     fn xml_error_codes() {

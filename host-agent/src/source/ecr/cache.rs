@@ -78,50 +78,76 @@ impl Token {
 pub type FetchError = super::EcrError;
 
 #[derive(Debug, Default)]
-struct Slot {
-    token: Option<Token>,
-    flight: Arc<tokio::sync::Mutex<()>>,
+struct Inner {
+    /// Servable tokens; at most `max`.
+    tokens: HashMap<CacheKey, Token>,
+    /// The single-flight lock of each key being fetched now; an entry lives only while a
+    /// fetch or refresh holds it (so this map is bounded by the requests in flight).
+    flights: HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>,
 }
 
 /// The cache.
 #[derive(Debug)]
 pub struct TokenCache {
-    slots: Mutex<HashMap<CacheKey, Slot>>,
+    inner: Arc<Mutex<Inner>>,
     max: usize,
+}
+
+/// A key's flight: held while its token is fetched; its entry goes when the last holder
+/// drops it.
+#[derive(Debug)]
+pub struct Flight {
+    inner: Arc<Mutex<Inner>>,
+    key: CacheKey,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map's handle and ours: nobody else waits on this flight.
+        if Arc::strong_count(&self.lock) <= 2
+            && inner.flights.get(&self.key).is_some_and(|l| Arc::ptr_eq(l, &self.lock))
+        {
+            inner.flights.remove(&self.key);
+        }
+    }
 }
 
 impl TokenCache {
     /// A cache of at most `max` tokens.
     pub fn new(max: usize) -> Self {
-        TokenCache { slots: Mutex::new(HashMap::new()), max: max.max(1) }
+        TokenCache { inner: Arc::default(), max: max.max(1) }
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Slot>> {
-        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The servable token for `key` and its freshness, plus the key's flight lock.
-    fn peek(
-        &self,
-        key: &CacheKey,
-        now: SystemTime,
-    ) -> (Option<(Token, Freshness)>, Arc<tokio::sync::Mutex<()>>) {
-        let mut slots = self.slots();
-        let slot = slots.entry(key.clone()).or_default();
-        let token = slot.token.as_ref().and_then(|t| match t.freshness(now) {
+    /// The servable token for `key` and its freshness (inserts nothing).
+    fn peek(&self, key: &CacheKey, now: SystemTime) -> Option<(Token, Freshness)> {
+        let inner = self.inner();
+        inner.tokens.get(key).and_then(|t| match t.freshness(now) {
             Freshness::Expired => None,
             f => Some((t.clone(), f)),
-        });
-        (token, slot.flight.clone())
+        })
+    }
+
+    /// `key`'s flight, unlocked.
+    fn flight(&self, key: &CacheKey) -> Flight {
+        let lock = self.inner().flights.entry(key.clone()).or_default().clone();
+        Flight { inner: self.inner.clone(), key: key.clone(), lock, guard: None }
     }
 
     fn put(&self, key: &CacheKey, token: &Token) {
         let now = SystemTime::now();
-        let mut slots = self.slots();
-        if !slots.contains_key(key) && slots.len() >= self.max {
-            evict(&mut slots, now);
+        let mut inner = self.inner();
+        if !inner.tokens.contains_key(key) && inner.tokens.len() >= self.max {
+            evict(&mut inner.tokens, now);
         }
-        slots.entry(key.clone()).or_default().token = Some(token.clone());
+        inner.tokens.insert(key.clone(), token.clone());
     }
 
     /// The token for `key` and its freshness: cached if servable, else fetched by `fetch`
@@ -136,13 +162,13 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Token, FetchError>>,
     {
-        let (cached, flight) = self.peek(key, SystemTime::now());
-        if let Some(hit) = cached {
+        if let Some(hit) = self.peek(key, SystemTime::now()) {
             return Ok(hit);
         }
-        let _guard = flight.lock().await;
+        let mut flight = self.flight(key);
+        flight.guard = Some(flight.lock.clone().lock_owned().await);
         // Whoever held the flight may have filled the slot.
-        if let (Some(hit), _) = self.peek(key, SystemTime::now()) {
+        if let Some(hit) = self.peek(key, SystemTime::now()) {
             return Ok(hit);
         }
         let token = fetch().await?;
@@ -158,41 +184,46 @@ impl TokenCache {
         }
     }
 
-    /// The flight lock of `key`, if no refresh or fetch holds it now.
-    pub fn try_flight(&self, key: &CacheKey) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        let flight = self.slots().entry(key.clone()).or_default().flight.clone();
-        flight.try_lock_owned().ok()
+    /// `key`'s flight, held, if no refresh or fetch holds it now.
+    pub fn try_flight(&self, key: &CacheKey) -> Option<Flight> {
+        let mut flight = self.flight(key);
+        flight.guard = Some(flight.lock.clone().try_lock_owned().ok()?);
+        Some(flight)
     }
 
     /// The keys whose tokens can be served now.
     pub fn servable(&self) -> Vec<CacheKey> {
         let now = SystemTime::now();
         let mut keys: Vec<CacheKey> = self
-            .slots()
+            .inner()
+            .tokens
             .iter()
-            .filter(|(_, s)| {
-                s.token.as_ref().is_some_and(|t| t.freshness(now) != Freshness::Expired)
-            })
+            .filter(|(_, t)| t.freshness(now) != Freshness::Expired)
             .map(|(k, _)| k.clone())
             .collect();
         keys.sort();
         keys
     }
+
+    /// Entries held: tokens and flights (for tests and `status`).
+    #[cfg(test)]
+    pub fn len(&self) -> (usize, usize) {
+        let inner = self.inner();
+        (inner.tokens.len(), inner.flights.len())
+    }
 }
 
-/// Makes room for one entry: an expired one if any, else the one expiring soonest.
-fn evict(slots: &mut HashMap<CacheKey, Slot>, now: SystemTime) {
-    let victim = slots
+/// Makes room for one token: an expired one if any, else the one expiring soonest.
+fn evict(tokens: &mut HashMap<CacheKey, Token>, now: SystemTime) {
+    let victim = tokens
         .iter()
-        .filter(|(_, s)| Arc::strong_count(&s.flight) == 1)
-        .min_by_key(|(_, s)| match &s.token {
-            None => (0, SystemTime::UNIX_EPOCH),
-            Some(t) if t.freshness(now) == Freshness::Expired => (0, t.expires),
-            Some(t) => (1, t.expires),
+        .min_by_key(|(_, t)| match t.freshness(now) {
+            Freshness::Expired => (0, t.expires),
+            _ => (1, t.expires),
         })
         .map(|(k, _)| k.clone());
     if let Some(k) = victim {
-        slots.remove(&k);
+        tokens.remove(&k);
     }
 }
 
@@ -285,6 +316,32 @@ mod tests {
         let (t, _) = cache.get(&key("r"), || async { Ok(past) }).await.unwrap();
         assert_eq!(t.password.expose(), "old");
         assert!(cache.servable().is_empty(), "a token dated in the past was cached");
+    }
+
+    /// The class of the leak: every path that could add an entry (a miss that fails, a miss
+    /// that succeeds, a refresh) leaves the cache within its bound and no flight behind.
+    #[tokio::test]
+    async fn every_insertion_path_is_bounded_and_flights_go() {
+        let cache = TokenCache::new(8);
+        for i in 0..100 {
+            let _ = cache
+                .get(&key(&format!("fail{i}")), || async { Err(EcrError::new("aws", "no")) })
+                .await;
+            cache
+                .get(&key(&format!("ok{i}")), || async {
+                    Ok(token(Duration::from_secs(3600), "p"))
+                })
+                .await
+                .unwrap();
+            drop(cache.try_flight(&key(&format!("refresh{i}"))));
+        }
+        assert_eq!(cache.len(), (8, 0));
+        // A flight held by a refresh blocks only that key, and goes with it.
+        let held = cache.try_flight(&key("r")).unwrap();
+        assert!(cache.try_flight(&key("r")).is_none());
+        assert_eq!(cache.len().1, 1);
+        drop(held);
+        assert_eq!(cache.len().1, 0);
     }
 
     #[test]

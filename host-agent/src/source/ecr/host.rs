@@ -8,7 +8,11 @@
 //! `public.ecr.aws` and `ecr-public.aws.com`, always served from `us-east-1`.
 //!
 //! Input handling follows the reference: one `https://` is stripped, the port and path are
-//! ignored, `http://` is refused.
+//! ignored, `http://` is refused. The server string is parsed by [`Registry::parse`] first, so
+//! what is ECR here is the same registry the policy matched; only regions that exist in the
+//! suffix's partition are accepted.
+
+use finch_shared::registry::Registry;
 
 /// The region ECR Public's API lives in.
 pub const PUBLIC_REGION: &str = "us-east-1";
@@ -34,33 +38,80 @@ pub enum EcrHost {
     },
 }
 
-const SUFFIXES: &[&str] = &[
-    "amazonaws.com",
-    "amazonaws.com.cn",
-    "amazonaws.eu",
-    "on.aws",
-    "on.amazonwebservices.com.cn",
-    "sc2s.sgov.gov",
-    "c2s.ic.gov",
-    "cloud.adc-e.uk",
-    "csp.hci.ic.gov",
+/// The DNS suffixes of each partition and its regions. A region outside this list is not
+/// ECR: a guest cannot make the agent build clients for regions that do not exist.
+const PARTITIONS: &[(&[&str], &[&str])] = &[
+    (
+        &["amazonaws.com", "on.aws"],
+        &[
+            "us-east-1",
+            "us-east-2",
+            "us-west-1",
+            "us-west-2",
+            "af-south-1",
+            "ap-east-1",
+            "ap-east-2",
+            "ap-south-1",
+            "ap-south-2",
+            "ap-southeast-1",
+            "ap-southeast-2",
+            "ap-southeast-3",
+            "ap-southeast-4",
+            "ap-southeast-5",
+            "ap-southeast-6",
+            "ap-southeast-7",
+            "ap-northeast-1",
+            "ap-northeast-2",
+            "ap-northeast-3",
+            "ca-central-1",
+            "ca-west-1",
+            "eu-central-1",
+            "eu-central-2",
+            "eu-west-1",
+            "eu-west-2",
+            "eu-west-3",
+            "eu-south-1",
+            "eu-south-2",
+            "eu-north-1",
+            "il-central-1",
+            "me-south-1",
+            "me-central-1",
+            "mx-central-1",
+            "sa-east-1",
+            "us-gov-east-1",
+            "us-gov-west-1",
+        ],
+    ),
+    (&["amazonaws.com.cn", "on.amazonwebservices.com.cn"], &["cn-north-1", "cn-northwest-1"]),
+    (&["amazonaws.eu"], &["eusc-de-east-1"]),
+    (&["c2s.ic.gov"], &["us-iso-east-1", "us-iso-west-1"]),
+    (&["sc2s.sgov.gov"], &["us-isob-east-1", "us-isob-west-1"]),
+    (&["cloud.adc-e.uk"], &["eu-isoe-west-1"]),
+    (&["csp.hci.ic.gov"], &["us-isof-south-1", "us-isof-east-1"]),
 ];
 
 const PUBLIC_HOSTS: &[&str] = &["public.ecr.aws", "ecr-public.aws.com"];
 
+/// Whether `region` is a region of the partition whose DNS suffix is `suffix`.
+pub fn known_region(suffix: &str, region: &str) -> bool {
+    PARTITIONS
+        .iter()
+        .any(|(suffixes, regions)| suffixes.contains(&suffix) && regions.contains(&region))
+}
+
 impl EcrHost {
-    /// The registry `server` names, if it is ECR.
+    /// The registry `server` names, if it is ECR (parsed by [`Registry::parse`], the one
+    /// parser of server names).
     pub fn parse(server: &str) -> Option<EcrHost> {
-        if server.len() > 512 {
+        EcrHost::of(&Registry::parse(server).ok()?)
+    }
+
+    /// `registry`, if it is ECR. Plain `http://` is refused, as the reference helper does.
+    pub fn of(registry: &Registry) -> Option<EcrHost> {
+        if registry.plain_http() {
             return None;
         }
-        let lower = server.to_ascii_lowercase();
-        if lower.starts_with("http://") {
-            return None;
-        }
-        let rest = lower.strip_prefix("https://").unwrap_or(&lower);
-        let hostport = rest.split('/').next().unwrap_or_default();
-        let host = hostport.split(':').next().unwrap_or_default();
+        let host = registry.host();
         if PUBLIC_HOSTS.contains(&host) {
             return Some(EcrHost::Public { host: host.to_owned() });
         }
@@ -75,9 +126,7 @@ impl EcrHost {
         };
         let rest = rest.strip_prefix('.')?;
         let (region, suffix) = rest.split_once('.')?;
-        let region_ok = region.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-            && region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !region_ok || !SUFFIXES.contains(&suffix) {
+        if !known_region(suffix, region) {
             return None;
         }
         Some(EcrHost::Private {
@@ -110,11 +159,6 @@ impl EcrHost {
             EcrHost::Public { .. } => None,
         }
     }
-}
-
-/// Whether `server` is an ECR registry.
-pub fn is_ecr(server: &str) -> bool {
-    EcrHost::parse(server).is_some()
 }
 
 #[cfg(test)]
@@ -204,6 +248,12 @@ mod tests {
             "public.ecr.aws.evil.com",
             "notpublic.ecr.aws",
             "ftp://123456789012.dkr.ecr.us-west-2.amazonaws.com",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com:x.allowed.example",
+            "public.ecr.aws:x.allowed.example",
+            "123456789012.dkr.ecr.xx-fake-1.amazonaws.com",
+            "123456789012.dkr.ecr.us-east-99.amazonaws.com",
+            "123456789012.dkr.ecr.cn-north-1.amazonaws.com",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com.cn",
         ] {
             assert_eq!(EcrHost::parse(server), None, "{server}");
         }

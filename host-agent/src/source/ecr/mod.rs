@@ -16,7 +16,8 @@ pub mod aws;
 pub mod cache;
 pub mod host;
 
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -37,6 +38,8 @@ pub const TOKEN_USERNAME: &str = "AWS";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most tokens kept.
 pub const MAX_CACHED: usize = 512;
+/// Most VMs whose served registries are remembered apart.
+const MAX_VMS_SERVED: usize = 256;
 
 /// Why a token could not be had: a class (for the audit line) and a gist (for the user).
 /// Never carries a secret.
@@ -149,7 +152,8 @@ impl EcrSettings {
     pub fn identity(&self, registry: &EcrHost) -> Identity {
         let rule = self.rules.iter().find(|r| match &r.registry {
             RegistryMatch::Account(a) => registry.account() == Some(a.as_str()),
-            RegistryMatch::Pattern(p) => p.matches(registry.host()),
+            RegistryMatch::Pattern(p) => finch_shared::registry::Registry::parse(registry.host())
+                .is_ok_and(|r| p.matches(&r)),
         });
         Identity {
             profile: rule.and_then(|r| r.profile.clone()),
@@ -169,6 +173,8 @@ pub struct Ecr {
     settings: RwLock<EcrSettings>,
     cache: TokenCache,
     pool: ClientPool,
+    /// The registries each VM was served a token for (what its `list` may show).
+    served: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 impl Ecr {
@@ -177,8 +183,41 @@ impl Ecr {
         Arc::new(Ecr {
             settings: RwLock::new(settings),
             cache: TokenCache::new(MAX_CACHED),
-            pool: ClientPool::default(),
+            pool: ClientPool::new(aws::MAX_CLIENT_SETS),
+            served: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Notes that `vm` was served a token for `host`. Bounded like the cache: a VM's set
+    /// keeps only registries whose tokens are still cached once it is full.
+    pub fn served(&self, vm: &str, host: &str) {
+        let servable: Option<BTreeSet<String>> = {
+            let served = self.served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let full = served.get(vm).is_some_and(|s| s.len() >= MAX_CACHED);
+            full.then(|| self.cache.servable().into_iter().map(|k| k.registry).collect())
+        };
+        let mut served = self.served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if served.len() >= MAX_VMS_SERVED && !served.contains_key(vm) {
+            served.clear();
+        }
+        let mine = served.entry(vm.to_owned()).or_default();
+        if let Some(keep) = servable {
+            mine.retain(|h| keep.contains(h));
+        }
+        if mine.len() < MAX_CACHED {
+            mine.insert(host.to_owned());
+        }
+    }
+
+    /// The registries `vm` was served whose tokens are cached now.
+    pub fn listed_for(&self, vm: &str) -> Vec<String> {
+        let servable: BTreeSet<String> =
+            self.cache.servable().into_iter().map(|k| k.registry).collect();
+        let served = self.served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        served
+            .get(vm)
+            .map(|mine| mine.intersection(&servable).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Uses `settings` from now on (cached tokens stay under their identities).

@@ -258,14 +258,9 @@ impl ServerUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let (host, port) = finch_shared::registry::split_port(hostport);
-        let port = match port {
-            Some(p) => Some(p.parse::<u16>().map_err(|_| format!("{server:?}: bad port"))?),
-            None => None,
-        };
-        if host.is_empty() {
-            return Err(format!("{server:?}: no host"));
-        }
+        let registry = finch_shared::registry::Registry::parse(hostport)
+            .map_err(|e| format!("{server:?}: {e}"))?;
+        let (host, port) = (registry.host(), registry.port());
         let path = if path == "/" { String::new() } else { path.to_owned() };
         Ok(ServerUrl { scheme, host: host.to_owned(), port, path })
     }
