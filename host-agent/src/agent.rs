@@ -68,7 +68,13 @@ pub struct Agent {
     started: Instant,
     config_error: Mutex<Option<String>>,
     config_stamp: Mutex<Option<FileStamp>>,
+    /// Held by a reload from reading the files to the last link change, so two reloads
+    /// cannot interleave and leave the resolver and the links on different configs.
+    reloading: tokio::sync::Mutex<()>,
 }
+
+/// Longest a link may take to stop before its task is aborted.
+pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +97,7 @@ impl Agent {
             started: Instant::now(),
             config_error: Mutex::new(None),
             config_stamp: Mutex::new(stamp(&prepared.settings.config_file)),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -118,10 +125,11 @@ impl Agent {
                 },
             );
         }
+        // Links and resolver change under one lock, so nobody sees one without the other.
+        let mut links = self.links.lock().await;
         self.board
             .configure(settings.vms.iter().map(|(n, v)| (n.as_str(), v.endpoint.to_string())));
         self.resolver.replace(Current::new(settings, Some(&previous)));
-        let mut links = self.links.lock().await;
         let mut applied = Applied::default();
         let names: Vec<String> = links.keys().cloned().collect();
         for name in names {
@@ -152,9 +160,15 @@ impl Agent {
 
     /// Reloads the config; on any error the old config stays in force.
     pub async fn reload(&self, why: &str) -> Result<Applied, String> {
+        let _one = self.reloading.lock().await;
         let file = self.settings().config_file.clone();
         *self.config_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(&file);
-        match prepare(&self.overrides) {
+        // Settings and keys are files: read off the runtime.
+        let overrides = self.overrides.clone();
+        let prepared = tokio::task::spawn_blocking(move || prepare(&overrides))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload worker failed: {e}")));
+        match prepared {
             Ok(prepared) => {
                 let applied = self.apply(prepared).await;
                 *self.config_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -206,7 +220,13 @@ impl Agent {
     }
 }
 
+/// Stops a link, waiting at most [`STOP_TIMEOUT`] before aborting its task.
 async fn stop(running: Running) {
     let _ = running.stop.send(true);
-    let _ = running.task.await;
+    let mut task = running.task;
+    if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
+        tracing::warn!(vm = %running.link.name, "the link did not stop in time; aborted");
+        task.abort();
+        let _ = task.await;
+    }
 }

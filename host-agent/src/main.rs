@@ -200,15 +200,61 @@ fn print(text: &str) {
     print!("{text}");
 }
 
+/// Crates whose events may carry what they sent or received (the AWS SDK logs whole
+/// `GetAuthorizationToken` responses at trace level; HTTP and TLS crates log bodies and
+/// headers): capped at [`LIBRARY_LOG_CAP`] whatever `RUST_LOG` asks.
+const CAPPED_TARGETS: &[&str] = &[
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http_client",
+    "aws_smithy_http",
+    "aws_smithy_types",
+    "aws_smithy_json",
+    "aws_smithy_query",
+    "aws_smithy_xml",
+    "aws_sdk_ecr",
+    "aws_sdk_ecrpublic",
+    "aws_sdk_sts",
+    "aws_sdk_sso",
+    "aws_sdk_ssooidc",
+    "aws_config",
+    "aws_runtime",
+    "aws_credential_types",
+    "aws_sigv4",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "rustls",
+    "tower",
+    "zbus",
+    "secret_service",
+];
+
+/// The most verbose level a [`CAPPED_TARGETS`] crate may log at.
+const LIBRARY_LOG_CAP: tracing::Level = tracing::Level::WARN;
+
+/// Whether an event of `target` at `level` may be written at all (see [`CAPPED_TARGETS`]).
+fn library_allows(target: &str, level: &tracing::Level) -> bool {
+    let capped = CAPPED_TARGETS.iter().any(|t| {
+        target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    !capped || *level <= LIBRARY_LOG_CAP
+}
+
 fn init_tracing() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let cap = tracing_subscriber::filter::filter_fn(|m| library_allows(m.target(), m.level()));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter)
+        .with_filter(cap);
+    tracing_subscriber::registry().with(layer).init();
 }
 
 fn status(overrides: &config::Overrides, json: bool) -> anyhow::Result<()> {
@@ -387,5 +433,21 @@ async fn wait_for_stop(agent: &agent::Agent) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn library_events_are_capped_whatever_rust_log_says() {
+        use tracing::Level;
+        for target in ["aws_smithy_runtime::client::orchestrator", "aws_sdk_ecr", "hyper_util::x"] {
+            assert!(!super::library_allows(target, &Level::TRACE), "{target}");
+            assert!(!super::library_allows(target, &Level::DEBUG), "{target}");
+            assert!(!super::library_allows(target, &Level::INFO), "{target}");
+            assert!(super::library_allows(target, &Level::WARN), "{target}");
+        }
+        assert!(super::library_allows("finch_host_agent::link", &Level::TRACE));
+        assert!(super::library_allows("hyperfine_like", &Level::TRACE));
     }
 }

@@ -275,6 +275,8 @@ pub struct Bridge {
     pub guest_exec: Option<(PathBuf, PathBuf)>,
     /// Extra flags for the guest agent.
     pub guest_flags: Vec<String>,
+    /// Extra environment for the guest agent (after `RUST_LOG=debug`, so it can override it).
+    pub guest_env: Vec<(String, String)>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
     pub host_dials: Option<PathBuf>,
 }
@@ -300,6 +302,7 @@ impl Bridge {
             host_env: Vec::new(),
             host_flags: Vec::new(),
             guest_flags: Vec::new(),
+            guest_env: Vec::new(),
             host_dials: None,
             tcp_link: None,
             guest_exec: None,
@@ -394,7 +397,8 @@ impl Bridge {
             .arg(self.path("link.key"))
             .args(["--heartbeat-ms", "500", "--link-wait-ms", "3000"])
             .args(&self.guest_flags)
-            .env("RUST_LOG", "debug");
+            .env("RUST_LOG", "debug")
+            .envs(self.guest_env.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("guest-agent", cmd, &self.path("guest.log"));
         let (helper, link, tcp) = (self.helper_socket(), self.link_socket(), self.tcp_link);
         let listening = || match tcp {

@@ -4,6 +4,8 @@
 //! * `link`: the link dropping and coming back, a host agent killed mid-request, slow and
 //!   hung host helpers.
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
+//! * `boundary`: the boundary under attack: names that parse two ways, floods of requests
+//!   and connections, stores that fill a shared file, a forged boot id, concurrent writers.
 //! * `provision`: the guest install scripts on a scratch root, units and service files, the
 //!   Lima fragment, attach/detach.
 //! * `readme`: the README's bridge command works as written.
@@ -30,6 +32,7 @@
 
 mod aarch64;
 mod auth;
+mod boundary;
 mod e2e_skopeo;
 mod ecr;
 mod hostconfig;

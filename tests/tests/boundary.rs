@@ -1,0 +1,469 @@
+//! The boundary under attack, as a process in the VM would attack it: server names that
+//! parse two ways, floods that grow maps and logs, stores that fill a shared file, callers
+//! that hold the socket, a forged boot id, concurrent writers, a config file that blocks.
+//! Each test covers a class of input, not one example.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use finch_shared::codec;
+use finch_shared::frame::{read_frame, write_frame};
+use finch_shared::message::{
+    HELPER_VERSION, Handshake, HelperCall, HelperReply, Outcome, Request, Response, WireError,
+};
+use finch_tests::aws::FakeEcr;
+use finch_tests::{Bridge, STARTUP, wait_until};
+
+/// One call on the helper socket, as the helper makes it (the test runs as root: allowed).
+fn call(socket: &Path, request: Request) -> Outcome {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let payload = codec::encode(&HelperCall { version: HELPER_VERSION, request }).unwrap();
+    write_frame(&mut s, &payload).unwrap();
+    let reply: HelperReply = codec::decode(&read_frame(&mut s).unwrap()).unwrap();
+    reply.outcome
+}
+
+fn get(server: &str) -> Request {
+    Request::Get { server: server.into() }
+}
+
+fn status(b: &Bridge) -> serde_json::Value {
+    let (code, out, err) = b.host_cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn ecr_bridge(docker_config: &str, host_config: &str, fake: &FakeEcr) -> Bridge {
+    let mut b = Bridge::new(docker_config);
+    std::fs::write(b.host_config(), host_config).unwrap();
+    b.host_env = vec![
+        ("AWS_ENDPOINT_URL".into(), fake.url()),
+        ("AWS_ACCESS_KEY_ID".into(), "AKIAFAKEFAKEFAKE".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "boundary-aws-secret-key".into()),
+    ];
+    b.start();
+    b
+}
+
+/// Item 1: a server name the ECR parser and the policy once read differently. Every
+/// spelling with something after the host that is not a port is refused before routing, so
+/// no token is minted and the policy never sees a name it could misread.
+#[test]
+fn a_server_name_that_parses_two_ways_is_refused_before_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    let policy = "[vm.itvm.policy]\nget = [\"*.allowed.example\"]\n";
+    let b = ecr_bridge("{}", policy, &fake);
+    for server in [
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com:x.allowed.example",
+        "public.ecr.aws:x.allowed.example",
+        "https://123456789012.dkr.ecr.us-east-1.amazonaws.com:x.allowed.example/v2/",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com:443:x.allowed.example",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com@x.allowed.example",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com#x.allowed.example",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com%2fx.allowed.example",
+    ] {
+        match call(&b.helper_socket(), get(server)) {
+            Err(WireError::BadRequest { reason }) => {
+                assert!(reason.contains("server name"), "{server}: {reason}")
+            }
+            other => panic!("{server}: {other:?}"),
+        }
+    }
+    // The policy still denies ECR itself, and allows what it names.
+    let denied = call(&b.helper_socket(), get("123456789012.dkr.ecr.us-east-1.amazonaws.com"));
+    assert!(matches!(denied, Err(WireError::Denied { .. })), "{denied:?}");
+    assert_eq!(fake.calls(), (0, 0), "a token was minted for a refused name");
+    assert!(matches!(call(&b.helper_socket(), get("r.allowed.example")), Err(WireError::NotFound)));
+}
+
+/// Item 2: every map keyed by what a guest sends stays within its bound: distinct made-up
+/// regions are not ECR (no client set is built for them), and distinct real registries keep
+/// at most the cache's bound of tokens.
+#[test]
+fn guest_chosen_regions_and_registries_do_not_grow_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "bound-{n}"}"#);
+    let b = ecr_bridge("{}", "", &fake);
+    let pid = b.host.as_ref().unwrap().pid();
+    let socket = b.helper_socket();
+    // Warm up the allocator and one client set.
+    call(&socket, get("123456789012.dkr.ecr.us-west-2.amazonaws.com")).unwrap();
+    let before = rss_kib(pid);
+    for n in 0..2000 {
+        let outcome =
+            call(&socket, get(&format!("123456789012.dkr.ecr.xx-fake-{n}.amazonaws.com")));
+        assert!(matches!(outcome, Err(WireError::NotFound)), "{outcome:?}");
+    }
+    let after_regions = rss_kib(pid);
+    assert_eq!(fake.calls(), (1, 0), "a made-up region reached AWS");
+    for n in 0..700u64 {
+        let server = format!("{:012}.dkr.ecr.us-west-2.amazonaws.com", 100_000_000_000 + n);
+        call(&socket, get(&server)).unwrap();
+    }
+    let v = status(&b);
+    let cached = v["cache_entries"].as_u64().unwrap();
+    assert!(cached <= 512, "the token cache holds {cached} entries, over its bound of 512");
+    assert!(cached >= 500, "the cache did not fill: {cached}");
+    let after_registries = rss_kib(pid);
+    println!(
+        "host agent RSS: {before} KiB; after 2000 made-up regions {after_regions} KiB; after 700 registries {after_registries} KiB"
+    );
+    assert!(after_regions < before + 20 * 1024, "{before} -> {after_regions} KiB");
+}
+
+/// Item 3: what a guest may store is bounded in size and count, and the shared docker config
+/// stays readable for every VM.
+#[test]
+fn stores_are_bounded_and_the_shared_file_stays_readable() {
+    let mut b = Bridge::new("{}");
+    b.start();
+    let socket = b.helper_socket();
+    let store = |server: &str, secret: String| {
+        call(
+            &socket,
+            Request::Store {
+                server: server.into(),
+                username: "u".into(),
+                secret: finch_shared::Secret::new(secret),
+            },
+        )
+    };
+    // Too large: refused, nothing written.
+    for size in [16 * 1024 + 1, 62 * 1024] {
+        let outcome = store("big.example", "s".repeat(size));
+        assert!(matches!(outcome, Err(WireError::BadRequest { .. })), "{size}: {outcome:?}");
+    }
+    let long_user = call(
+        &socket,
+        Request::Store {
+            server: "u.example".into(),
+            username: "u".repeat(257),
+            secret: finch_shared::Secret::new("x".into()),
+        },
+    );
+    assert!(matches!(long_user, Err(WireError::BadRequest { .. })), "{long_user:?}");
+    // The largest allowed secret, up to the VM's budget: 64 registries or 256 KiB.
+    let mut stored = 0;
+    let refusal = loop {
+        match store(&format!("r{stored}.example"), "s".repeat(16 * 1024)) {
+            Ok(Response::Done) => stored += 1,
+            Err(e) => break e,
+            other => panic!("{other:?}"),
+        }
+        assert!(stored <= 64, "no budget");
+    };
+    assert_eq!(refusal.class(), "denied", "{refusal}");
+    assert!(refusal.to_string().contains("erase"), "{refusal}");
+    assert!((10..=16).contains(&stored), "stored {stored} secrets of 16 KiB before the budget");
+    // The file is readable and every stored entry is served; erasing frees budget.
+    let config = std::fs::read(b.docker_config.join("config.json")).unwrap();
+    assert!(config.len() < 4 * 1024 * 1024);
+    let v: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(v["auths"].as_object().unwrap().len(), stored);
+    assert!(matches!(call(&socket, get("r0.example")), Ok(Response::Credential { .. })));
+    assert_eq!(call(&socket, Request::Erase { server: "r0.example".into() }), Ok(Response::Done));
+    assert_eq!(store("after-erase.example", "s".into()), Ok(Response::Done));
+    // The budget outlives a restart of the host agent.
+    b.host.as_mut().unwrap().kill();
+    b.start_host();
+    b.wait_link_up(2);
+    let again = store("after-restart.example", "s".repeat(16 * 1024));
+    assert_eq!(again.map_err(|e| e.class()), Err("denied"));
+}
+
+/// Item 5: input is validated before it is logged; a flood of rejected requests costs a few
+/// lines, counted.
+#[test]
+fn a_flood_of_rejected_requests_barely_grows_the_log() {
+    let mut b = Bridge::new("{}");
+    b.start();
+    let socket = b.helper_socket();
+    let log = b.path("host.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+    let huge = "x".repeat(60 * 1024 - 100);
+    for n in 0..300 {
+        let server = if n % 2 == 0 { huge.clone() } else { format!("{huge}:{n}") };
+        let outcome = call(&socket, get(&server));
+        assert!(matches!(outcome, Err(WireError::BadRequest { .. })), "{outcome:?}");
+    }
+    assert!(wait_until(STARTUP, || b.host_log().contains("finch_audit")));
+    let grown = std::fs::metadata(&log).unwrap().len() - before;
+    assert!(grown < 16 * 1024, "300 rejected 60 KB names grew the host log by {grown} bytes");
+    assert!(!b.host_log().contains(&"x".repeat(1000)), "a rejected name was logged");
+    // The next window's line counts what was held back.
+    std::thread::sleep(Duration::from_secs(10));
+    let _ = call(&socket, get(&huge));
+    let counted = || {
+        b.host_log().lines().any(|l| {
+            l.split("suppressed=")
+                .nth(1)
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit() && c != '0'))
+        })
+    };
+    assert!(wait_until(STARTUP, counted), "{}", b.host_log());
+}
+
+/// A python client on the helper socket as `uid`: opens `count` connections, sends `what`
+/// on each (`silent`: nothing) and prints, per connection, the reply's class or `none`.
+fn socket_client(
+    b: &Bridge,
+    uid: u32,
+    count: usize,
+    what: Option<&HelperCall>,
+    hold: Duration,
+) -> std::process::Child {
+    let payload = what.map(|c| {
+        let body = codec::encode(c).unwrap();
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        framed.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    });
+    let script = r#"
+import socket, sys, time
+path, count, payload, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+conns = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    if payload != "silent":
+        s.sendall(bytes.fromhex(payload))
+    conns.append(s)
+print("connected", flush=True)
+time.sleep(hold)
+for s in conns:
+    s.settimeout(0.5)
+    try:
+        data = s.recv(70000)
+        print("reply" if data else "closed")
+    except socket.timeout:
+        print("none")
+    except OSError:
+        print("closed")
+"#;
+    use std::os::unix::process::CommandExt;
+    Command::new("python3")
+        .args(["-c", script])
+        .arg(b.helper_socket())
+        .arg(count.to_string())
+        .arg(payload.as_deref().unwrap_or("silent"))
+        .arg(format!("{}", hold.as_secs_f64()))
+        .uid(uid)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn open_socket_to_group(b: &Bridge) {
+    std::fs::set_permissions(b.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+}
+
+/// Item 6: the peer is checked before a byte is read: a disallowed uid that sends nothing is
+/// answered `denied` at once and holds nothing, and legitimate calls are not delayed.
+#[test]
+fn a_disallowed_uid_is_refused_before_it_sends_anything() {
+    if !finch_tests::require_root("a_disallowed_uid_is_refused_before_it_sends_anything") {
+        return;
+    }
+    let mut b = Bridge::new(r#"{"auths":{"reg.example":{"auth":"dTpw"}}}"#);
+    b.guest_flags = ["--socket-group", "nogroup"].map(String::from).to_vec();
+    b.start();
+    open_socket_to_group(&b);
+    let guest_pid = b.guest.as_ref().unwrap().pid();
+    let before = rss_kib(guest_pid);
+    let flood = socket_client(&b, 4343, 500, None, Duration::from_secs(1));
+    let started = Instant::now();
+    assert!(matches!(
+        call(&b.helper_socket(), get("reg.example")),
+        Ok(Response::Credential { .. })
+    ));
+    println!("legitimate get during the flood: {:?}", started.elapsed());
+    let out = flood.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replies = text.lines().filter(|l| *l == "reply").count();
+    assert_eq!(replies, 500, "silent connections of a disallowed uid were not answered at once");
+    let after = rss_kib(guest_pid);
+    assert!(after < before + 8 * 1024, "guest agent RSS {before} -> {after} KiB");
+    // Logged through the gate: a few lines, not 500.
+    let lines = b.guest_log().matches("not allowed").count();
+    assert!((1..=20).contains(&lines), "{lines} lines for 500 refusals");
+}
+
+/// Item 7: one user of the VM holding many slow calls leaves room for the others.
+#[test]
+fn one_uid_cannot_starve_the_others() {
+    if !finch_tests::require_root("one_uid_cannot_starve_the_others") {
+        return;
+    }
+    let mut b = Bridge::new(
+        r#"{"credHelpers":{"slow.example":"slow"},"auths":{"reg.example":{"auth":"dTpw"}}}"#,
+    );
+    b.fake_helper("slow", "sleep 6; exit 1");
+    b.guest_flags = ["--socket-group", "nogroup", "--allow-uid", "4242"].map(String::from).to_vec();
+    b.host_flags = ["--helper-timeout-secs", "10"].map(String::from).to_vec();
+    b.start();
+    open_socket_to_group(&b);
+    let slow = HelperCall { version: HELPER_VERSION, request: get("slow.example") };
+    let mut flood = socket_client(&b, 4242, 300, Some(&slow), Duration::from_secs(3));
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = flood.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    }
+    assert_eq!(line.trim(), "connected");
+    std::thread::sleep(Duration::from_millis(500));
+    let outcome = call(&b.helper_socket(), get("reg.example"));
+    assert!(
+        matches!(outcome, Ok(Response::Credential { .. })),
+        "another uid was starved: {outcome:?}"
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+}
+
+/// Item 8: `list` is bounded by bytes and says when it was cut; it shows one VM only what
+/// it may see.
+#[test]
+fn a_long_list_is_cut_to_fit_and_says_so() {
+    let mut auths = serde_json::Map::new();
+    for n in 0..400 {
+        let host = format!("{n:03}-{}.example", "a".repeat(200));
+        auths.insert(host, serde_json::json!({"auth": "dTpw"}));
+    }
+    let config = serde_json::json!({ "auths": auths }).to_string();
+    let mut b = Bridge::new(&config);
+    b.start();
+    let r = b.helper("list", "");
+    assert_eq!(r.code, 0, "{} {}", r.out(), r.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let shown = v.as_object().unwrap().len();
+    assert!((100..400).contains(&shown), "{shown} entries");
+    assert!(r.stderr.contains(&format!("{} more", 400 - shown)), "{}", r.stderr);
+}
+
+/// Item 9: a boot id from a guest that holds the key cannot forge a log line.
+#[test]
+fn a_forged_boot_id_is_logged_escaped() {
+    let mut b = Bridge::new("{}");
+    let path = b.path("impostor.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    b.host_dials = Some(path);
+    b.start_host();
+    let key = finch_shared::key::LinkKey::load(&b.path("link.key")).unwrap();
+    let mut s = finch_tests::accept_within(&listener, STARTUP);
+    let hello: Handshake = codec::decode(&read_frame(&mut s).unwrap()).unwrap();
+    let forged = "b\nINFO finch_audit: vm=\"other\" op=\"get\" result=\"ok\"";
+    let (guest, answer) =
+        finch_shared::handshake::GuestHandshake::answer(key, forged, hello).unwrap();
+    write_frame(&mut s, &codec::encode(&answer).unwrap()).unwrap();
+    let proof: Handshake = codec::decode(&read_frame(&mut s).unwrap()).unwrap();
+    guest.finish(proof).unwrap();
+    assert!(wait_until(STARTUP, || b.host_log().contains("link up")), "{}", b.host_log());
+    let log = b.host_log();
+    assert!(log.lines().all(|l| !l.starts_with("INFO finch_audit")), "forged line:\n{log}");
+    assert!(log.contains(r#"boot_id="b\nINFO"#), "{log}");
+    drop(s);
+}
+
+/// Item 11: the docker config is read off the async runtime: a config file that blocks (a
+/// FIFO nobody writes) holds requests for it, not the agent.
+#[test]
+fn a_blocking_config_file_does_not_stall_the_agent() {
+    let mut b = Bridge::new("{}");
+    b.start();
+    let config = b.docker_config.join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    nix::unistd::mkfifo(&config, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let socket = b.helper_socket();
+    let stuck: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || call(&socket, get("reg.example")))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // The agent still answers its control socket and keeps the link (heartbeats every 500 ms).
+    let v = status(&b);
+    assert_eq!(v["vms"]["itvm"]["up"], true, "{v}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!b.guest_log().contains("no heartbeat"), "{}", b.guest_log());
+    // Unblock the readers.
+    let mut w = std::fs::OpenOptions::new().write(true).open(&config).unwrap();
+    w.write_all(b"{}").unwrap();
+    drop(w);
+    for t in stuck {
+        let _ = t.join();
+    }
+}
+
+/// Item 13: with the link known to be down, calls are answered at once (`docker logout`
+/// makes four `erase`s).
+#[test]
+fn calls_are_answered_at_once_when_the_link_is_known_down() {
+    let mut b = Bridge::new("{}");
+    b.start_guest();
+    // Down longer than the link wait (3 s in the bridge).
+    std::thread::sleep(Duration::from_millis(3200));
+    for server in ["reg.example", "https://reg.example", "reg.example:443", "http://reg.example"] {
+        let started = Instant::now();
+        let outcome = call(&b.helper_socket(), Request::Erase { server: server.into() });
+        assert!(matches!(outcome, Err(WireError::Unavailable { .. })), "{outcome:?}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "erase waited {took:?} for a link known down");
+    }
+}
+
+/// Item 14: concurrent stores into the plaintext docker config: every success answered is
+/// a write that lasts (erases too).
+#[test]
+fn concurrent_stores_and_erases_lose_nothing() {
+    let mut b = Bridge::new(r#"{"proxies":{"keep":"me"}}"#);
+    b.start();
+    let socket = b.helper_socket();
+    let run = |make: fn(usize) -> Request| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let socket = socket.clone();
+                std::thread::spawn(move || {
+                    (0..15)
+                        .map(|i| call(&socket, make(t * 15 + i)))
+                        .filter(|o| *o == Ok(Response::Done))
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum::<usize>()
+    };
+    let stored = run(|n| Request::Store {
+        server: format!("r{n}.example"),
+        username: "u".into(),
+        secret: finch_shared::Secret::new(format!("p{n}")),
+    });
+    let auths = |b: &Bridge| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(b.docker_config.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["proxies"]["keep"], "me");
+        v["auths"].as_object().map(|m| m.len()).unwrap_or(0)
+    };
+    assert_eq!(stored, 60);
+    assert_eq!(auths(&b), 60, "answered success but the write did not last");
+    let erased = run(|n| Request::Erase { server: format!("r{n}.example") });
+    assert_eq!(erased, 60);
+    assert_eq!(auths(&b), 0);
+}
