@@ -256,7 +256,7 @@ mod tests {
         let (h, proof) = host.finish(ghello).unwrap();
         let g = guest.finish(proof).unwrap();
         assert_eq!(h, g);
-        assert_eq!(h.version, *crate::message::LINK_VERSIONS.last().unwrap());
+        assert_eq!(h.version, *LINK_VERSIONS.last().unwrap());
         assert_eq!(h.boot_id, "boot-1");
     }
 
