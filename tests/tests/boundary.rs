@@ -176,7 +176,12 @@ fn stores_are_bounded_and_the_shared_file_stays_readable() {
     assert!(matches!(call(&socket, get("r0.example")), Ok(Response::Credential { .. })));
     assert_eq!(call(&socket, Request::Erase { server: "r0.example".into() }), Ok(Response::Done));
     assert_eq!(store("after-erase.example", "s".into()), Ok(Response::Done));
-    // The budget outlives a restart of the host agent.
+    // Full again; the budget outlives a restart of the host agent.
+    let mut n = 0;
+    while store(&format!("refill{n}.example"), "s".repeat(16 * 1024)).is_ok() {
+        n += 1;
+        assert!(n < 64, "no budget");
+    }
     b.host.as_mut().unwrap().kill();
     b.start_host();
     b.wait_link_up(2);
@@ -342,7 +347,8 @@ fn one_uid_cannot_starve_the_others() {
 fn a_long_list_is_cut_to_fit_and_says_so() {
     let mut auths = serde_json::Map::new();
     for n in 0..400 {
-        let host = format!("{n:03}-{}.example", "a".repeat(200));
+        let label = "a".repeat(63);
+        let host = format!("{n:03}.{label}.{label}.{label}.example");
         auths.insert(host, serde_json::json!({"auth": "dTpw"}));
     }
     let config = serde_json::json!({ "auths": auths }).to_string();
