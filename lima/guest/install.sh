@@ -186,6 +186,6 @@ for d in $docker_configs; do
   "$R/usr/local/bin/finch-guest-agent" docker-config set-creds-store --file "$R$d/config.json" --record "$STATE/$rec"
 done
 mkdirs "$R/etc/containers/registries.conf.d" 0755
-printf '# Written by the finch credential bridge install.sh.\ncredential-helpers = ["finchhost", "containers-auth.json"]\n' \
+printf '# Written by the finch credential bridge install.sh.\n# finchhost alone: with containers-auth.json after it, a store the host refuses (or a link\n# that is down) would land in containers/auth.json in the runtime dir, in the VM.\ncredential-helpers = ["finchhost"]\n' \
   | put "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" 0644
 echo "finch credential bridge: guest side installed (init: $init, link: $link_listen)"

@@ -348,4 +348,31 @@ mod tests {
         assert!(matches!(read_frame(&mut &b"\x00\x00"[..]), Err(FrameError::Truncated)));
         assert!(matches!(read_frame(&mut &b"\x00\x00\x00\x05hel"[..]), Err(FrameError::Truncated)));
     }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn a_writer_whose_peer_stops_reading_stalls_then_fails_by_its_deadline() {
+        use async_io::{QueueError, spawn_writer};
+        let (ours, _never_read) = tokio::io::duplex(16);
+        let (queue, _task) = spawn_writer(ours, 4, std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let mut stalled = false;
+        for n in 0u64..100 {
+            match queue.send(&n) {
+                Ok(()) => {}
+                Err(QueueError::Stalled(4)) => {
+                    stalled = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(stalled, "the queue never filled");
+        tokio::time::timeout(std::time::Duration::from_secs(2), queue.failed())
+            .await
+            .expect("the writer did not give up by its deadline");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(queue.error().contains("longer than 200 ms"), "{}", queue.error());
+        assert!(matches!(queue.send(&1u64), Err(QueueError::Closed(_))));
+    }
 }

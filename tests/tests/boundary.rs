@@ -323,7 +323,7 @@ fn one_uid_cannot_starve_the_others() {
     b.start();
     open_socket_to_group(&b);
     let slow = HelperCall { version: HELPER_VERSION, request: get("slow.example") };
-    let mut flood = socket_client(&b, 4242, 300, Some(&slow), Duration::from_secs(3));
+    let mut flood = socket_client(&b, 4242, 250, Some(&slow), Duration::from_secs(3));
     let mut line = String::new();
     {
         use std::io::BufRead;

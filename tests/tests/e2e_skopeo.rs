@@ -7,6 +7,7 @@
 //! `skopeo login` stores through the chain into the keyring; `copy` and `inspect`
 //! authenticate through it; `logout` erases; the next `inspect` is refused by the registry.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -272,4 +273,92 @@ fn skopeo_login_copy_inspect_logout_through_the_bridge() {
         texts.push((what, text));
     }
     finch_tests::assert_no_secret(PASSWORD, &texts);
+}
+
+/// Every file under `dir` whose bytes hold `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => found.extend(files_holding(&path, needle)),
+            Ok(t) if t.is_file() => {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Item 12 of the boundary issue: with what `install.sh` writes for containers-image tools,
+/// a `podman login` the host refuses fails, and no file on the VM side holds the password
+/// (podman would otherwise fall back to `containers-auth.json` and say `Login Succeeded!`).
+#[test]
+fn a_podman_login_the_host_refuses_fails_and_leaves_no_secret_in_the_vm() {
+    let tools = ["podman", "docker-registry", "htpasswd", "openssl", "tar"];
+    if !finch_tests::require("a_podman_login_the_host_refuses_fails", &tools) {
+        return;
+    }
+    // The guest side as install.sh lays it out, on a scratch root.
+    let scratch = crate::provision::scratch();
+    let out = crate::provision::install(&scratch, "none");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fragment = std::fs::read_to_string(
+        scratch.root.join("etc/containers/registries.conf.d/50-finch-credential-helpers.conf"),
+    )
+    .unwrap();
+
+    let mut b = Bridge::new("{}");
+    std::fs::write(b.host_config(), "[vm.itvm.policy]\nstore = []\n").unwrap();
+    b.start();
+    let dir = b.dir.path().to_owned();
+    let port = free_port();
+    let (_registry, certs) = start_registry(&dir, port);
+    let registry_name = format!("127.0.0.1:{port}");
+    let vm_side = dir.join("vm-side");
+    let (home, runtime) = (vm_side.join("home"), vm_side.join("run"));
+    for d in [&home, &runtime] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let registries = vm_side.join("registries.conf");
+    std::fs::write(&registries, &fragment).unwrap();
+    let mut podman = Command::new("podman");
+    podman
+        .arg("--root")
+        .arg(vm_side.join("storage"))
+        .arg("--runroot")
+        .arg(vm_side.join("runroot"))
+        .args(["--storage-driver", "vfs", "login", "--cert-dir"])
+        .arg(&certs)
+        .args(["--username", USER, "--password-stdin", &registry_name])
+        .env("PATH", finch_tests::path_with(&finch_tests::bin_dir()))
+        .env("HOME", &home)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env("CONTAINERS_REGISTRIES_CONF", &registries)
+        .env("FINCH_GUEST_AGENT_SOCKET", b.helper_socket())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env_remove("DOCKER_CONFIG");
+    let r = run_with_input(podman, PASSWORD.as_bytes(), Duration::from_secs(120));
+    let said = format!("{}{}", String::from_utf8_lossy(&r.stdout), r.stderr);
+    assert_ne!(r.code, 0, "podman login succeeded although the host refused the store: {said}");
+    assert!(!said.contains("Login Succeeded"), "{said}");
+    assert!(said.contains("denied"), "podman did not report the host's refusal: {said}");
+    // The refusal reached the host (the registry accepted the password first).
+    assert!(b.host_log().contains("result=\"denied\""), "{}", b.host_log());
+    let encoded = base64_of(&format!("{USER}:{PASSWORD}"));
+    for needle in [PASSWORD.as_bytes(), encoded.as_bytes()] {
+        let found = files_holding(&vm_side, needle);
+        assert!(found.is_empty(), "the password is in VM-side files: {found:?}");
+    }
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }

@@ -64,7 +64,7 @@ fn policy_allows_and_denies_each_operation_by_pattern() {
     // get: exact, suffix (not the apex), any spelling.
     assert_eq!(b.helper("get", "allowed.test").code, 0);
     assert_eq!(b.helper("get", "https://allowed.test/v2/").code, 0);
-    denied(&b, "get", "https://DENIED.test:443/v2/", "get", "DENIED.test:443");
+    denied(&b, "get", "https://DENIED.test:443/v2/", "get", "denied.test:443");
     assert_eq!(b.helper("get", "a.corp.test").code, 0);
     denied(&b, "get", "corp.test", "get", "corp.test");
     let r = b.helper("get", "denied.test");

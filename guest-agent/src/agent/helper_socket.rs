@@ -2,10 +2,11 @@
 //!
 //! The peer's uid is checked before a byte of its call is read: a uid that is not allowed is
 //! answered `denied` at once and its connection closed. Allowed callers share the agent
-//! fairly: at most [`MAX_CALLS`] calls are served at once, and at most
-//! [`MAX_CALLS_PER_UID`] of them for one uid, so one user of the VM flooding the socket (or
-//! waiting on slow ECR calls) leaves room for the others; past either bound the caller is
-//! answered `busy` at once. Refusals are logged through a gate: a flood costs a line per
+//! fairly: at most [`MAX_CALLS`] calls are served at once; a uid may take a new slot only
+//! while it holds less than its fair share (the slots but [`RESERVED_FOR_OTHERS`], divided
+//! among the uids calling, never less than [`MIN_SHARE`]), so one user of the VM flooding
+//! the socket or waiting on slow ECR calls always leaves room for the others. Past either
+//! bound the caller is answered `busy` at once. Refusals are logged through a gate: a flood costs a line per
 //! window, with a count.
 
 use std::collections::HashMap;
@@ -23,10 +24,12 @@ use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of the helper socket: owner and group may connect, nobody else.
 pub const HELPER_SOCKET_MODE: u32 = 0o660;
-/// Most helper calls served at once.
-pub const MAX_CALLS: usize = 128;
-/// Most helper calls of one uid served at once.
-pub const MAX_CALLS_PER_UID: usize = 16;
+/// Most helper calls served at once (the host answers at most 256 at once per link).
+pub const MAX_CALLS: usize = 256;
+/// Slots no single uid can take: kept for the VM's other users.
+pub const RESERVED_FOR_OTHERS: usize = 32;
+/// The share of the slots every uid is promised, however many uids are calling.
+pub const MIN_SHARE: usize = 16;
 /// Refusals logged per [`REFUSAL_WINDOW`]; the rest are counted.
 pub const REFUSAL_BURST: u32 = 10;
 /// See [`REFUSAL_BURST`].
@@ -55,9 +58,11 @@ impl Calls {
         let mut per_uid = self.per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let total: usize = per_uid.values().sum();
         let mine = per_uid.get(&uid).copied().unwrap_or(0);
-        if mine >= MAX_CALLS_PER_UID {
+        let callers = per_uid.len() + usize::from(mine == 0);
+        let share = ((MAX_CALLS - RESERVED_FOR_OTHERS) / callers).max(MIN_SHARE);
+        if mine >= share {
             return Err(WireError::unavailable(format!(
-                "guest agent busy: uid {uid} already has {MAX_CALLS_PER_UID} calls in progress"
+                "guest agent busy: uid {uid} already has {mine} calls in progress, its share"
             )));
         }
         if total >= MAX_CALLS {
@@ -197,16 +202,19 @@ mod tests {
     #[test]
     fn one_uid_cannot_take_every_slot() {
         let calls = Arc::new(Calls::default());
-        let mine: Vec<_> = (0..MAX_CALLS_PER_UID).map(|_| calls.admit(1000).unwrap()).collect();
+        let alone = MAX_CALLS - RESERVED_FOR_OTHERS;
+        let mut mine: Vec<_> = (0..alone).map(|_| calls.admit(1000).unwrap()).collect();
         let e = calls.admit(1000).err().unwrap();
         assert!(e.to_string().contains("busy"), "{e}");
-        // Others still get in, up to the overall bound.
-        let others: Vec<_> = (0..MAX_CALLS - MAX_CALLS_PER_UID)
-            .map(|i| calls.admit(2000 + i as u32).unwrap())
-            .collect();
-        assert!(calls.admit(5000).is_err());
+        // Another uid gets in at once, and the flooder cannot grow while over its share.
+        let mut other: Vec<_> =
+            (0..RESERVED_FOR_OTHERS).map(|_| calls.admit(2000).unwrap()).collect();
+        assert!(calls.admit(3000).is_err(), "past the overall bound");
+        mine.truncate(120);
+        assert!(calls.admit(1000).is_err(), "over its share of two");
+        other.extend((0..20).map(|_| calls.admit(2000).unwrap()));
         drop(mine);
-        drop(others);
+        drop(other);
         assert!(calls.per_uid.lock().unwrap().is_empty(), "slots were not given back");
         assert!(calls.admit(1000).is_ok());
     }

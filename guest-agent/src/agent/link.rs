@@ -229,3 +229,31 @@ where
     drop(pending);
     reason
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that stops reading cannot stall the link: heartbeats and calls queue, and
+    /// shutdown (or a new link) ends the driver at once, not after a write that never ends.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_cannot_stall_shutdown() {
+        let (ours, _theirs_never_read) = tokio::io::duplex(64);
+        let (calls_tx, calls) = mpsc::channel(64);
+        let (_close_tx, close) = oneshot::channel();
+        let (stop, shutdown) = Shutdown::new();
+        let driver = tokio::spawn(drive(ours, calls, close, Duration::from_millis(50), shutdown));
+        // Fill the pipe: pings, and requests nobody will read.
+        for _ in 0..20 {
+            let (tx, _rx) = oneshot::channel();
+            let _ = calls_tx.try_send((Request::Get { server: "h".repeat(100) }, tx));
+        }
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let _ = stop.send(true);
+        let reason = tokio::time::timeout(Duration::from_secs(1), driver)
+            .await
+            .expect("the driver did not stop within 1 s of shutdown")
+            .unwrap();
+        assert!(reason.contains("shutting down"), "{reason}");
+    }
+}

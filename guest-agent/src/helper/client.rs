@@ -49,11 +49,21 @@ impl Agent for SocketAgent {
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io_err)?;
         let payload = codec::encode(&HelperCall { version: HELPER_VERSION, request })
             .map_err(|e| format!("{NAME}: {e}"))?;
-        write_frame(&mut stream, &payload)
-            .map_err(|e| format!("{NAME}: cannot send to the guest agent at {shown}: {e}"))?;
-        let reply = read_frame(&mut stream).map_err(|e| {
-            format!("{NAME}: no answer from the guest agent at {shown}: {}", describe(&e))
-        })?;
+        // The agent may answer before reading (a refused uid, or busy) and close: its answer
+        // is still there to read when our write fails.
+        let sent = write_frame(&mut stream, &payload);
+        let reply = match (read_frame(&mut stream), sent) {
+            (Ok(reply), _) => reply,
+            (Err(_), Err(e)) => {
+                return Err(format!("{NAME}: cannot send to the guest agent at {shown}: {e}"));
+            }
+            (Err(e), Ok(())) => {
+                return Err(format!(
+                    "{NAME}: no answer from the guest agent at {shown}: {}",
+                    describe(&e)
+                ));
+            }
+        };
         let reply: HelperReply = codec::decode(&reply)
             .map_err(|e| format!("{NAME}: bad answer from the guest agent: {e}"))?;
         Ok(reply.outcome)
