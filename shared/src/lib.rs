@@ -4,6 +4,7 @@
 //! * [`frame`]: length-prefixed frames with a hard size limit.
 //! * [`endpoint`]: endpoint strings such as `unix:///run/x.sock`.
 //! * [`codec`]: payload encoding (postcard) behind two functions.
+//! * [`docker_config`]: the docker config's JSON, decoded as docker/cli reads it.
 //! * [`message`]: link and helper-socket messages, typed errors that cross the link.
 //! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
 //! * [`key`]: the per-VM link key and its file checks.
@@ -13,6 +14,7 @@
 //! * [`Secret`]: a credential that never prints.
 
 pub mod codec;
+pub mod docker_config;
 pub mod endpoint;
 pub mod frame;
 pub mod handshake;

@@ -473,3 +473,85 @@ fn concurrent_stores_and_erases_lose_nothing() {
     assert_eq!(erased, 60);
     assert_eq!(auths(&b), 0);
 }
+
+/// Item 4: at `RUST_LOG=trace`, for every target, no token, secret or key reaches a log:
+/// native ECR (the SDK logs whole responses at trace), the native keychain, a host helper and
+/// the plaintext `auths`, each read and written through the bridge.
+#[test]
+fn nothing_secret_reaches_a_log_at_trace() {
+    use finch_tests::keyring::{TOOLS, start_keyring};
+    if !finch_tests::require("nothing_secret_reaches_a_log_at_trace", TOOLS) {
+        return;
+    }
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeEcr::start(dir.path());
+    fake.control(r#"{"password": "trace-ecr-token-{n}"}"#);
+    let docker_config = serde_json::json!({
+        "credsStore": "secretservice",
+        "credHelpers": {"helper.example": "tracehelper", "plain.example": "", "plain2.example": ""},
+        "auths": {"plain.example": {"auth": b64("u:trace-plain-secret")}},
+    });
+    let mut b = Bridge::new(&docker_config.to_string());
+    let keyring = start_keyring(b.dir.path());
+    b.fake_helper(
+        "tracehelper",
+        r#"[ "$1" = get ] && { cat >/dev/null; echo '{"Username":"h","Secret":"trace-helper-secret"}'; exit 0; }; cat >/dev/null; exit 0"#,
+    );
+    b.host_env = keyring.env.clone();
+    b.host_env.extend([
+        ("RUST_LOG".into(), "trace".into()),
+        ("AWS_ENDPOINT_URL".into(), fake.url()),
+        ("AWS_ACCESS_KEY_ID".into(), "AKIAFAKEFAKEFAKE".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "trace-aws-secret-key".into()),
+    ]);
+    b.guest_env = vec![("RUST_LOG".into(), "trace".into())];
+    b.start();
+    let socket = b.helper_socket();
+    let store = |server: &str, secret: &str| {
+        let outcome = call(
+            &socket,
+            Request::Store {
+                server: server.into(),
+                username: "u".into(),
+                secret: finch_shared::Secret::new(secret.into()),
+            },
+        );
+        assert_eq!(outcome, Ok(Response::Done), "store {server}");
+    };
+    let got = |server: &str| match call(&socket, get(server)) {
+        Ok(Response::Credential { secret, .. }) => secret.expose().to_owned(),
+        other => panic!("get {server}: {other:?}"),
+    };
+    store("kc.example", "trace-keychain-secret");
+    assert_eq!(got("kc.example"), "trace-keychain-secret");
+    assert_eq!(got("helper.example"), "trace-helper-secret");
+    assert_eq!(got("plain.example"), "trace-plain-secret");
+    store("plain2.example", "trace-plain-stored");
+    assert_eq!(got("plain2.example"), "trace-plain-stored");
+    assert_eq!(got("123456789012.dkr.ecr.us-west-2.amazonaws.com"), "trace-ecr-token-1");
+    assert_eq!(got("public.ecr.aws"), "trace-ecr-token-2");
+    assert!(matches!(call(&socket, Request::List), Ok(Response::List { .. })));
+    // The SDK traced something (so the cap is what keeps the token out, not silence).
+    let host = b.host_log();
+    assert!(host.contains("TRACE"), "no trace output at all");
+    let secrets = [
+        "trace-keychain-secret",
+        "trace-helper-secret",
+        "trace-plain-secret",
+        "trace-plain-stored",
+        "trace-ecr-token",
+        "trace-aws-secret-key",
+    ];
+    let mut forms: Vec<String> = secrets.iter().map(|s| (*s).to_owned()).collect();
+    forms.extend(
+        ["AWS:trace-ecr-token-1", "AWS:trace-ecr-token-2", "u:trace-plain-secret"].map(b64),
+    );
+    let logs = [("host", host), ("guest", b.guest_log())];
+    for (name, log) in &logs {
+        for form in &forms {
+            assert!(!log.contains(form.as_str()), "{form} is in the {name} log");
+        }
+    }
+}

@@ -6,9 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use finch_shared::Secret;
 use finch_shared::message::ListEntry;
 use finch_shared::registry::Registry;
 use serde_json::{Map, Value};
@@ -21,7 +18,7 @@ pub const CONFIG_FILE: &str = "config.json";
 
 /// Largest config file read; a write that would make the file larger is refused, so the
 /// file always stays readable.
-pub const MAX_CONFIG: u64 = 4 * 1024 * 1024;
+pub use finch_shared::docker_config::MAX_CONFIG;
 
 /// The advisory lock file next to the config, held while the agent rewrites it.
 pub const LOCK_FILE: &str = ".config.json.finch-lock";
@@ -29,9 +26,6 @@ pub const LOCK_FILE: &str = ".config.json.finch-lock";
 /// Serializes the agent's own rewrites of any docker config (the lock file covers other
 /// processes that take it).
 static WRITERS: Mutex<()> = Mutex::new(());
-
-/// Username docker uses to mark an identity token.
-pub const TOKEN_USERNAME: &str = "<token>";
 
 /// The routing part of a docker config.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,18 +74,7 @@ pub fn read_config(dir: &Path) -> Result<Map<String, Value>, SourceError> {
     };
     let mut text = Zeroizing::new(Vec::new());
     file.take(MAX_CONFIG + 1).read_to_end(&mut text).map_err(|e| err(e.to_string()))?;
-    if text.len() as u64 > MAX_CONFIG {
-        return Err(err(format!("larger than {MAX_CONFIG} bytes")));
-    }
-    if text.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
-    }
-    match serde_json::from_slice::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(err("the top level is not a JSON object".into())),
-        // serde_json's message gives line and column, never the text around them.
-        Err(e) => Err(err(format!("invalid JSON at line {} column {}", e.line(), e.column()))),
-    }
+    finch_shared::docker_config::parse(&text).map_err(|e| err(e.to_string()))
 }
 
 /// One read of the docker config: how to route, and the plaintext `auths` as they were.
@@ -107,16 +90,8 @@ impl DockerConfig {
     /// Reads `<dir>/config.json` once.
     pub fn load(dir: &Path) -> Result<Self, SourceError> {
         let mut map = read_config(dir)?;
-        let creds_store = map.get("credsStore").and_then(Value::as_str).map(str::to_owned);
-        let cred_helpers = map
-            .get("credHelpers")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let creds_store = finch_shared::docker_config::creds_store(&map);
+        let cred_helpers = finch_shared::docker_config::cred_helpers(&map);
         let auths = match map.remove("auths") {
             Some(Value::Object(m)) => m,
             _ => Map::new(),
@@ -246,32 +221,12 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
 
 /// Decodes one `auths` entry as docker/cli does.
 fn decode_entry(entry: &Value) -> Option<Credential> {
-    let obj = entry.as_object()?;
-    if let Some(token) = obj.get("identitytoken").and_then(Value::as_str).filter(|t| !t.is_empty())
-    {
-        return Some(Credential { username: TOKEN_USERNAME.into(), secret: Secret::from(token) });
-    }
-    if let Some(auth) = obj.get("auth").and_then(Value::as_str).filter(|a| !a.is_empty()) {
-        let raw = Zeroizing::new(STANDARD.decode(auth.trim()).ok()?);
-        let text = std::str::from_utf8(&raw).ok()?;
-        let (user, pass) = text.split_once(':')?;
-        return Some(Credential { username: user.to_owned(), secret: Secret::from(pass) });
-    }
-    let user = obj.get("username").and_then(Value::as_str)?;
-    let pass = obj.get("password").and_then(Value::as_str).unwrap_or_default();
-    Some(Credential { username: user.to_owned(), secret: Secret::from(pass) })
+    finch_shared::docker_config::decode_entry(entry)
+        .map(|(username, secret)| Credential { username, secret })
 }
 
 fn encode_entry(credential: &Credential) -> Value {
-    let mut obj = Map::new();
-    if credential.username == TOKEN_USERNAME {
-        obj.insert("identitytoken".into(), Value::String(credential.secret.expose().to_owned()));
-    } else {
-        let plain =
-            Zeroizing::new(format!("{}:{}", credential.username, credential.secret.expose()));
-        obj.insert("auth".into(), Value::String(STANDARD.encode(plain.as_bytes())));
-    }
-    Value::Object(obj)
+    finch_shared::docker_config::encode_entry(&credential.username, &credential.secret)
 }
 
 impl CredentialSource for PlainAuths {
@@ -327,6 +282,11 @@ impl CredentialSource for PlainAuths {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use finch_shared::Secret;
+    use finch_shared::docker_config::TOKEN_USERNAME;
+
     use super::*;
 
     fn reg(s: &str) -> Registry {
