@@ -555,3 +555,24 @@ fn nothing_secret_reaches_a_log_at_trace() {
         }
     }
 }
+
+/// Idle connections to a `tcp://` link port (any process in the VM can open them) neither
+/// pile up in the guest agent nor keep the host out: the oldest pending handshakes make room.
+#[test]
+fn idle_link_connections_do_not_keep_the_host_out() {
+    let mut b = Bridge::new(r#"{"auths":{"reg.example":{"auth":"dTpw"}}}"#);
+    let port = finch_tests::free_port();
+    b.tcp_link = Some(port);
+    b.start_guest();
+    let idle: Vec<_> =
+        (0..200).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    b.start_host();
+    b.wait_link_up(1);
+    assert!(matches!(
+        call(&b.helper_socket(), get("reg.example")),
+        Ok(Response::Credential { .. })
+    ));
+    let evicted = b.guest_log().matches("newer connections took its place").count();
+    assert!((1..=20).contains(&evicted), "{evicted} eviction lines for 200 idle connections");
+    drop(idle);
+}

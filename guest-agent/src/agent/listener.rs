@@ -8,6 +8,7 @@ use finch_shared::endpoint::Endpoint;
 use finch_shared::frame::async_io::{read_msg, write_msg};
 use finch_shared::handshake::GuestHandshake;
 use finch_shared::key::LinkKey;
+use finch_shared::limit::LogGate;
 use finch_shared::message::Handshake;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
@@ -30,6 +31,89 @@ pub struct LinkSettings {
     pub allowed_uids: Arc<[u32]>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// Connections still in their handshake, bounded (see [`MAX_HANDSHAKES`]).
+    pub handshakes: Arc<Pending>,
+    /// Refused or failed link connections, logged through a gate.
+    pub refusals: Arc<std::sync::Mutex<LogGate>>,
+}
+
+/// Most link connections in their handshake at once. A new one closes the oldest still
+/// waiting: idle connections cannot hold the port shut to the host, whose handshake takes a
+/// round trip, and they cannot grow the agent either.
+pub const MAX_HANDSHAKES: usize = 32;
+
+/// The connections in their handshake, oldest first, each with the trigger that closes it.
+#[derive(Debug, Default)]
+pub struct Pending {
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A place among the pending handshakes; left when dropped.
+#[derive(Debug)]
+pub struct PendingSlot {
+    pending: Arc<Pending>,
+    id: u64,
+    /// Fires when a newer connection took this one's place.
+    pub evicted: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Pending {
+    /// Takes a place, closing the oldest pending handshake when all are taken.
+    pub fn admit(self: &Arc<Self>) -> PendingSlot {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, evicted) = tokio::sync::oneshot::channel();
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while queue.len() >= MAX_HANDSHAKES {
+            if let Some((_, oldest)) = queue.pop_front() {
+                let _ = oldest.send(());
+            }
+        }
+        queue.push_back((id, tx));
+        PendingSlot { pending: self.clone(), id, evicted }
+    }
+
+    /// How many handshakes are pending.
+    pub fn count(&self) -> usize {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut queue =
+            self.pending.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        queue.retain(|(id, _)| *id != self.id);
+    }
+}
+/// Refused link connections logged per window; the rest are counted.
+pub const REFUSAL_BURST: u32 = 10;
+/// See [`REFUSAL_BURST`].
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+impl LinkSettings {
+    /// Settings for `key`, with fresh bounds.
+    pub fn new(key: LinkKey, allowed_uids: Arc<[u32]>, heartbeat: Duration) -> Self {
+        LinkSettings {
+            key,
+            allowed_uids,
+            heartbeat,
+            handshakes: Arc::default(),
+            refusals: Arc::new(std::sync::Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST))),
+        }
+    }
+
+    /// Logs a refused connection if the gate lets it through.
+    fn refused(&self, what: &str, detail: &str) {
+        let admitted = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(std::time::Instant::now());
+        if let Some(suppressed) = admitted {
+            tracing::warn!(detail = ?detail, suppressed, "{what}");
+        }
+    }
 }
 
 /// A bound link listener: a unix socket (checked by peer uid), on Linux a vsock port
@@ -115,15 +199,15 @@ impl LinkListener {
             }
             #[cfg(target_os = "linux")]
             LinkListener::Vsock(listener) => {
+                let gate = settings.clone();
                 let accept = async || {
                     let (stream, peer) = listener.accept().await?;
                     if peer.cid() == finch_shared::endpoint::CID_HOST {
                         return Ok(Some(stream));
                     }
-                    tracing::warn!(
-                        cid = peer.cid(),
-                        port = peer.port(),
-                        "vsock link connection not from the host (CID 2); dropped"
+                    gate.refused(
+                        "vsock link connection not from the host (CID 2); dropped",
+                        &format!("cid {} port {}", peer.cid(), peer.port()),
                     );
                     Ok(None)
                 };
@@ -159,7 +243,8 @@ async fn serve_accepted<S>(
             () = shutdown.wait() => break,
             accepted = accept() => match accepted {
                 Ok(Some(stream)) => {
-                    tasks.spawn(authenticate(stream, slot.clone(), settings.clone(), shutdown.clone()));
+                    let place = settings.handshakes.admit();
+                    tasks.spawn(authenticate(stream, place, slot.clone(), settings.clone(), shutdown.clone()));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -182,10 +267,8 @@ async fn accept_unix(
     match stream.peer_cred() {
         Ok(cred) if settings.allowed_uids.contains(&cred.uid()) => {}
         Ok(cred) => {
-            tracing::warn!(
-                uid = cred.uid(),
-                "link connection from a uid that is not allowed; dropped"
-            );
+            let uid = format!("uid {}", cred.uid());
+            settings.refused("link connection from a uid that is not allowed; dropped", &uid);
             return;
         }
         Err(e) => {
@@ -193,21 +276,36 @@ async fn accept_unix(
             return;
         }
     }
-    authenticate(stream, slot, settings, shutdown).await;
+    let place = settings.handshakes.admit();
+    authenticate(stream, place, slot, settings, shutdown).await;
 }
 
 /// Runs the handshake on an accepted connection; an authenticated host becomes the link.
-async fn authenticate<S>(mut stream: S, slot: LinkSlot, settings: LinkSettings, shutdown: Shutdown)
-where
+/// The place among pending handshakes is held only while the handshake runs.
+async fn authenticate<S>(
+    mut stream: S,
+    mut place: PendingSlot,
+    slot: LinkSlot,
+    settings: LinkSettings,
+    shutdown: Shutdown,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    match tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, settings.key)).await {
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, settings.key.clone())) => r,
+        _ = &mut place.evicted => {
+            settings.refused("link handshake closed: newer connections took its place", "");
+            return;
+        }
+    };
+    drop(place);
+    match outcome {
         Ok(Ok(established)) => {
-            tracing::info!(vm = %established.vm, version = established.version, "host authenticated");
+            tracing::info!(vm = ?established.vm, version = established.version, "host authenticated");
             slot.run(stream, settings.heartbeat, shutdown).await;
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "link handshake failed; connection closed"),
-        Err(_) => tracing::warn!("link handshake timed out; connection closed"),
+        Ok(Err(e)) => settings.refused("link handshake failed; connection closed", &e.to_string()),
+        Err(_) => settings.refused("link handshake timed out; connection closed", ""),
     }
 }
 
@@ -275,5 +373,26 @@ mod tests {
         assert!(matches!(LinkListener::bind(&e, &[], false), Ok(LinkListener::Tcp(_))));
         let wide = Endpoint::Tcp { host: "0.0.0.0".into(), port: 0 };
         assert!(LinkListener::bind(&wide, &[], false).is_err());
+    }
+
+    #[test]
+    fn idle_connections_are_evicted_oldest_first_and_never_pile_up() {
+        let pending = Arc::new(Pending::default());
+        let mut first = pending.admit();
+        let mut held: Vec<_> = (1..MAX_HANDSHAKES).map(|_| pending.admit()).collect();
+        assert_eq!(pending.count(), MAX_HANDSHAKES);
+        assert!(first.evicted.try_recv().is_err());
+        // One more: the oldest is told to close, the newest gets its place.
+        let newest = pending.admit();
+        assert!(first.evicted.try_recv().is_ok(), "the oldest was not evicted");
+        assert!(held[0].evicted.try_recv().is_err());
+        assert_eq!(pending.count(), MAX_HANDSHAKES);
+        for _ in 0..1000 {
+            drop(pending.admit());
+        }
+        assert!(pending.count() <= MAX_HANDSHAKES);
+        drop((first, newest));
+        held.clear();
+        assert_eq!(pending.count(), 0, "places were not given back");
     }
 }

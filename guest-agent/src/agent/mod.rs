@@ -103,11 +103,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         link = %config.link_listen,
         "guest agent ready"
     );
-    let settings = listener::LinkSettings {
-        key: config.key,
-        allowed_uids: link_uids,
-        heartbeat: config.heartbeat,
-    };
+    let settings = listener::LinkSettings::new(config.key, link_uids, config.heartbeat);
     tokio::join!(
         helper.run(slot.clone(), helper_uids, shutdown.clone()),
         link_listener.run(slot.clone(), settings, shutdown),
