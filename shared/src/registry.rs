@@ -97,9 +97,10 @@ impl Registry {
         self.plain_http
     }
 
-    /// Whether this is Docker Hub.
+    /// Whether this is Docker Hub (one of its names, on the default port or 443: the same
+    /// registry, so one policy rule and one stored credential cover every spelling).
     pub fn is_docker_hub(&self) -> bool {
-        self.port.is_none() && DOCKER_HUB_HOSTS.contains(&self.host.as_str())
+        matches!(self.port, None | Some(443)) && DOCKER_HUB_HOSTS.contains(&self.host.as_str())
     }
 
     /// `host[:port]`.
@@ -318,6 +319,8 @@ mod tests {
             ("https://index.docker.io/v1/", DOCKER_HUB_KEY),
             ("registry-1.docker.io", DOCKER_HUB_KEY),
             ("docker.io:5000", "docker.io:5000"),
+            ("docker.io:443", DOCKER_HUB_KEY),
+            ("https://registry.hub.docker.com:443/v2/", DOCKER_HUB_KEY),
             ("[::1]:5000", "[::1]:5000"),
             ("[FE80::1]", "[fe80::1]"),
             ("localhost:5000", "localhost:5000"),
