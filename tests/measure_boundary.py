@@ -96,6 +96,7 @@ def main():
     with open(key, "wb") as f:
         f.write(bytes([7]) * 32)
     os.chmod(key, 0o600)
+    open(os.path.join(work, "host.toml"), "w").close()
     port_file = os.path.join(work, "ecr.port")
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "fake_ecr.py"), port_file])]
     wait_for(lambda: os.path.exists(port_file))
@@ -106,7 +107,7 @@ def main():
     procs.append(subprocess.Popen(
         [os.path.join(bin_dir, "finch-guest-agent"), "serve", "--helper-socket", helper,
          "--link-listen", f"unix://{link}", "--link-key-file", key, "--socket-group", "nogroup"],
-        stdout=log, stderr=log, env={"PATH": os.environ["PATH"], "RUST_LOG": "warn"}))
+        stdout=log, stderr=log, env={"PATH": os.environ["PATH"], "RUST_LOG": "info"}))
     wait_for(lambda: os.path.exists(link))
     env = {
         "PATH": os.environ["PATH"], "RUST_LOG": "warn", "HOME": work,
@@ -122,7 +123,9 @@ def main():
         stdout=log, stderr=log, env=env)
     procs.append(host)
     try:
-        wait_for(lambda: call(helper, "reg.example"))
+        if not wait_for(lambda: "host link up" in open(os.path.join(work, "agents.log")).read()
+                        or call(helper, "reg.example")):
+            sys.exit("the agents did not link: " + open(os.path.join(work, "agents.log")).read())
         call(helper, "123456789012.dkr.ecr.us-west-2.amazonaws.com")
         start = rss_kib(host.pid)
         t = time.time()

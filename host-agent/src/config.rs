@@ -816,6 +816,7 @@ pub fn load_key(settings: &Settings, name: &str) -> anyhow::Result<LinkKey> {
 mod tests {
     use super::*;
 
+    #[cfg(unix)]
     fn reg(s: &str) -> finch_shared::registry::Registry {
         finch_shared::registry::Registry::parse(s).unwrap()
     }
