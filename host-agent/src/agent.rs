@@ -46,6 +46,7 @@ impl std::fmt::Display for Applied {
 pub struct Prepared {
     settings: Settings,
     keys: BTreeMap<String, LinkKey>,
+    lima_stamp: LimaStamp,
 }
 
 /// Loads settings and keys for `overrides`; creates the state directory and missing keys.
@@ -56,7 +57,60 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
     for name in settings.vms.keys() {
         keys.insert(name.clone(), config::load_key(&settings, name)?);
     }
-    Ok(Prepared { settings, keys })
+    if let Some(lima) = &settings.lima {
+        wire_lima(lima, &settings.lima_instances, &keys);
+    }
+    let lima_stamp = lima_stamp(&settings);
+    Ok(Prepared { settings, keys, lima_stamp })
+}
+
+/// Fills each discovered Lima instance's bundle and, with `keep_fragment`, puts the fragment
+/// back into `_config/default.yaml`. One instance's trouble is logged and leaves the others.
+fn wire_lima(
+    lima: &crate::lima::LimaSettings,
+    instances: &BTreeMap<String, crate::lima::Instance>,
+    keys: &BTreeMap<String, LinkKey>,
+) {
+    use crate::lima;
+    if lima.keep_fragment {
+        match lima::update_default_yaml(&lima.config_dir(), true) {
+            Ok(true) => {
+                tracing::info!(dir = ?lima.config_dir(), "fragment merged into default.yaml")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = ?format!("{e:#}"), "cannot merge the fragment"),
+        }
+    }
+    for (name, instance) in instances {
+        let Some(key) = keys.get(name) else { continue };
+        let arch = match lima::LimaYaml::read(lima, instance) {
+            Ok(y) => y.arch(),
+            Err(e) => {
+                tracing::warn!(vm = ?name, error = ?format!("{e:#}"), "cannot read the instance's Lima config");
+                continue;
+            }
+        };
+        match lima::fill_bundle(instance, &arch, &lima.guest_dir, key) {
+            Ok(f) if f.written > 0 => {
+                tracing::info!(vm = ?name, arch = ?arch, files = f.written, "bundle filled");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vm = ?name, error = ?format!("{e:#}"), "bundle not filled");
+            }
+        }
+    }
+}
+
+/// What, of the Lima side, makes a reload due: the instances there and `default.yaml`'s
+/// stamp (Finch's `vm init` rewrites it).
+pub type LimaStamp = Option<(Vec<String>, Option<FileStamp>)>;
+
+/// The [`LimaStamp`] for `settings` now (reads the Lima home: call it off the runtime).
+pub fn lima_stamp(settings: &Settings) -> LimaStamp {
+    let lima = settings.lima.as_ref()?;
+    let names = crate::lima::discover(lima).into_keys().collect();
+    Some((names, stamp(&lima.config_dir().join("default.yaml"))))
 }
 
 /// The agent.
@@ -68,6 +122,7 @@ pub struct Agent {
     started: Instant,
     config_error: Mutex<Option<String>>,
     config_stamp: Mutex<Option<FileStamp>>,
+    lima_stamp: Mutex<LimaStamp>,
     /// Held by a reload from reading the files to the last link change, so two reloads
     /// cannot interleave and leave the resolver and the links on different configs.
     reloading: tokio::sync::Mutex<()>,
@@ -97,6 +152,7 @@ impl Agent {
             started: Instant::now(),
             config_error: Mutex::new(None),
             config_stamp: Mutex::new(stamp(&prepared.settings.config_file)),
+            lima_stamp: Mutex::new(prepared.lima_stamp.clone()),
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -109,7 +165,7 @@ impl Agent {
     /// Makes `prepared` the config in force: requests use it from now on; links whose
     /// endpoint, key and timing are unchanged keep running.
     pub async fn apply(&self, prepared: Prepared) -> Applied {
-        let Prepared { settings, keys } = prepared;
+        let Prepared { settings, keys, .. } = prepared;
         let previous = self.resolver.current();
         let mut wanted = BTreeMap::new();
         for (name, vm) in &settings.vms {
@@ -170,6 +226,8 @@ impl Agent {
             .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload worker failed: {e}")));
         match prepared {
             Ok(prepared) => {
+                *self.lima_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    prepared.lima_stamp.clone();
                 let applied = self.apply(prepared).await;
                 *self.config_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 tracing::info!(why, %applied, "config reloaded");
@@ -183,6 +241,17 @@ impl Agent {
                 Err(text)
             }
         }
+    }
+
+    /// Whether the Lima home's instances or `default.yaml` changed since the last reload.
+    pub async fn lima_changed(&self) -> bool {
+        let settings = self.settings();
+        if settings.lima.is_none() {
+            return false;
+        }
+        let now = tokio::task::spawn_blocking(move || lima_stamp(&settings)).await.ok();
+        let seen = self.lima_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        now.is_some_and(|now| *seen != now)
     }
 
     /// Whether the config file changed since it was last read.

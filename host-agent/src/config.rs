@@ -23,7 +23,15 @@
 //! store = ["*.dkr.ecr.us-west-2.amazonaws.com", "ghcr.io"]
 //! erase = ["ghcr.io"]
 //! list = []                             # an empty rule allows nothing
+//!
+//! [lima]                                # optional: serve Lima instances by discovery
+//! home = "/Applications/Finch/lima/data"  # $LIMA_HOME [default: $LIMA_HOME or ~/.lima]
+//! instances = ["finch"]                 # or ["*"] (the default): every instance there
+//! guest_dir = "~/finch-bridge/guest"    # linux-x86_64/, linux-aarch64/ [default: guest/ beside the binary]
+//! keep_fragment = true                  # put the fragment back into _config/default.yaml
 //! ```
+//!
+//! A `[vm.NAME]` table for a Lima instance needs no endpoint (its policy applies).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +42,7 @@ use finch_shared::endpoint::Endpoint;
 use finch_shared::key::LinkKey;
 use serde::Deserialize;
 
+use crate::lima::{Instance, LimaSettings};
 use crate::policy::{Pattern, Policy, Rule};
 use crate::source::ecr::{EcrRule, EcrSettings, RegistryMatch};
 
@@ -165,6 +174,10 @@ pub struct Settings {
     pub vms: BTreeMap<String, VmSettings>,
     /// Native ECR.
     pub ecr: EcrSettings,
+    /// The `[lima]` table: Lima instances served by discovery.
+    pub lima: Option<LimaSettings>,
+    /// The Lima instances found (each is also in `vms`).
+    pub lima_instances: BTreeMap<String, Instance>,
 }
 
 /// A config that could not be used. The message names the file, line, column and key.
@@ -213,6 +226,16 @@ struct FileConfig {
     #[serde(default)]
     vm: BTreeMap<toml::Spanned<String>, FileVm>,
     ecr: Option<FileEcr>,
+    lima: Option<FileLima>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLima {
+    home: Option<toml::Spanned<String>>,
+    instances: Option<Vec<toml::Spanned<String>>>,
+    guest_dir: Option<toml::Spanned<String>>,
+    keep_fragment: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -308,6 +331,41 @@ impl Source<'_> {
 }
 
 impl Source<'_> {
+    fn lima(&self, l: &FileLima) -> Result<LimaSettings, ConfigError> {
+        let home = match &l.home {
+            Some(h) => self.path(h, "lima.home")?,
+            None => match env_path("LIMA_HOME") {
+                Some(p) => p,
+                None => home().map_err(|e| ConfigError::ConfigValue(e.to_string()))?.join(".lima"),
+            },
+        };
+        let mut instances = Vec::new();
+        for i in l.instances.iter().flatten() {
+            let name = i.get_ref();
+            if name != "*" && !valid_vm_name(name) {
+                return Err(self.error(
+                    i.span(),
+                    "lima.instances",
+                    format!("{}, or \"*\" for every instance", vm_name_error(name)),
+                ));
+            }
+            instances.push(name.clone());
+        }
+        if l.instances.is_none() {
+            instances.push("*".to_owned());
+        }
+        let guest_dir = match &l.guest_dir {
+            Some(g) => self.path(g, "lima.guest_dir")?,
+            None => default_guest_dir(),
+        };
+        Ok(LimaSettings {
+            home,
+            instances,
+            guest_dir,
+            keep_fragment: l.keep_fragment.unwrap_or(false),
+        })
+    }
+
     fn ecr(&self, e: &FileEcr) -> Result<EcrSettings, ConfigError> {
         let defaults = EcrSettings::default();
         let timeout = match &e.timeout_secs {
@@ -608,6 +666,33 @@ impl Settings {
                 );
             }
         }
+        // Lima instances found under [lima] home: an endpoint the file gives wins.
+        let lima = match &file.lima {
+            None => None,
+            Some(l) => Some(src.lima(l)?),
+        };
+        let lima_instances = lima.as_ref().map(crate::lima::discover).unwrap_or_default();
+        for (name, instance) in &lima_instances {
+            match file_endpoints.get_mut(name) {
+                Some((_, true)) => {}
+                Some((_, has_endpoint)) => {
+                    *has_endpoint = true;
+                    if let Some(vm) = vms.get_mut(name) {
+                        vm.endpoint = instance.endpoint();
+                    }
+                }
+                None => {
+                    vms.insert(
+                        name.clone(),
+                        VmSettings {
+                            endpoint: instance.endpoint(),
+                            key_file: None,
+                            policy: Policy::default(),
+                        },
+                    );
+                }
+            }
+        }
         // VMs attached at run time (`finch-host-agent attach`): after the file, before flags.
         let mut attached_names = std::collections::HashSet::new();
         for (name, vm) in read_attached(&state_dir.join(ATTACHED_FILE))? {
@@ -652,6 +737,8 @@ impl Settings {
         };
         Ok(Settings {
             ecr,
+            lima,
+            lima_instances,
             config_file: path,
             config_file_found: found,
             state_dir,
@@ -670,6 +757,14 @@ impl Settings {
         let vm = self.vms.get(name)?;
         Some(vm.key_file.clone().unwrap_or_else(|| key_path(&self.state_dir, name)))
     }
+}
+
+/// `[lima] guest_dir` when not given: `guest/` beside the agent's binary.
+pub fn default_guest_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("guest")))
+        .unwrap_or_else(|| PathBuf::from("guest"))
 }
 
 fn absolute(p: PathBuf, what: &str) -> Result<PathBuf, ConfigError> {
@@ -753,7 +848,6 @@ fn toml_string(s: &str) -> String {
 
 /// Writes `vms` to `path` atomically, private (mode 0600, or an owner-only DACL).
 pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow::Result<()> {
-    use std::io::Write;
     let mut text =
         String::from("# VMs attached with `finch-host-agent attach`; `detach` removes them.\n");
     for (name, vm) in vms {
@@ -766,7 +860,14 @@ pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow
             text.push_str(&format!("key = {}\n", toml_string(&k.display().to_string())));
         }
     }
-    let tmp = path.with_extension("toml.tmp");
+    write_private(path, &text)
+}
+
+/// Writes `text` to `path` atomically (a sibling temporary file, synced, renamed), private
+/// (mode 0600, or an owner-only DACL).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("finch-tmp");
     let mut f = finch_shared::private::create_or_truncate(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(text.as_bytes())

@@ -3,11 +3,12 @@
 //! and dials each VM without a handshake, so a running agent's link is not taken over.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{self, Overrides, Settings};
 use crate::control;
+use crate::lima::{self, LimaSettings};
 use crate::resolve::Current;
 use crate::source::docker_config::DockerConfig;
 use crate::source::keychain;
@@ -92,8 +93,120 @@ pub fn run(overrides: &Overrides) -> Report {
             "add a [vm.NAME] table to the config file, or pass --vm NAME=ENDPOINT",
         );
     }
+    if let Some(lima) = &settings.lima {
+        check_lima(&mut r, &settings, lima);
+    }
     check_agent(&mut r, &settings);
     r
+}
+
+/// Host paths whose content the bridge keeps on the host, with what each holds.
+fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static str)> {
+    let mut out = vec![
+        (settings.docker_config.clone(), "the agent's docker config"),
+        (settings.state_dir.clone(), "the agent's state and VM keys"),
+        (lima.config_dir(), "Lima's config and ssh key"),
+    ];
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Ok(home) = config::home() {
+        out.push((
+            env("AWS_CONFIG_FILE").unwrap_or_else(|| home.join(".aws/config")),
+            "AWS config",
+        ));
+        out.push((
+            env("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| home.join(".aws/credentials")),
+            "AWS credentials",
+        ));
+        out.push((home.join(".aws/sso/cache"), "AWS SSO cache"));
+        out.push((env("DOCKER_CONFIG").unwrap_or_else(|| home.join(".docker")), "docker config"));
+        out.push((home.join(".finch"), "Finch's config.json"));
+        out.push((home.join(".ssh"), "ssh keys"));
+        out.push((home.join("Library/Keychains"), "macOS keychains"));
+        out.push((home.join(".local/share/keyrings"), "Secret Service keyrings"));
+    }
+    out
+}
+
+/// Each Lima instance: its Lima config readable, the fragment in it, its bundle filled, and
+/// no mount that hands the VM what the bridge keeps on the host.
+fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings) {
+    if settings.lima_instances.is_empty() {
+        r.fail(
+            "lima",
+            format!("no instance {:?} under {}", lima.instances, lima.home.display()),
+            "create the VM (finch vm init), or correct [lima] home and instances",
+        );
+        return;
+    }
+    let home = config::home().unwrap_or_default();
+    let protected = protected(settings, lima);
+    for (name, instance) in &settings.lima_instances {
+        let what = format!("vm {name} lima");
+        let yaml = match lima::LimaYaml::read(lima, instance) {
+            Ok(y) => y,
+            Err(e) => {
+                r.fail(&what, format!("{e:#}"), "correct the file (limactl edit NAME)");
+                continue;
+            }
+        };
+        if [&yaml.default, &yaml.instance, &yaml.overrides].into_iter().any(lima::has_fragment) {
+            r.ok(&what, "the fragment is in its Lima config");
+        } else {
+            r.fail(
+                &what,
+                "the fragment is in none of default.yaml, lima.yaml, override.yaml",
+                "finch-host-agent setup finch (then restart the VM)",
+            );
+        }
+        let bundle = instance.bundle();
+        if bundle.join("SHA256SUMS").is_file() {
+            r.ok(&format!("vm {name} bundle"), bundle.display());
+        } else {
+            r.fail(
+                &format!("vm {name} bundle"),
+                format!("{} is not filled", bundle.display()),
+                format!(
+                    "put the guest binaries in {}/linux-{}/ and start (or reload) the agent",
+                    lima.guest_dir.display(),
+                    yaml.arch()
+                ),
+            );
+        }
+        let mut exposed = false;
+        for m in yaml.mounts() {
+            let how = if m.writable { "writable" } else { "read-only" };
+            let Some(location) = lima::expand_location(&m.location, instance, &home) else {
+                exposed = true;
+                r.fail(
+                    &format!("vm {name} mounts"),
+                    format!("cannot tell where the mount {:?} points", m.location),
+                    "write the mount's location as an absolute path",
+                );
+                continue;
+            };
+            for (path, holds) in &protected {
+                if lima::reaches(&location, path) {
+                    exposed = true;
+                    r.fail(
+                        &format!("vm {name} mounts"),
+                        format!(
+                            "{} is mounted {how} into the VM and reaches {} ({holds}): a process in the VM reads it without the bridge",
+                            location.display(),
+                            path.display()
+                        ),
+                        format!(
+                            "mount only what builds need: in {} (limactl edit {name}; Finch: the `~` mount of its template) replace the mount of {} with narrower directories, then restart the VM",
+                            instance.dir.join("lima.yaml").display(),
+                            location.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if !exposed {
+            r.ok(&format!("vm {name} mounts"), "none reaches a path the bridge protects");
+        }
+    }
 }
 
 /// Checks the docker config and each helper it names; says whether it names `ecr-login`.
@@ -272,7 +385,7 @@ fn check_agent(r: &mut Report, settings: &Settings) {
 }
 
 /// The state directory for commands that must work while the config file is broken.
-pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<std::path::PathBuf> {
+pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<PathBuf> {
     match Settings::load(overrides) {
         Ok(s) => Ok(s.state_dir),
         Err(_) => match overrides.state_dir.clone().or_else(|| {

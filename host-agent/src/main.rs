@@ -18,6 +18,7 @@ mod config;
 mod control;
 mod doctor;
 mod install;
+mod lima;
 mod link;
 mod platform;
 mod policy;
@@ -100,6 +101,11 @@ enum Command {
         #[arg(last = true)]
         run_args: Vec<String>,
     },
+    /// Make `finch vm start` bring the bridge up with no other step (see `setup finch --help`).
+    Setup {
+        #[command(subcommand)]
+        what: SetupTarget,
+    },
     /// Stop the login service and remove its file.
     Uninstall {
         /// Platform whose service to remove [default: this one].
@@ -109,6 +115,41 @@ enum Command {
         #[arg(long)]
         no_stop: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SetupTarget {
+    /// Finch on macOS (or any Lima): installs the login service, merges the Lima fragment
+    /// into LIMA_HOME/_config/default.yaml (which Lima merges into every instance and `finch
+    /// vm start` leaves alone), and adds a [lima] table to the config so the agent fills each
+    /// instance's bundle and dials its forwarded socket by itself. Idempotent.
+    Finch(SetupFinch),
+}
+
+#[derive(Debug, clap::Args)]
+struct SetupFinch {
+    /// Undo it: the fragment, the [lima] table setup wrote, and the login service.
+    #[arg(long)]
+    remove: bool,
+    /// Finch's LIMA_HOME [default: /Applications/Finch/lima/data on macOS; elsewhere
+    /// $LIMA_HOME or ~/.lima].
+    #[arg(long, value_name = "DIR")]
+    lima_home: Option<PathBuf>,
+    /// An instance to serve (repeatable; "*" for all) [default: finch].
+    #[arg(long = "instance", value_name = "NAME")]
+    instances: Vec<String>,
+    /// Holds linux-x86_64/ and linux-aarch64/ with the guest binaries [default: guest/
+    /// beside this binary].
+    #[arg(long, value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Write the login service's file but do not register, start or stop it.
+    #[arg(long)]
+    no_start: bool,
+    /// Platform whose login service to write [default: this one].
+    #[arg(long, value_enum)]
+    platform: Option<install::Platform>,
+    #[command(flatten)]
+    settings: SettingsArgs,
 }
 
 /// Settings every command takes; unset ones come from the environment, the file, defaults.
@@ -182,6 +223,7 @@ fn main() -> ExitCode {
             no_start,
             &run_args,
         ),
+        Command::Setup { what: SetupTarget::Finch(args) } => setup_finch(args),
         Command::Uninstall { platform, no_stop } => {
             uninstall_service(platform.unwrap_or_else(install::Platform::current), no_stop)
         }
@@ -255,6 +297,7 @@ fn init_tracing() {
         .with_filter(filter)
         .with_filter(cap);
     tracing_subscriber::registry().with(layer).init();
+    tracing::trace!(capped = ?CAPPED_TARGETS, level = %LIBRARY_LOG_CAP, "library events capped");
 }
 
 fn status(overrides: &config::Overrides, json: bool) -> anyhow::Result<()> {
@@ -369,6 +412,102 @@ fn install_service(
     Ok(())
 }
 
+fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !cfg!(windows),
+        "Finch on Windows runs WSL2, where Lima forwards no sockets: attach the distro with \
+         `finch-host-agent attach NAME hvsock://wsl:6127` and run install.sh --init wsl in it \
+         (lima/README.md, Windows)"
+    );
+    let platform = args.platform.unwrap_or_else(install::Platform::current);
+    let overrides = args.settings.clone().overrides();
+    let (config_path, named) = config::config_file(overrides.config.as_deref())?;
+    let home = match args.lima_home {
+        Some(h) => h,
+        None if cfg!(target_os = "macos") => PathBuf::from(lima::FINCH_LIMA_HOME_MACOS),
+        None => match std::env::var_os("LIMA_HOME").filter(|v| !v.is_empty()) {
+            Some(h) => PathBuf::from(h),
+            None => config::home()?.join(".lima"),
+        },
+    };
+    anyhow::ensure!(home.is_absolute(), "--lima-home {} must be absolute", home.display());
+    let mut instances = args.instances;
+    if instances.is_empty() {
+        instances.push("finch".to_owned());
+    }
+    for i in &instances {
+        anyhow::ensure!(
+            i == "*" || config::valid_vm_name(i),
+            "--instance {i:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64), or \"*\""
+        );
+    }
+    let guest_dir = args.guest_dir.unwrap_or_else(config::default_guest_dir);
+    anyhow::ensure!(
+        guest_dir.is_absolute(),
+        "--guest-dir {} must be absolute",
+        guest_dir.display()
+    );
+    let settings = lima::LimaSettings { home, instances, guest_dir, keep_fragment: true };
+
+    let text = match std::fs::read_to_string(&config_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", config_path.display())),
+    };
+    let new = lima::setup_config_text(&text, (!args.remove).then_some(&settings))
+        .with_context(|| format!("cannot set up {}", config_path.display()))?;
+    if new != text {
+        if let Some(dir) = config_path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        config::write_private(&config_path, &new)?;
+        print(&format!(
+            "{} {}\n",
+            if args.remove { "updated" } else { "wrote [lima] to" },
+            config_path.display()
+        ));
+    }
+    let changed = lima::update_default_yaml(&settings.config_dir(), !args.remove)?;
+    let default_yaml = settings.config_dir().join("default.yaml");
+    print(&format!(
+        "{} {}\n",
+        match (changed, args.remove) {
+            (true, false) => "merged the fragment into",
+            (true, true) => "took the fragment out of",
+            (false, false) => "the fragment is already in",
+            (false, true) => "the fragment is not in",
+        },
+        default_yaml.display()
+    ));
+    if args.remove {
+        uninstall_service(platform, args.no_start)?;
+    } else {
+        for arch in ["x86_64", "aarch64"] {
+            let dir = settings.guest_dir.join(format!("linux-{arch}"));
+            if !lima::GUEST_BINARIES.iter().all(|b| dir.join(b).is_file()) {
+                print(&format!(
+                    "note: {} lacks the guest binaries for {arch} VMs (the linux-{arch} guest bundle's)\n",
+                    dir.display()
+                ));
+            }
+        }
+        let run_args: Vec<String> = if named {
+            vec!["--config".to_owned(), config_path.display().to_string()]
+        } else {
+            Vec::new()
+        };
+        install_service(platform, false, args.no_start, &run_args)?;
+    }
+    if let Ok(reply) = control::call(&doctor::state_dir_fallback(&overrides)?, "reload") {
+        print(&format!("running agent: {}\n", reply.message.unwrap_or_default()));
+    }
+    if !args.remove {
+        print("restart the VM to provision it: finch vm stop && finch vm start\n");
+    }
+    Ok(())
+}
+
 fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {
     let file = install::service_file(platform, &config::home()?, std::path::Path::new("/"), &[]);
     install::uninstall(platform, &file.path, no_stop)?;
@@ -430,6 +569,8 @@ async fn wait_for_stop(agent: &agent::Agent) {
             _ = poll.tick() => {
                 if agent.config_changed() {
                     let _ = agent.reload("config file changed").await;
+                } else if agent.lima_changed().await {
+                    let _ = agent.reload("Lima instances changed").await;
                 }
             }
         }

@@ -138,6 +138,11 @@ impl LinkKey {
         }
     }
 
+    /// What a key file holds: for writing one (a VM's bundle); never for a log or a message.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.0
     }

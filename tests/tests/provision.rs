@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use finch_tests::{Bridge, bin, run_ok, wait_until, write_key};
 
@@ -327,7 +328,11 @@ fn the_lima_fragment_is_what_lima_reads() {
     );
     let provision = std::fs::read_to_string(dir.path().join("provision.sh")).unwrap();
     // The key comes from the read-only bundle mount, never from the template's text.
-    assert!(provision.contains("--bundle /mnt/finch-bridge"), "{provision}");
+    assert!(
+        provision.contains("bundle=/mnt/finch-bridge")
+            && provision.contains("--bundle \"$bundle\""),
+        "{provision}"
+    );
     assert!(!std::fs::read_to_string(&yaml).unwrap().to_lowercase().contains("link.key"));
     run_ok(
         Command::new("shellcheck")
@@ -397,4 +402,135 @@ fn attach_and_detach_a_vm_on_a_running_agent() {
     assert_eq!(b.helper("get", "a.test").code, 0);
     let attached = std::fs::read_to_string(b.state_dir().join("attached.toml")).unwrap();
     assert!(!attached.contains("second"), "{attached}");
+}
+
+/// `setup finch` on a LIMA_HOME laid out as Lima lays it out: the fragment goes into
+/// `_config/default.yaml` (once), the `[lima]` table into the config; the running agent fills
+/// the instance's bundle (checksummed, the VM's key 0600), dials the forwarded socket by
+/// itself, and stops when the instance is deleted; `doctor` fails on Finch's `~` mount;
+/// `--remove` takes it all out.
+#[test]
+fn setup_finch_wires_a_lima_home_by_itself() {
+    let t = tempfile::tempdir().unwrap();
+    let (home, lima, guest) =
+        (t.path().join("home"), t.path().join("lima"), t.path().join("guest"));
+    let inst = lima.join("finch");
+    for d in [&home.join(".aws"), &inst, &lima.join("_config"), &guest.join("linux-x86_64")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // As Finch writes them: the instance from its template (home mounted writable), the
+    // override at every start.
+    std::fs::write(
+        inst.join("lima.yaml"),
+        "arch: x86_64\nmounts:\n- location: \"~\"\n  writable: true\n",
+    )
+    .unwrap();
+    std::fs::write(lima.join("_config/override.yaml"), "cpus: 2\n").unwrap();
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(bin(b), guest.join("linux-x86_64").join(b)).unwrap();
+    }
+    let (config, state) = (t.path().join("host-agent.toml"), t.path().join("state"));
+    let host = |args: &[&str]| {
+        let out = Command::new(bin("finch-host-agent"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("HOME", &home)
+            .env_remove("LIMA_HOME")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let setup = |extra: &[&str]| {
+        let mut args = vec!["setup", "finch", "--no-start", "--platform", "linux"];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--lima-home",
+            lima.to_str().unwrap(),
+            "--guest-dir",
+            guest.to_str().unwrap(),
+        ]);
+        host(&args)
+    };
+    std::fs::write(&config, "").unwrap();
+    let (ok, out) = setup(&[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("merged the fragment into"), "{out}");
+    let default_yaml = lima.join("_config/default.yaml");
+    let merged = std::fs::read_to_string(&default_yaml).unwrap();
+    assert!(merged.contains("/mnt/finch-bridge") && merged.contains("guestSocket"), "{merged}");
+    let (ok, out) = setup(&[]);
+    assert!(ok && out.contains("the fragment is already in"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&default_yaml).unwrap(),
+        merged,
+        "a second setup changed it"
+    );
+    assert!(home.join(".config/systemd/user/finch-host-agent.service").exists());
+
+    let (ok, report) = host(&["doctor"]);
+    assert!(!ok, "{report}");
+    assert!(report.contains("FAIL vm finch mounts") && report.contains(".aws"), "{report}");
+
+    // The agent fills the bundle and dials the instance's forwarded socket.
+    let mut run = Command::new(bin("finch-host-agent"));
+    run.args(["run", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("HOME", &home)
+        .env("RUST_LOG", "info");
+    let agent = finch_tests::Proc::spawn("host", run, &t.path().join("host.log"));
+    let bundle = inst.join("finch-bridge");
+    assert!(
+        wait_until(finch_tests::STARTUP, || bundle.join("SHA256SUMS").exists()),
+        "{}",
+        agent.output()
+    );
+    run_ok(
+        Command::new("sha256sum").args(["-c", "--quiet", "SHA256SUMS"]).current_dir(&bundle),
+        "the bundle's checksums",
+    );
+    assert_eq!(mode(&bundle.join("link.key")), 0o600);
+    assert_eq!(
+        std::fs::read(bundle.join("link.key")).unwrap(),
+        std::fs::read(state.join("vms/finch.key")).unwrap()
+    );
+    std::fs::create_dir_all(inst.join("sock")).unwrap();
+    let helper = t.path().join("helper.sock");
+    let mut guest_cmd = Command::new(bundle.join("finch-guest-agent"));
+    guest_cmd
+        .arg("serve")
+        .arg("--helper-socket")
+        .arg(&helper)
+        .arg("--link-listen")
+        .arg(format!("unix://{}", inst.join("sock/finch-guest-agent.sock").display()))
+        .arg("--link-key-file")
+        .arg(bundle.join("link.key"))
+        .env("RUST_LOG", "info");
+    let guest_agent = finch_tests::Proc::spawn("guest", guest_cmd, &t.path().join("guest.log"));
+    assert!(
+        wait_until(Duration::from_secs(30), || guest_agent.output().contains("host link up")),
+        "the agent did not dial the instance by itself:\n{}\n{}",
+        agent.output(),
+        guest_agent.output()
+    );
+    // Deleting the instance detaches it.
+    std::fs::remove_dir_all(&inst).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || agent.output().contains("Lima instances changed")),
+        "{}",
+        agent.output()
+    );
+    drop(guest_agent);
+    drop(agent);
+
+    let (ok, out) = setup(&["--remove"]);
+    assert!(ok && out.contains("took the fragment out of"), "{out}");
+    assert!(!std::fs::read_to_string(&config).unwrap().contains("[lima]"));
+    assert!(!home.join(".config/systemd/user/finch-host-agent.service").exists());
 }

@@ -1,0 +1,645 @@
+//! Lima instances served without wiring by hand, and `setup finch`.
+//!
+//! With a `[lima]` table in the config the agent looks for instances under `home` (a
+//! directory holding `NAME/lima.yaml`, as Lima lays out `$LIMA_HOME`); for each one that
+//! `instances` names (or all, with `"*"`) it
+//!
+//! * fills `NAME/finch-bridge/` (the guest binaries for the instance's architecture, from
+//!   `guest_dir/linux-ARCH/`, `install.sh`, `uninstall.sh`, `SHA256SUMS` and the VM's key), which
+//!   the fragment (`lima/finch-credential-bridge.yaml`) mounts read-only and installs at boot;
+//! * dials `unix://NAME/sock/finch-guest-agent.sock`, the host end of the fragment's socket
+//!   forward, and stops dialing when the instance is deleted.
+//!
+//! Lima merges `$LIMA_HOME/_config/default.yaml` into every instance, concatenating `mounts`,
+//! `provision`, `portForwards` and `probes` (lima-vm/lima `pkg/limayaml/load.go` and
+//! `defaults.go` `FillDefault`). Finch writes `_config/override.yaml` at every `finch vm
+//! start` and `default.yaml` only at `finch vm init` (runfinch/finch
+//! `cmd/finch/virtual_machine_start.go`, `virtual_machine_init.go`), so the fragment goes in
+//! `default.yaml`, and with `keep_fragment = true` the agent puts it back when `vm init` has
+//! rewritten the file.
+//!
+//! Every YAML file here is read bounded ([`MAX_YAML`]) and without aliases (an alias is
+//! expanded by copying, so a small file could expand to any size).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::Context;
+use finch_shared::endpoint::Endpoint;
+use finch_shared::key::LinkKey;
+use sha2::Digest;
+use yaml_rust2::Yaml;
+use yaml_rust2::parser::{Event, Parser};
+use yaml_rust2::yaml::Hash;
+
+/// The instance's bundle directory, mounted read-only at `/mnt/finch-bridge`.
+pub const BUNDLE_DIR: &str = "finch-bridge";
+/// The host end of the link's socket forward, under the instance directory.
+pub const LINK_SOCKET: &str = "sock/finch-guest-agent.sock";
+/// Largest YAML file read (Lima's own templates are a few KiB).
+pub const MAX_YAML: u64 = 1024 * 1024;
+/// The fragment `setup finch` merges into `_config/default.yaml`.
+pub const FRAGMENT: &str = include_str!("../../lima/finch-credential-bridge.yaml");
+/// The guest scripts a bundle carries.
+const INSTALL_SH: &str = include_str!("../../lima/guest/install.sh");
+const UNINSTALL_SH: &str = include_str!("../../lima/guest/uninstall.sh");
+/// The guest binaries a bundle carries, from `guest_dir/linux-ARCH/`.
+pub const GUEST_BINARIES: [&str; 2] = ["finch-guest-agent", "docker-credential-finchhost"];
+/// Finch's Lima home on macOS (runfinch/finch `pkg/path`: `<install>/lima/data`).
+pub const FINCH_LIMA_HOME_MACOS: &str = "/Applications/Finch/lima/data";
+
+/// The `[lima]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimaSettings {
+    /// `$LIMA_HOME`: where the instances live.
+    pub home: PathBuf,
+    /// Names of the instances to serve; `"*"` for every one.
+    pub instances: Vec<String>,
+    /// Holds `linux-x86_64/` and `linux-aarch64/`, each with the guest binaries.
+    pub guest_dir: PathBuf,
+    /// Whether the agent puts the fragment back into `_config/default.yaml` when it is gone.
+    pub keep_fragment: bool,
+}
+
+impl LimaSettings {
+    /// Whether instance `name` is one to serve.
+    pub fn wants(&self, name: &str) -> bool {
+        self.instances.iter().any(|i| i == "*" || i == name)
+    }
+
+    /// Lima's config directory, `home/_config`.
+    pub fn config_dir(&self) -> PathBuf {
+        self.home.join("_config")
+    }
+}
+
+/// A Lima instance found under the home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// Its name (the directory's).
+    pub name: String,
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl Instance {
+    /// Where the agent dials it.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.dir.join(LINK_SOCKET))
+    }
+
+    /// Its bundle directory.
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join(BUNDLE_DIR)
+    }
+}
+
+/// The instances under `lima.home` that `lima.instances` names, by name. A missing home has
+/// none; names Lima reserves (`_config`, `_networks`, …) and names that are not usable VM
+/// names are skipped.
+pub fn discover(lima: &LimaSettings) -> BTreeMap<String, Instance> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(&lima.home) else { return out };
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else { continue };
+        if name.starts_with('_') || !crate::config::valid_vm_name(&name) || !lima.wants(&name) {
+            continue;
+        }
+        let dir = entry.path();
+        if dir.join("lima.yaml").is_file() {
+            out.insert(name.clone(), Instance { name, dir });
+        }
+    }
+    out
+}
+
+// ---- YAML, bounded ---------------------------------------------------------------------
+
+/// Reads one YAML document from `path`: `None` when the file does not exist; an error when
+/// it is larger than [`MAX_YAML`], not YAML, or holds an alias.
+pub fn read_yaml(path: &Path) -> anyhow::Result<Option<Yaml>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut text = String::new();
+    file.take(MAX_YAML + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {} (is it UTF-8?)", path.display()))?;
+    anyhow::ensure!(
+        text.len() as u64 <= MAX_YAML,
+        "{} is larger than {MAX_YAML} bytes",
+        path.display()
+    );
+    parse_yaml(&text).with_context(|| format!("cannot use {}", path.display())).map(Some)
+}
+
+/// Parses one YAML document (an empty text is `Null`), refusing aliases.
+pub fn parse_yaml(text: &str) -> anyhow::Result<Yaml> {
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break,
+            Ok((Event::Alias(_), mark)) => anyhow::bail!(
+                "line {}: YAML aliases (*name) are not read here; write the value out",
+                mark.line()
+            ),
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("not YAML: {e}"),
+        }
+    }
+    let docs = yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(docs.into_iter().next().unwrap_or(Yaml::Null))
+}
+
+fn key(s: &str) -> Yaml {
+    Yaml::String(s.to_owned())
+}
+
+fn field<'a>(y: &'a Yaml, name: &str) -> Option<&'a Yaml> {
+    y.as_hash()?.get(&key(name))
+}
+
+fn text_field<'a>(y: &'a Yaml, name: &str) -> Option<&'a str> {
+    field(y, name)?.as_str()
+}
+
+/// The three files Lima merges for one instance: `_config/default.yaml`, the instance's
+/// `lima.yaml`, `_config/override.yaml` (missing ones are `Null`).
+#[derive(Debug, Clone)]
+pub struct LimaYaml {
+    /// `_config/default.yaml`.
+    pub default: Yaml,
+    /// The instance's `lima.yaml`.
+    pub instance: Yaml,
+    /// `_config/override.yaml`.
+    pub overrides: Yaml,
+}
+
+impl LimaYaml {
+    /// Reads the three files for `instance`.
+    pub fn read(lima: &LimaSettings, instance: &Instance) -> anyhow::Result<LimaYaml> {
+        let config = lima.config_dir();
+        Ok(LimaYaml {
+            default: read_yaml(&config.join("default.yaml"))?.unwrap_or(Yaml::Null),
+            instance: read_yaml(&instance.dir.join("lima.yaml"))?.unwrap_or(Yaml::Null),
+            overrides: read_yaml(&config.join("override.yaml"))?.unwrap_or(Yaml::Null),
+        })
+    }
+
+    /// The guest architecture: `arch` as Lima resolves it (override, then the instance, then
+    /// the default; `default` or unset is the host's).
+    pub fn arch(&self) -> String {
+        let given = [&self.overrides, &self.instance, &self.default]
+            .into_iter()
+            .find_map(|y| text_field(y, "arch"))
+            .filter(|a| *a != "default");
+        given.unwrap_or(std::env::consts::ARCH).to_owned()
+    }
+
+    /// Every mount Lima would make, in its order (default, instance, override), with
+    /// `writable` as the last one naming the location says.
+    pub fn mounts(&self) -> Vec<LimaMount> {
+        let mut out: Vec<LimaMount> = Vec::new();
+        for y in [&self.default, &self.instance, &self.overrides] {
+            let Some(list) = field(y, "mounts").and_then(Yaml::as_vec) else { continue };
+            for m in list {
+                let Some(location) = text_field(m, "location") else { continue };
+                let writable = field(m, "writable").and_then(Yaml::as_bool);
+                match out.iter_mut().find(|o| o.location == location) {
+                    Some(o) => o.writable = writable.unwrap_or(o.writable),
+                    None => out.push(LimaMount {
+                        location: location.to_owned(),
+                        writable: writable.unwrap_or(false),
+                    }),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One mount of a Lima instance, as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimaMount {
+    /// `location`, unexpanded.
+    pub location: String,
+    /// Whether the VM may write to it.
+    pub writable: bool,
+}
+
+/// A mount location as Lima expands it on the host (`executeHostTemplate`, then `~`, then
+/// `filepath.Clean`), or `None` when it uses a template value this does not know.
+pub fn expand_location(location: &str, instance: &Instance, home: &Path) -> Option<PathBuf> {
+    let mut out = String::new();
+    let mut rest = location;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}")? + start;
+        let value = match rest[start + 2..end].trim() {
+            ".Dir" => instance.dir.display().to_string(),
+            ".Name" | ".Instance" => instance.name.clone(),
+            ".Home" => home.display().to_string(),
+            ".LimaHome" => instance.dir.parent()?.display().to_string(),
+            ".GlobalTempDir" => "/tmp".to_owned(),
+            ".TempDir" => std::env::temp_dir().display().to_string(),
+            _ => return None,
+        };
+        out.push_str(&value);
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    let path = if out == "~" {
+        home.to_path_buf()
+    } else if let Some(tail) = out.strip_prefix("~/") {
+        home.join(tail)
+    } else {
+        PathBuf::from(out)
+    };
+    path.is_absolute().then(|| clean(&path))
+}
+
+/// `path` with `.` and `..` resolved lexically, as Go's `filepath.Clean`.
+pub fn clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether a mount of `location` reaches `protected` (one lies inside the other).
+pub fn reaches(location: &Path, protected: &Path) -> bool {
+    protected.starts_with(location) || location.starts_with(protected)
+}
+
+// ---- the bundle ------------------------------------------------------------------------
+
+/// What [`fill_bundle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Filled {
+    /// Files written (the others were already as they should be).
+    pub written: usize,
+}
+
+/// Writes `path` (mode `mode` on unix) when its content differs from `bytes`.
+fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> anyhow::Result<()> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("finch-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = finch_shared::private::create_new(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(file);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    filled.written += 1;
+    Ok(())
+}
+
+/// Fills `instance`'s bundle for a guest of `arch` from `guest_dir`, with `key`. Files that
+/// are already right are left alone, so a VM booting while this runs sees a complete bundle
+/// (`SHA256SUMS` goes last: install.sh checks every binary against it).
+pub fn fill_bundle(
+    instance: &Instance,
+    arch: &str,
+    guest_dir: &Path,
+    key: &LinkKey,
+) -> anyhow::Result<Filled> {
+    let from = guest_dir.join(format!("linux-{arch}"));
+    let mut binaries = Vec::new();
+    for name in GUEST_BINARIES {
+        let path = from.join(name);
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "no guest binary {} for the {arch} VM {}: put the linux-{arch} guest bundle's binaries there ([lima] guest_dir)",
+                path.display(),
+                instance.name
+            )
+        })?;
+        binaries.push((name, bytes));
+    }
+    let dir = instance.bundle();
+    finch_shared::private::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut filled = Filled::default();
+    let mut sums = String::new();
+    for (name, bytes) in &binaries {
+        put(&dir.join(name), bytes, 0o755, &mut filled)?;
+        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(bytes)));
+    }
+    for (name, text) in [("install.sh", INSTALL_SH), ("uninstall.sh", UNINSTALL_SH)] {
+        put(&dir.join(name), text.as_bytes(), 0o644, &mut filled)?;
+        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(text.as_bytes())));
+    }
+    put(&dir.join("link.key"), key.file_bytes(), 0o600, &mut filled)?;
+    put(&dir.join("SHA256SUMS"), sums.as_bytes(), 0o644, &mut filled)?;
+    Ok(filled)
+}
+
+// ---- default.yaml ----------------------------------------------------------------------
+
+/// The lists of a Lima config the fragment adds to.
+const MERGED: [&str; 4] = ["mounts", "provision", "portForwards", "probes"];
+
+/// Whether `item` (an entry of list `list`) is the fragment's, in this or an earlier version.
+fn ours(list: &str, item: &Yaml) -> bool {
+    match list {
+        "mounts" => text_field(item, "mountPoint") == Some("/mnt/finch-bridge"),
+        "portForwards" => {
+            text_field(item, "guestSocket") == Some("/run/finch-guest-agent/link.sock")
+        }
+        _ => text_field(item, "script").is_some_and(|s| s.contains("finch-credential-bridge:")),
+    }
+}
+
+fn fragment() -> Hash {
+    match parse_yaml(FRAGMENT) {
+        Ok(Yaml::Hash(h)) => h,
+        _ => unreachable!("the embedded fragment is a YAML mapping (a unit test parses it)"),
+    }
+}
+
+/// `config` (a Lima config's text, maybe empty) with the fragment's entries in it, or taken
+/// out (`add` false); other content is kept (comments are not: YAML is re-emitted), and
+/// lists the fragment alone made are removed with it. `None` when nothing changes.
+pub fn merge_fragment(config: &str, add: bool) -> anyhow::Result<Option<String>> {
+    let mut doc = match parse_yaml(config)? {
+        Yaml::Hash(h) => h,
+        Yaml::Null => Hash::new(),
+        _ => anyhow::bail!("it is not a YAML mapping"),
+    };
+    let before = doc.clone();
+    let fragment = fragment();
+    for list in MERGED {
+        let k = key(list);
+        let mut items = match doc.get(&k) {
+            None | Some(Yaml::Null) => Vec::new(),
+            Some(Yaml::Array(a)) => a.clone(),
+            Some(_) => anyhow::bail!("`{list}` is not a list"),
+        };
+        items.retain(|i| !ours(list, i));
+        if let (true, Some(Yaml::Array(mine))) = (add, fragment.get(&k)) {
+            items.extend(mine.iter().cloned());
+        }
+        if items.is_empty() {
+            doc.remove(&k);
+        } else if let Some(slot) = doc.get_mut(&k) {
+            *slot = Yaml::Array(items); // in place: the file's key order is kept
+        } else {
+            doc.insert(k, Yaml::Array(items));
+        }
+    }
+    if doc == before {
+        return Ok(None);
+    }
+    if doc.is_empty() {
+        return Ok(Some(String::new()));
+    }
+    let mut out = String::from("# Lima merges this file into every instance of this LIMA_HOME.\n");
+    let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
+    emitter.multiline_strings(true);
+    emitter.dump(&Yaml::Hash(doc)).map_err(|e| anyhow::anyhow!("cannot write YAML: {e}"))?;
+    out.push('\n');
+    Ok(Some(out))
+}
+
+/// Whether `config` holds every entry of the fragment.
+pub fn has_fragment(config: &Yaml) -> bool {
+    MERGED.iter().all(|list| {
+        field(config, list).and_then(Yaml::as_vec).is_some_and(|v| v.iter().any(|i| ours(list, i)))
+    })
+}
+
+/// Merges the fragment into (or out of) `dir/default.yaml`, writing it atomically when it
+/// changes (mode 0600, as Finch writes it). Returns whether it changed.
+pub fn update_default_yaml(config_dir: &Path, add: bool) -> anyhow::Result<bool> {
+    let path = config_dir.join("default.yaml");
+    let text = match std::fs::read(&path) {
+        Ok(b) => {
+            anyhow::ensure!(
+                b.len() as u64 <= MAX_YAML,
+                "{} is larger than {MAX_YAML} bytes",
+                path.display()
+            );
+            String::from_utf8(b).with_context(|| format!("{} is not UTF-8", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !add {
+                return Ok(false);
+            }
+            String::new()
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let Some(new) =
+        merge_fragment(&text, add).with_context(|| format!("cannot merge {}", path.display()))?
+    else {
+        return Ok(false);
+    };
+    std::fs::create_dir_all(config_dir)
+        .with_context(|| format!("cannot create {}", config_dir.display()))?;
+    put(&path, new.as_bytes(), 0o600, &mut Filled::default())?;
+    Ok(true)
+}
+
+// ---- the config file's [lima] table ------------------------------------------------------
+
+/// The comment line that marks the `[lima]` table `setup finch` wrote.
+pub const SETUP_MARK: &str =
+    "# Added by `finch-host-agent setup finch`; `setup finch --remove` takes it out.";
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `text` (a host agent config) with `setup finch`'s `[lima]` table for `lima` appended, or
+/// (`lima` `None`) taken out. Errors when a `[lima]` table that setup did not write is there.
+pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Result<String> {
+    let mut kept = Vec::new();
+    let mut skipping = false;
+    let mut foreign = false;
+    for line in text.lines() {
+        if line == SETUP_MARK {
+            skipping = true;
+            continue;
+        }
+        let header = line.trim_start().starts_with('[');
+        if skipping && header && line.trim() != "[lima]" {
+            skipping = false;
+        }
+        if skipping {
+            continue;
+        }
+        if line.trim() == "[lima]" {
+            foreign = true;
+        }
+        kept.push(line);
+    }
+    while kept.last().is_some_and(|l| l.trim().is_empty()) {
+        kept.pop();
+    }
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    if let Some(l) = lima {
+        anyhow::ensure!(
+            !foreign,
+            "the config already has a [lima] table that setup did not write: edit it instead"
+        );
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let instances: Vec<String> = l.instances.iter().map(|i| toml_string(i)).collect();
+        out.push_str(&format!(
+            "{SETUP_MARK}\n[lima]\nhome = {}\ninstances = [{}]\nguest_dir = {}\nkeep_fragment = {}\n",
+            toml_string(&l.home.display().to_string()),
+            instances.join(", "),
+            toml_string(&l.guest_dir.display().to_string()),
+            l.keep_fragment
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fragment_is_a_mapping_with_every_merged_list_ours() {
+        let f = Yaml::Hash(fragment());
+        assert!(has_fragment(&f));
+        for list in MERGED {
+            let items = field(&f, list).and_then(Yaml::as_vec).unwrap();
+            assert!(items.iter().all(|i| ours(list, i)), "{list}");
+        }
+    }
+
+    #[test]
+    fn merging_keeps_what_is_there_and_is_idempotent() {
+        let finch = "vmType: vz\nmounts:\n- location: /Users/me/src\n  writable: true\nprovision:\n- mode: boot\n  script: echo hi\n";
+        let once = merge_fragment(finch, true).unwrap().unwrap();
+        assert!(merge_fragment(&once, true).unwrap().is_none(), "a second setup changes nothing");
+        let y = parse_yaml(&once).unwrap();
+        assert!(has_fragment(&y));
+        assert_eq!(text_field(&y, "vmType"), Some("vz"));
+        let mounts = field(&y, "mounts").and_then(Yaml::as_vec).unwrap();
+        assert_eq!(text_field(&mounts[0], "location"), Some("/Users/me/src"));
+        assert_eq!(mounts.len(), 2);
+        let provision = field(&y, "provision").and_then(Yaml::as_vec).unwrap();
+        assert_eq!(text_field(&provision[0], "script"), Some("echo hi"));
+        // Removal gives back the same content (re-emitted).
+        let removed = parse_yaml(&merge_fragment(&once, false).unwrap().unwrap()).unwrap();
+        assert_eq!(removed, parse_yaml(finch).unwrap());
+        assert!(merge_fragment(finch, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_empty_or_missing_config_gets_the_fragment_and_loses_it_whole() {
+        let added = merge_fragment("", true).unwrap().unwrap();
+        assert!(has_fragment(&parse_yaml(&added).unwrap()));
+        assert_eq!(merge_fragment(&added, false).unwrap().unwrap(), "");
+    }
+
+    #[test]
+    fn bad_yaml_is_refused_not_overwritten() {
+        for bad in ["mounts: 3\n", "- a\n- b\n", "a: [\n", "a: &x [1]\nb: *x\n"] {
+            assert!(merge_fragment(bad, true).is_err(), "{bad:?}");
+        }
+        let bomb = "a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\n";
+        assert!(parse_yaml(bomb).unwrap_err().to_string().contains("aliases"));
+    }
+
+    fn inst() -> Instance {
+        Instance { name: "finch".into(), dir: PathBuf::from("/L/finch") }
+    }
+
+    #[test]
+    fn locations_expand_as_lima_expands_them() {
+        let home = Path::new("/Users/me");
+        let cases = [
+            ("~", Some("/Users/me")),
+            ("~/src/../.aws", Some("/Users/me/.aws")),
+            ("{{.Dir}}/finch-bridge", Some("/L/finch/finch-bridge")),
+            ("{{ .Home }}/x", Some("/Users/me/x")),
+            ("/tmp/lima", Some("/tmp/lima")),
+            ("{{.Param.X}}", None),
+            ("relative", None),
+            ("{{.Dir", None),
+        ];
+        for (loc, want) in cases {
+            assert_eq!(expand_location(loc, &inst(), home), want.map(PathBuf::from), "{loc}");
+        }
+        assert!(reaches(Path::new("/Users/me"), Path::new("/Users/me/.aws")));
+        assert!(reaches(Path::new("/Users/me/.aws/sso"), Path::new("/Users/me/.aws")));
+        assert!(!reaches(Path::new("/Users/me/src"), Path::new("/Users/me/.aws")));
+        assert!(!reaches(Path::new("/Users/me/.awsx"), Path::new("/Users/me/.aws")));
+    }
+
+    #[test]
+    fn mounts_and_arch_merge_as_lima_merges_them() {
+        let y = LimaYaml {
+            default: parse_yaml("arch: default\nmounts:\n- location: /d\n").unwrap(),
+            instance: parse_yaml("arch: aarch64\nmounts:\n- location: \"~\"\n  writable: true\n- location: /d\n  writable: true\n").unwrap(),
+            overrides: parse_yaml("mounts:\n- location: /o\n").unwrap(),
+        };
+        assert_eq!(y.arch(), "aarch64");
+        let m = y.mounts();
+        let want = [("/d", true), ("~", true), ("/o", false)];
+        assert_eq!(m.len(), 3);
+        for (m, (loc, w)) in m.iter().zip(want) {
+            assert_eq!((m.location.as_str(), m.writable), (loc, w));
+        }
+    }
+
+    #[test]
+    fn setup_config_text_adds_once_and_removes_only_its_own() {
+        let l = LimaSettings {
+            home: PathBuf::from("/L"),
+            instances: vec!["finch".into()],
+            guest_dir: PathBuf::from("/g"),
+            keep_fragment: true,
+        };
+        let user = "state_dir = \"/s\"\n\n[vm.x]\nendpoint = \"unix:///x\"\n";
+        let added = setup_config_text(user, Some(&l)).unwrap();
+        assert_eq!(setup_config_text(&added, Some(&l)).unwrap(), added, "idempotent");
+        let parsed: toml::Table = toml::from_str(&added).unwrap();
+        assert_eq!(parsed["lima"]["instances"][0].as_str(), Some("finch"));
+        assert_eq!(setup_config_text(&added, None).unwrap(), user);
+        let foreign = "[lima]\nhome = \"/x\"\n";
+        assert!(setup_config_text(foreign, Some(&l)).is_err());
+        assert_eq!(setup_config_text(foreign, None).unwrap(), foreign);
+    }
+}
