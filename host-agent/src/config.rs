@@ -831,7 +831,7 @@ pub fn read_attached(path: &Path) -> Result<BTreeMap<String, AttachedVm>, Config
 }
 
 /// A TOML basic string.
-fn toml_string(s: &str) -> String {
+pub fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

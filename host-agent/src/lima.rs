@@ -468,21 +468,6 @@ pub fn update_default_yaml(config_dir: &Path, add: bool) -> anyhow::Result<bool>
 pub const SETUP_MARK: &str =
     "# Added by `finch-host-agent setup finch`; `setup finch --remove` takes it out.";
 
-/// A TOML basic string.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// `text` (a host agent config) with `setup finch`'s `[lima]` table for `lima` appended, or
 /// (`lima` `None`) taken out. Errors when a `[lima]` table that setup did not write is there.
 pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Result<String> {
@@ -521,12 +506,13 @@ pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Res
         if !out.is_empty() {
             out.push('\n');
         }
-        let instances: Vec<String> = l.instances.iter().map(|i| toml_string(i)).collect();
+        let instances: Vec<String> =
+            l.instances.iter().map(|i| crate::config::toml_string(i)).collect();
         out.push_str(&format!(
             "{SETUP_MARK}\n[lima]\nhome = {}\ninstances = [{}]\nguest_dir = {}\nkeep_fragment = {}\n",
-            toml_string(&l.home.display().to_string()),
+            crate::config::toml_string(&l.home.display().to_string()),
             instances.join(", "),
-            toml_string(&l.guest_dir.display().to_string()),
+            crate::config::toml_string(&l.guest_dir.display().to_string()),
             l.keep_fragment
         ));
     }
