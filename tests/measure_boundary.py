@@ -142,9 +142,13 @@ def main():
             [os.path.join(bin_dir, "finch-host-agent"), "status", "--json", "--state-dir",
              os.path.join(work, "state")], capture_output=True, text=True, env=env)
         cached = json.loads(status.stdout).get("cache_entries") if status.returncode == 0 else None
+        print(json.dumps({"host_rss_kib": {"start": start, "after_regions": regions,
+                          "after_registries": registries}, "cache_entries": cached}),
+              file=sys.stderr, flush=True)
         alone = latencies(helper, "reg.example")
         flooder = subprocess.Popen(
-            [sys.executable, "-c", (
+            # The flooder runs as another uid: a python outside root's home.
+            ["/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable, "-c", (
                 "import socket,sys,time\n"
                 "c=[]\n"
                 "for _ in range(int(sys.argv[2])):\n"
