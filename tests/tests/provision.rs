@@ -273,7 +273,7 @@ fn units_verify_and_login_services_parse() {
         let mut c = Command::new("python3");
         c.args(["-c", script]).arg(&agent).arg(home.path());
         let r =
-            finch_tests::run_with_input(c, input.as_bytes(), std::time::Duration::from_secs(30));
+            finch_tests::run_with_input(c, input.as_bytes(), Duration::from_secs(30));
         assert_eq!(r.code, 0, "{script}: {}", r.stderr);
     };
     check_py(
@@ -380,7 +380,7 @@ fn attach_and_detach_a_vm_on_a_running_agent() {
     );
     let mut get = Command::new(bin("docker-credential-finchhost"));
     get.arg("get").env("FINCH_GUEST_AGENT_SOCKET", &helper2);
-    let r = finch_tests::run_with_input(get, b"a.test", std::time::Duration::from_secs(30));
+    let r = finch_tests::run_with_input(get, b"a.test", Duration::from_secs(30));
     assert_eq!(r.code, 0, "the attached VM was not served: {}", r.stderr);
     let (_, status, _) = b.host_cli(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
