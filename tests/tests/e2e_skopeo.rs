@@ -97,16 +97,27 @@ fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A one-layer OCI image layout at `dir`, tag `v1`.
+/// A one-layer OCI image layout at `dir`, tag `v1`, holding `hello.txt`.
 pub(crate) fn make_oci_image(dir: &Path, work: &Path) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
     let content = work.join("layer-content");
     std::fs::create_dir_all(&content).unwrap();
     std::fs::write(content.join("hello.txt"), "hello from the finch credential bridge\n").unwrap();
-    let layer_tar = work.join("layer.tar");
+    make_oci_image_of(dir, &content, work);
+}
+
+/// A one-layer OCI image layout at `dir`, tag `v1`, whose layer is the tree `content`.
+pub(crate) fn make_oci_image_of(dir: &Path, content: &Path, work: &Path) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer_tar = work
+        .join(format!("layer-{}.tar", dir.file_name().and_then(|n| n.to_str()).unwrap_or("image")));
     run_ok(
-        Command::new("tar").arg("-C").arg(&content).arg("-cf").arg(&layer_tar).arg("hello.txt"),
+        Command::new("tar")
+            .arg("-C")
+            .arg(content)
+            .args(["--owner=0", "--group=0", "-cf"])
+            .arg(&layer_tar)
+            .arg("."),
         "tar",
     );
     let layer = std::fs::read(&layer_tar).unwrap();

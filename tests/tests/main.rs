@@ -37,6 +37,7 @@ mod e2e_skopeo;
 mod ecr;
 mod hostconfig;
 mod keychain;
+mod lima_vm;
 mod link;
 mod protocol;
 mod provision;

@@ -272,8 +272,7 @@ fn units_verify_and_login_services_parse() {
     let check_py = |script: &str, input: String| {
         let mut c = Command::new("python3");
         c.args(["-c", script]).arg(&agent).arg(home.path());
-        let r =
-            finch_tests::run_with_input(c, input.as_bytes(), Duration::from_secs(30));
+        let r = finch_tests::run_with_input(c, input.as_bytes(), Duration::from_secs(30));
         assert_eq!(r.code, 0, "{script}: {}", r.stderr);
     };
     check_py(

@@ -1,0 +1,656 @@
+//! The bridge in a real VM, brought up the way Lima and Finch bring it up.
+//!
+//! The VM is a Debian 12 image with systemd (built once by `tests/vm/image`, cached outside the
+//! repository), booted under QEMU with a copy-on-write overlay, QEMU user networking that only
+//! forwards `127.0.0.1:PORT` to the guest's sshd, and 9p shares. This test plays `limactl`,
+//! and nothing more:
+//!
+//! * `finch-host-agent setup finch` writes `_config/default.yaml` and the `[lima]` table in a
+//!   `LIMA_HOME` laid out as Lima lays it out (`LIMA_HOME/finch/lima.yaml`); the host agent,
+//!   started with that config alone, discovers the instance and fills `finch/finch-bridge`;
+//! * from the merged YAML the test takes what Lima would: the `mounts` (exported as 9p shares,
+//!   read-only where `writable` is false), the `mode: system` provisioning scripts (rendered
+//!   with the login user's `{{.UID}}` and `{{.Home}}` into a cidata share that the image's
+//!   `lima-boot.service` runs at every boot, as Lima's cidata `boot.sh` does), and the
+//!   `portForwards` socket entry, carried as Lima carries it: `ssh -O forward -L
+//!   HOST.sock:GUEST.sock` on an ssh control master opened as the login user (uid 501).
+//!
+//! Inside the VM, as that user: `podman login`, `push`, `pull`, `skopeo inspect` and `podman
+//! logout` against a docker-registry in the VM (TLS, htpasswd), and a `get` for an ECR host
+//! answered by the host's native ECR source (`tests/fake_ecr.py` on the host). Then a reboot
+//! (the unit comes back at boot, the link with it, the host agent untouched), the guest agent
+//! killed (`systemctl kill -s KILL`; systemd restarts it), a root container that tries the key,
+//! the helper socket and the link socket and port, and at the end a scan of the VM's whole disk
+//! for every secret of the test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use finch_tests::aws::FakeEcr;
+use finch_tests::{HelperRun, Proc, assert_no_secret, bin, run_ok, run_with_input, wait_until};
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// The login user of the image (`tests/vm/image`): uid 501, as Lima makes it on macOS.
+const USER: &str = "finch";
+const UID: u32 = 501;
+const HOME: &str = "/home/finch.linux";
+/// The registry inside the VM; the VM's /etc/hosts points it at the VM's loopback.
+const REGISTRY: &str = "registry.finch.test:5000";
+const REGISTRY_USER: &str = "vmtester";
+const PASSWORD: &str = "lima-vm-Pa55-9c1e";
+const ECR: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+const ECR_TOKEN: &str = "ecr-vm-token-1";
+const NOT_FOUND: &str = "credentials not found in native keychain";
+/// Generous: QEMU emulates the CPU (TCG) on a 2-core machine that runs other tests beside it.
+const BOOT: Duration = Duration::from_secs(600);
+const COMMAND: Duration = Duration::from_secs(300);
+
+fn image_dir() -> PathBuf {
+    std::env::var_os("FINCH_VM_DIR")
+        .map_or_else(|| PathBuf::from("/var/cache/finch-ci/vm"), PathBuf::from)
+}
+
+/// What the test takes from the merged Lima YAML, as `limactl` would.
+#[derive(Debug, Default)]
+struct Plan {
+    /// (host location, guest mount point, writable)
+    mounts: Vec<(PathBuf, String, bool)>,
+    /// `mode: system` scripts, rendered.
+    system_scripts: Vec<String>,
+    /// (guest socket, host socket)
+    socket_forwards: Vec<(String, PathBuf)>,
+}
+
+/// Renders Lima's template fields the fragment may use.
+fn render(text: &str, inst: &Path) -> String {
+    let out = text
+        .replace("{{.Dir}}", &inst.display().to_string())
+        .replace("{{.UID}}", &UID.to_string())
+        .replace("{{.Home}}", HOME)
+        .replace("{{.User}}", USER)
+        .replace("{{.Name}}", "finch");
+    assert!(!out.contains("{{"), "a template field the test does not render: {out}");
+    out
+}
+
+/// Lima's merge of `_config/default.yaml` into the instance's `lima.yaml`: lists concatenated
+/// (mounts would be combined by mount point; the instance has none).
+fn plan(lima_home: &Path, inst: &Path) -> Plan {
+    let mut plan = Plan::default();
+    for file in [inst.join("lima.yaml"), lima_home.join("_config/default.yaml")] {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let docs = YamlLoader::load_from_str(&text).unwrap();
+        let Some(doc) = docs.first() else { continue };
+        for m in doc["mounts"].as_vec().map_or(&[][..], Vec::as_slice) {
+            let location = render(m["location"].as_str().unwrap(), inst);
+            let point = m["mountPoint"].as_str().map_or_else(|| location.clone(), str::to_owned);
+            plan.mounts.push((location.into(), point, m["writable"].as_bool() == Some(true)));
+        }
+        for p in doc["provision"].as_vec().map_or(&[][..], Vec::as_slice) {
+            if p["mode"].as_str() == Some("system") {
+                plan.system_scripts.push(render(p["script"].as_str().unwrap(), inst));
+            }
+        }
+        for f in doc["portForwards"].as_vec().map_or(&[][..], Vec::as_slice) {
+            if let (Yaml::String(guest), Yaml::String(host)) = (&f["guestSocket"], &f["hostSocket"])
+            {
+                plan.socket_forwards.push((guest.clone(), render(host, inst).into()));
+            }
+        }
+    }
+    plan
+}
+
+/// A booted VM and the ssh control master into it, as the login user.
+struct Vm {
+    dir: PathBuf,
+    qemu: Proc,
+    master: Option<Proc>,
+    port: u16,
+    boots: usize,
+}
+
+impl Vm {
+    fn ssh_base(&self) -> Command {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg("/dev/null")
+            .arg("-i")
+            .arg(self.dir.join("id_ed25519"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
+            .arg("-o")
+            .arg(format!("ControlPath={}", self.dir.join("ssh.ctl").display()));
+        c
+    }
+
+    /// Runs `script` with `sh` in the VM as the login user, `stdin` as its input.
+    fn sh(&self, script: &str, stdin: &[u8]) -> HelperRun {
+        let mut c = self.ssh_base();
+        c.args(["-o", "ControlMaster=no", &format!("{USER}@127.0.0.1"), "--", script]);
+        run_with_input(c, stdin, COMMAND)
+    }
+
+    /// Like `sh`, and the script must succeed; returns its stdout.
+    fn ok(&self, what: &str, script: &str) -> String {
+        let r = self.sh(script, b"");
+        assert_eq!(r.code, 0, "{what}: {}{}\n{}", r.out(), r.stderr, self.console_tail());
+        r.out().to_owned()
+    }
+
+    fn console(&self) -> String {
+        self.qemu.output()
+    }
+
+    fn console_tail(&self) -> String {
+        let c = self.console();
+        let lines: Vec<&str> = c.lines().collect();
+        format!("--- console (last lines)\n{}", lines[lines.len().saturating_sub(60)..].join("\n"))
+    }
+
+    /// Waits for sshd, opens the control master (as Lima's host agent does after each boot),
+    /// and waits for the boot scripts (`/run/lima-boot-done`, as Lima waits for them).
+    fn connect(&mut self) {
+        let up = wait_until(BOOT, || {
+            let mut probe = self.ssh_base();
+            probe.args(["-o", "ControlMaster=no", &format!("{USER}@127.0.0.1"), "true"]);
+            run_with_input(probe, b"", Duration::from_secs(30)).code == 0
+        });
+        assert!(up, "sshd in the VM never answered\n{}", self.console_tail());
+        let _ = std::fs::remove_file(self.dir.join("ssh.ctl"));
+        let mut master = self.ssh_base();
+        master.args(["-M", "-N", "-o", "StreamLocalBindUnlink=yes", "-o", "ServerAliveInterval=5"]);
+        master.arg(format!("{USER}@127.0.0.1"));
+        let log = self.dir.join(format!("ssh-master-{}.log", self.boots));
+        self.master = Some(Proc::spawn("ssh master", master, &log));
+        let ready = wait_until(Duration::from_secs(60), || {
+            let mut check = self.ssh_base();
+            check.args(["-O", "check", "x"]);
+            run_with_input(check, b"", Duration::from_secs(10)).code == 0
+        });
+        assert!(
+            ready,
+            "the ssh master did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let booted = wait_until(BOOT, || {
+            self.sh("cat /run/lima-boot-done 2>/dev/null", b"").out().trim() == "0"
+        });
+        assert!(booted, "the boot scripts did not finish cleanly\n{}", self.console_tail());
+    }
+
+    /// `ssh -O forward -L HOST:GUEST`, what Lima does for a `portForwards` socket entry.
+    fn forward(&self, guest: &str, host: &Path) {
+        let _ = std::fs::remove_file(host);
+        let mut c = self.ssh_base();
+        c.args(["-O", "forward", "-L"]).arg(format!("{}:{guest}", host.display())).arg("x");
+        let r = run_with_input(c, b"", Duration::from_secs(30));
+        assert_eq!(r.code, 0, "ssh -O forward: {}{}", r.out(), r.stderr);
+    }
+
+    /// Reboots the VM from inside and waits until the master is gone.
+    fn reboot(&mut self) {
+        let _ = self.sh("sudo -n systemctl reboot", b"");
+        if let Some(mut m) = self.master.take() {
+            let _ = m.wait_exit(Duration::from_secs(120));
+            m.kill();
+        }
+        self.boots += 1;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            m.kill();
+        }
+        self.qemu.kill();
+    }
+}
+
+/// The registry's files for the VM, and the two images: `hello` (one file) and `box` (busybox,
+/// the helper and the guest agent, static, for the container checks).
+fn testdata(dir: &Path, parts: &Path) -> PathBuf {
+    let data = dir.join("testdata");
+    std::fs::create_dir_all(&data).unwrap();
+    // The certificate (its own CA) and htpasswd; the config is the VM's, with the VM's paths.
+    let (_, certs) = crate::e2e_skopeo::registry_files(
+        &data,
+        "127.0.0.1:5000",
+        "DNS:registry.finch.test",
+        REGISTRY_USER,
+        PASSWORD,
+    );
+    assert!(certs.join("ca.crt").exists() && data.join("htpasswd").exists());
+    std::fs::write(
+        data.join("registry.yml"),
+        "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: /var/lib/docker-registry\n\
+         http:\n  addr: 127.0.0.1:5000\n  tls:\n    certificate: /etc/docker/registry/ca.crt\n    key: /etc/docker/registry/registry.key\n\
+         auth:\n  htpasswd:\n    realm: finch-lima-vm\n    path: /etc/docker/registry/htpasswd\n",
+    )
+    .unwrap();
+    crate::e2e_skopeo::make_oci_image(&data.join("hello"), dir);
+    let content = dir.join("box-content");
+    std::fs::create_dir_all(content.join("bin")).unwrap();
+    std::fs::create_dir_all(content.join("run")).unwrap();
+    std::fs::create_dir_all(content.join("tmp")).unwrap();
+    std::fs::copy(finch_tests::which("busybox").unwrap(), content.join("bin/busybox")).unwrap();
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(parts.join("bin").join(b), content.join("bin").join(b)).unwrap();
+    }
+    finch_tests::write_key(&content.join("impostor.key"), 99);
+    crate::e2e_skopeo::make_oci_image_of(&data.join("box"), &content, dir);
+    data
+}
+
+fn host_agent(d: &Path, config: &Path, fake: &FakeEcr) -> Proc {
+    let mut cmd = Command::new(bin("finch-host-agent"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--docker-config")
+        .arg(d.join("docker"))
+        .args(["--heartbeat-ms", "1000", "--reconnect-max-ms", "1000"])
+        .env("RUST_LOG", "debug");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("AWS_CONFIG_FILE", d.join("aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("aws-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ENDPOINT_URL", fake.url())
+        .env("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKE")
+        .env("AWS_SECRET_ACCESS_KEY", "lima-vm-fake-secret-key");
+    Proc::spawn("host-agent", cmd, &d.join("host.log"))
+}
+
+fn links_up(host: &Proc) -> usize {
+    host.output().lines().filter(|l| l.contains("link up") && l.contains("finch")).count()
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// The host's docker config entry for the VM's registry, if any.
+fn host_auth(d: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(d.join("docker/config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let auths = v["auths"].as_object()?;
+    auths
+        .iter()
+        .find(|(k, _)| k.contains("registry.finch.test"))
+        .and_then(|(_, e)| e["auth"].as_str().map(str::to_owned))
+}
+
+/// What `get` answered, checked without printing the secret.
+fn get_gives(vm: &Vm, server: &str, user: &str, secret: &str) -> Result<(), String> {
+    let r = vm.sh("docker-credential-finchhost get", server.as_bytes());
+    if r.code != 0 {
+        return Err(format!("get {server} failed ({}): {}", r.code, r.stderr));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.stdout).map_err(|e| format!("get {server}: not JSON: {e}"))?;
+    if v["Username"] == user && v["Secret"] == secret {
+        Ok(())
+    } else {
+        Err(format!("get {server} answered another credential (user {})", v["Username"]))
+    }
+}
+
+#[test]
+fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
+    let test = "a_lima_style_vm_boots_the_bridge_and_its_clients_use_it";
+    let tools = ["qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", "openssl", "htpasswd"];
+    if !finch_tests::require(test, &[&tools[..], &["busybox", "tar", "python3", "grep"]].concat()) {
+        return;
+    }
+    let parts = image_dir();
+    let image = parts.join("debian");
+    let prepared = image.join("image.raw").exists() && parts.join("bin/finch-guest-agent").exists();
+    if !prepared {
+        assert!(
+            !finch_tests::in_ci(),
+            "{test}: {} is not prepared (.ci/run runs tests/vm/prepare and tests/vm/image)",
+            parts.display()
+        );
+        eprintln!("SKIPPED {test}: run tests/vm/prepare and tests/vm/image first");
+        return;
+    }
+    let started = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("finch-lima-vm-").tempdir().unwrap();
+    let d = tmp.path();
+
+    // LIMA_HOME as Lima lays it out, one instance; the guest binaries where [lima] guest_dir
+    // points; the host's docker config plaintext (`auths`), so the test can check it.
+    let lima_home = d.join("lima");
+    let inst = lima_home.join("finch");
+    let guest_dir = d.join("guest");
+    for dir in
+        [&inst, &lima_home.join("_config"), &guest_dir.join("linux-x86_64"), &d.join("docker")]
+    {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(inst.join("lima.yaml"), "vmType: qemu\narch: x86_64\ncpus: 2\nmemory: 2GiB\n")
+        .unwrap();
+    std::fs::write(d.join("docker/config.json"), "{}").unwrap();
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(parts.join("bin").join(b), guest_dir.join("linux-x86_64").join(b)).unwrap();
+    }
+    let config = d.join("host-agent.toml");
+    std::fs::write(&config, "").unwrap();
+    let setup = run_ok(
+        Command::new(bin("finch-host-agent"))
+            .args(["setup", "finch", "--no-start", "--platform", "linux", "--instance", "finch"])
+            .arg("--lima-home")
+            .arg(&lima_home)
+            .arg("--guest-dir")
+            .arg(&guest_dir)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(d.join("state")),
+        "setup finch",
+    );
+    assert!(setup.contains("merged the fragment into"), "{setup}");
+
+    let fake = FakeEcr::start(d);
+    fake.control(r#"{"password": "ecr-vm-token-{n}"}"#);
+    let host = host_agent(d, &config, &fake);
+    let bundle = inst.join("finch-bridge");
+    assert!(
+        wait_until(Duration::from_secs(60), || bundle.join("SHA256SUMS").exists()),
+        "the host agent did not fill {}:\n{}",
+        bundle.display(),
+        host.output()
+    );
+
+    // What limactl takes from the merged YAML.
+    let plan = plan(&lima_home, &inst);
+    assert_eq!(plan.system_scripts.len(), 1, "{plan:?}");
+    assert!(plan.system_scripts[0].contains("--init systemd"), "{plan:?}");
+    let bridge_mount = plan.mounts.iter().find(|m| m.1 == "/mnt/finch-bridge");
+    assert_eq!(bridge_mount.map(|m| (&m.0, m.2)), Some((&bundle, false)), "{plan:?}");
+    let [(guest_socket, host_socket)] = &plan.socket_forwards[..] else {
+        panic!("one socket forward expected: {plan:?}")
+    };
+    assert_eq!(host_socket, &inst.join("sock/finch-guest-agent.sock"));
+    std::fs::create_dir_all(inst.join("sock")).unwrap();
+
+    let cidata = d.join("cidata");
+    std::fs::create_dir_all(cidata.join("provision.system")).unwrap();
+    for (i, s) in plan.system_scripts.iter().enumerate() {
+        std::fs::write(cidata.join(format!("provision.system/{i:08}")), s).unwrap();
+    }
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "lima-vm-test", "-f"])
+            .arg(d.join("id_ed25519")),
+        "ssh-keygen",
+    );
+    std::fs::copy(d.join("id_ed25519.pub"), cidata.join("ssh_authorized_keys")).unwrap();
+    let data = testdata(d, &parts);
+    let mut virtfs = Vec::new();
+    let mut mounts = String::new();
+    for (i, (location, point, writable)) in plan.mounts.iter().enumerate() {
+        let tag = format!("mount{i}");
+        let ro = if *writable { "" } else { ",readonly=on" };
+        virtfs.push(format!(
+            "local,path={},mount_tag={tag},security_model=none{ro}",
+            location.display()
+        ));
+        mounts.push_str(&format!("{tag} {point} {}\n", if *writable { "rw" } else { "ro" }));
+    }
+    // The test's own share (registry files, images), not part of the Lima plan.
+    virtfs.push(format!(
+        "local,path={},mount_tag=testdata,security_model=none,readonly=on",
+        data.display()
+    ));
+    mounts.push_str("testdata /mnt/testdata ro\n");
+    virtfs.push(format!(
+        "local,path={},mount_tag=cidata,security_model=none,readonly=on",
+        cidata.display()
+    ));
+    std::fs::write(cidata.join("mounts"), mounts).unwrap();
+
+    let overlay = d.join("overlay.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image.join("image.raw"))
+            .arg(&overlay),
+        "qemu-img create",
+    );
+    let port = finch_tests::free_port();
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+        .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initrd.img"))
+        .args(["-append", "root=/dev/vda rw console=ttyS0 panic=-1 random.trust_cpu=on"])
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2,if=virtio", overlay.display()))
+        .arg("-netdev")
+        .arg(format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"))
+        .args(["-device", "virtio-net-pci,netdev=n0", "-device", "virtio-rng-pci"]);
+    for v in &virtfs {
+        qemu.arg("-virtfs").arg(v);
+    }
+    let booted_at = Instant::now();
+    let qemu = Proc::spawn("qemu", qemu, &d.join("console.log"));
+    let mut vm = Vm { dir: d.to_owned(), qemu, master: None, port, boots: 0 };
+
+    // Boot 1: provisioning installs the guest side; the unit starts; Lima forwards the socket.
+    vm.connect();
+    vm.forward(guest_socket, host_socket);
+    assert!(
+        wait_until(BOOT, || links_up(&host) >= 1),
+        "the link never came up\n{}\n--- host\n{}",
+        vm.console_tail(),
+        host.output()
+    );
+    let boot_to_link = booted_at.elapsed();
+    let unit = vm.ok(
+        "the unit",
+        "systemctl show finch-guest-agent -p ActiveState -p ProtectSystem -p NoNewPrivileges \
+         -p MemoryDenyWriteExecute -p RestrictAddressFamilies -p CapabilityBoundingSet -p User",
+    );
+    for want in [
+        "ActiveState=active",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "MemoryDenyWriteExecute=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_VSOCK",
+    ] {
+        assert!(unit.contains(want), "the unit runs without {want}:\n{unit}");
+    }
+
+    // The registry in the VM: TLS with the test's CA, htpasswd; podman and skopeo trust it.
+    vm.ok(
+        "the registry",
+        "set -e; sudo -n sh -c 'set -e
+          install -m 0644 /mnt/testdata/registry.yml /etc/docker/registry/config.yml
+          install -m 0644 /mnt/testdata/htpasswd /mnt/testdata/registry.key /etc/docker/registry/
+          install -m 0644 /mnt/testdata/certs/ca.crt /etc/docker/registry/ca.crt
+          mkdir -p /etc/containers/certs.d/registry.finch.test:5000
+          install -m 0644 /mnt/testdata/certs/ca.crt /etc/containers/certs.d/registry.finch.test:5000/ca.crt
+          grep -q registry.finch.test /etc/hosts || echo \"127.0.0.1 registry.finch.test\" >> /etc/hosts
+          systemctl start docker-registry'
+         for i in $(seq 60); do (echo > /dev/tcp/127.0.0.1/5000) 2>/dev/null && exit 0; sleep 1; done
+         systemctl status docker-registry; exit 1",
+    );
+
+    // podman login: the registry checks the password, the bridge stores it on the host.
+    let login = vm.sh(
+        &format!("podman login --username {REGISTRY_USER} --password-stdin {REGISTRY}"),
+        PASSWORD.as_bytes(),
+    );
+    assert_eq!(login.code, 0, "podman login: {}{}", login.out(), login.stderr);
+    assert!(login.out().contains("Login Succeeded"), "{}", login.out());
+    assert_eq!(
+        host_auth(d).as_deref(),
+        Some(base64_of(&format!("{REGISTRY_USER}:{PASSWORD}")).as_str()),
+        "the host does not hold the credential podman stored"
+    );
+    let image_ref = format!("{REGISTRY}/finch/hello:v1");
+    vm.ok(
+        "podman push",
+        &format!(
+            "set -e; podman pull -q oci:/mnt/testdata/hello:v1 >/dev/null
+             podman tag $(podman images -q | head -1) {image_ref}
+             podman push -q {image_ref}"
+        ),
+    );
+    vm.ok(
+        "podman pull",
+        &format!("set -e; podman rmi -a -f >/dev/null; podman pull -q {image_ref}"),
+    );
+    let inspect = vm.ok("skopeo inspect", &format!("skopeo inspect docker://{image_ref}"));
+    assert!(inspect.contains("\"Digest\": \"sha256:"), "{inspect}");
+    get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD).unwrap();
+    // ECR: answered on the host by the native source (the fake token endpoint).
+    get_gives(&vm, ECR, "AWS", ECR_TOKEN).unwrap();
+    assert_eq!(fake.calls(), (1, 0));
+
+    // Reboot: the unit starts at boot, provisioning runs again, the link comes back; nothing
+    // is done on the host side but what Lima does (a new ssh master and the forward).
+    let before = links_up(&host);
+    vm.reboot();
+    vm.connect();
+    vm.forward(guest_socket, host_socket);
+    assert!(
+        wait_until(BOOT, || links_up(&host) > before),
+        "the link did not come back after the reboot\n{}\n--- host\n{}",
+        vm.console_tail(),
+        host.output()
+    );
+    let journal = vm.ok("the boot's journal", "sudo -n journalctl -b -o cat -u finch-guest-agent");
+    assert!(journal.contains("host link up"), "{journal}");
+    assert_eq!(vm.ok("enabled", "systemctl is-enabled finch-guest-agent").trim(), "enabled");
+    assert!(
+        wait_until(Duration::from_secs(60), || get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+            .is_ok()),
+        "get after the reboot: {:?}",
+        get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+    );
+
+    // Killed: systemd restarts the agent (Restart=on-failure) and the next get works.
+    let before = links_up(&host);
+    vm.ok("kill", "sudo -n systemctl kill -s KILL finch-guest-agent");
+    assert!(
+        wait_until(Duration::from_secs(120), || links_up(&host) > before),
+        "the link did not come back after the kill\n{}",
+        host.output()
+    );
+    let restarts = vm.ok("restarts", "systemctl show -p NRestarts --value finch-guest-agent");
+    assert!(restarts.trim().parse::<u32>().unwrap_or(0) >= 1, "NRestarts={restarts}");
+    assert!(
+        wait_until(Duration::from_secs(60), || get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+            .is_ok()),
+        "get after the kill: {:?}",
+        get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+    );
+
+    // A container, root in the VM: no key, no helper socket, nothing from the link.
+    vm.ok("the box image", "sudo -n podman pull -q oci:/mnt/testdata/box:v1 >/dev/null && sudo -n podman tag $(sudo -n podman images -q | head -1) localhost/box:v1");
+    let inside = vm.ok(
+        "the container",
+        &format!(
+            "sudo -n podman run --rm --network host localhost/box:v1 /bin/busybox sh -c '
+              /bin/busybox --install -s /bin; export PATH=/bin
+              cat /etc/finch-guest-agent/link.key >/dev/null 2>&1 || echo KEY-UNREADABLE
+              find / -xdev -name link.key 2>/dev/null | grep -q . || echo KEY-NOWHERE
+              out=$(printf %s {REGISTRY} | docker-credential-finchhost get 2>&1)
+              case \"$out\" in *Secret*) echo HELPER-ANSWERED;; *) echo HELPER-UNREACHABLE;; esac'"
+        ),
+    );
+    for want in ["KEY-UNREADABLE", "KEY-NOWHERE", "HELPER-UNREACHABLE"] {
+        assert!(inside.contains(want), "container: {inside}");
+    }
+    assert!(!inside.contains("HELPER-ANSWERED"), "container: {inside}");
+    // With the agent stopped, the container takes the link socket's path and the link port.
+    vm.ok("stop", "sudo -n systemctl stop finch-guest-agent");
+    let before = links_up(&host);
+    let impostor = vm.ok(
+        "the impostor container",
+        &format!(
+            "sudo -n podman run --rm --network host -e RUST_LOG=debug localhost/box:v1 /bin/busybox sh -c '
+              /bin/busybox --install -s /bin; export PATH=/bin; mkdir -p /run/finch-guest-agent
+              finch-guest-agent serve --link-listen unix:///run/finch-guest-agent/link.sock \
+                --link-key-file /impostor.key --allow-uid 0 --link-allow-uid {UID} \
+                --helper-socket /tmp/a.sock > /tmp/a.log 2>&1 &
+              finch-guest-agent serve --link-listen tcp://127.0.0.1:6127 \
+                --link-key-file /impostor.key --allow-uid 0 --helper-socket /tmp/b.sock > /tmp/b.log 2>&1 &
+              sleep 20; cat /tmp/a.log /tmp/b.log'"
+        ),
+    );
+    assert!(impostor.contains("listening"), "the impostors did not listen: {impostor}");
+    for never in ["host authenticated", "handshake", "host link up", "link connection"] {
+        assert!(!impostor.contains(never), "an impostor got a connection ({never}): {impostor}");
+    }
+    assert_eq!(links_up(&host), before, "a link came up while the agent was stopped");
+    vm.ok("start", "sudo -n systemctl start finch-guest-agent");
+    assert!(wait_until(Duration::from_secs(120), || links_up(&host) > before), "{}", host.output());
+
+    // podman logout erases on the host; the registry then refuses skopeo.
+    vm.ok("podman logout", &format!("podman logout {REGISTRY}"));
+    assert_eq!(host_auth(d), None, "the host still holds the credential after logout");
+    let refused = vm.sh(&format!("skopeo inspect docker://{image_ref}"), b"");
+    assert_ne!(refused.code, 0, "skopeo inspect worked after logout: {}", refused.out());
+    assert!(
+        refused.stderr.contains("unauthorized") || refused.stderr.contains("authentication"),
+        "{}",
+        refused.stderr
+    );
+
+    // No auth.json or config.json in the VM holds a secret; then the whole disk.
+    let files = vm.ok(
+        "client files",
+        "sudo -n sh -c 'find / /run /tmp /var/tmp -xdev \\( -name auth.json -o -name config.json \\) \
+         -type f 2>/dev/null | while read -r f; do echo \"== $f\"; cat \"$f\"; echo; done'",
+    );
+    let encoded = base64_of(&format!("{REGISTRY_USER}:{PASSWORD}"));
+    let secrets = [PASSWORD, encoded.as_str(), ECR_TOKEN, "lima-vm-fake-secret-key"];
+    assert!(files.contains("finchhost"), "no client config names finchhost:\n{files}");
+    for s in secrets {
+        assert!(
+            !files.contains(s),
+            "a client config in the VM holds a secret:\n{}",
+            files.replace(s, "<SECRET>")
+        );
+    }
+    let _ = vm.sh("sudo -n systemctl poweroff", b"");
+    assert!(vm.qemu.wait_exit(Duration::from_secs(180)).is_some(), "the VM did not power off");
+    let raw = d.join("disk.raw");
+    run_ok(
+        Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&overlay).arg(&raw),
+        "qemu-img convert",
+    );
+    let patterns = d.join("secrets.txt");
+    std::fs::write(&patterns, secrets.join("\n")).unwrap();
+    let scan = Command::new("grep")
+        .args(["-a", "-c", "-F", "-f"])
+        .arg(&patterns)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let count = String::from_utf8_lossy(&scan.stdout).trim().to_owned();
+    assert_eq!(count, "0", "the VM's disk holds a secret of the test ({count} lines)");
+    let _ = std::fs::remove_file(&raw);
+
+    let console = vm.console();
+    let host_log = host.output();
+    for s in secrets {
+        assert_no_secret(s, &[("console", &console), ("host log", &host_log)]);
+    }
+    eprintln!("lima_vm: boot to link up {boot_to_link:?}; whole test {:?}", started.elapsed());
+}
