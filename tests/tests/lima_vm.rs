@@ -41,7 +41,6 @@ const REGISTRY_USER: &str = "vmtester";
 const PASSWORD: &str = "lima-vm-Pa55-9c1e";
 const ECR: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
 const ECR_TOKEN: &str = "ecr-vm-token-1";
-const NOT_FOUND: &str = "credentials not found in native keychain";
 /// Generous: QEMU emulates the CPU (TCG) on a 2-core machine that runs other tests beside it.
 const BOOT: Duration = Duration::from_secs(600);
 const COMMAND: Duration = Duration::from_secs(300);
@@ -325,8 +324,11 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         return;
     }
     let started = Instant::now();
-    let tmp = tempfile::Builder::new().prefix("finch-lima-vm-").tempdir().unwrap();
-    let d = tmp.path();
+    // Kept when the test fails (the console, the host agent's log, the overlay); removed at
+    // the end of a run that passed.
+    let kept = tempfile::Builder::new().prefix("finch-lima-vm-").tempdir().unwrap().keep();
+    eprintln!("{test}: working in {}", kept.display());
+    let d = kept.as_path();
 
     // LIMA_HOME as Lima lays it out, one instance; the guest binaries where [lima] guest_dir
     // points; the host's docker config plaintext (`auths`), so the test can check it.
@@ -473,6 +475,11 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     ] {
         assert!(unit.contains(want), "the unit runs without {want}:\n{unit}");
     }
+    let caps = unit.lines().find(|l| l.starts_with("CapabilityBoundingSet=")).unwrap_or_default();
+    assert!(
+        caps.contains("cap_chown") && !caps.contains("cap_sys_admin") && !caps.contains("cap_net"),
+        "the unit's capability bounding set: {caps}"
+    );
 
     // The registry in the VM: TLS with the test's CA, htpasswd; podman and skopeo trust it.
     vm.ok(
@@ -484,7 +491,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
           mkdir -p /etc/containers/certs.d/registry.finch.test:5000
           install -m 0644 /mnt/testdata/certs/ca.crt /etc/containers/certs.d/registry.finch.test:5000/ca.crt
           grep -q registry.finch.test /etc/hosts || echo \"127.0.0.1 registry.finch.test\" >> /etc/hosts
-          systemctl start docker-registry'
+          systemctl enable --now docker-registry 2>/dev/null'
          for i in $(seq 60); do (echo > /dev/tcp/127.0.0.1/5000) 2>/dev/null && exit 0; sleep 1; done
          systemctl status docker-registry; exit 1",
     );
@@ -578,8 +585,9 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     }
     assert!(!inside.contains("HELPER-ANSWERED"), "container: {inside}");
     // With the agent stopped, the container takes the link socket's path and the link port.
-    vm.ok("stop", "sudo -n systemctl stop finch-guest-agent");
     let before = links_up(&host);
+    let log_at_stop = host.output().len();
+    vm.ok("stop", "sudo -n systemctl stop finch-guest-agent");
     let impostor = vm.ok(
         "the impostor container",
         &format!(
@@ -593,11 +601,21 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
               sleep 20; cat /tmp/a.log /tmp/b.log'"
         ),
     );
-    assert!(impostor.contains("listening"), "the impostors did not listen: {impostor}");
+    assert_eq!(
+        impostor.matches("guest agent ready").count(),
+        2,
+        "the impostors did not listen: {impostor}"
+    );
     for never in ["host authenticated", "handshake", "host link up", "link connection"] {
         assert!(!impostor.contains(never), "an impostor got a connection ({never}): {impostor}");
     }
     assert_eq!(links_up(&host), before, "a link came up while the agent was stopped");
+    // The host kept dialing through the forward meanwhile, and got nowhere.
+    let since_stop = host.output()[log_at_stop..].to_owned();
+    assert!(
+        since_stop.contains("link down") && since_stop.contains("cannot link to the VM"),
+        "the host did not dial while the agent was stopped:\n{since_stop}"
+    );
     vm.ok("start", "sudo -n systemctl start finch-guest-agent");
     assert!(wait_until(Duration::from_secs(120), || links_up(&host) > before), "{}", host.output());
 
@@ -635,6 +653,13 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&overlay).arg(&raw),
         "qemu-img convert",
     );
+    // The scan reads the data: the registry's htpasswd (user name, bcrypt hash) is on it.
+    let control = Command::new("grep")
+        .args(["-a", "-c", "-F", "-e", &format!("{REGISTRY_USER}:$2y$")])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&control.stdout).trim(), "0", "the scan sees nothing");
     let patterns = d.join("secrets.txt");
     std::fs::write(&patterns, secrets.join("\n")).unwrap();
     let scan = Command::new("grep")

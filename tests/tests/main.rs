@@ -16,6 +16,10 @@
 //!   on a real gnome-keyring, a locked keyring, no session bus.
 //! * `vm`: a real VM (QEMU + vhost-device-vsock) with the guest agent on vsock, dialed by the
 //!   host agent over hybrid vsock.
+//! * `lima_vm`: a Debian 12 VM with systemd (`tests/vm/image`) brought up the Lima way:
+//!   `setup finch`, the fragment's provisioning at every boot, Lima's ssh socket forward;
+//!   podman and skopeo in the VM against a registry in the VM, ECR, reboot, a killed agent,
+//!   a root container, and a scan of the VM's disk for the test's secrets.
 //! * `aarch64`: the static aarch64 guest binaries (Finch on Apple Silicon) under
 //!   `qemu-aarch64-static`, answering a `get` through the x86_64 host agent.
 //! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
