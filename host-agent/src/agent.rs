@@ -55,7 +55,9 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
     config::private_dir(&settings.state_dir)?;
     let mut keys = BTreeMap::new();
     for name in settings.vms.keys() {
-        keys.insert(name.clone(), config::load_key(&settings, name)?);
+        let (key, home) = crate::vm_keys::load_key(&settings, name)?;
+        tracing::debug!(vm = %name, key = %home, "VM key loaded");
+        keys.insert(name.clone(), key);
     }
     if let Some(lima) = &settings.lima {
         wire_lima(lima, &settings.lima_instances, &keys);

@@ -11,6 +11,7 @@
 //! helper_timeout_secs = 10              # a host docker-credential-<name> helper
 //! keychain_timeout_secs = 10            # one native keychain call
 //! native_keychain = true                # osxkeychain/wincred/secretservice served natively
+//! key_store = "auto"                    # VM keys: "auto" (keychain, else files), "keychain", "file"
 //! heartbeat_ms = 5000
 //! reconnect_max_ms = 3000
 //!
@@ -39,12 +40,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::key::LinkKey;
 use serde::Deserialize;
 
 use crate::lima::{Instance, LimaSettings};
 use crate::policy::{Pattern, Policy, Rule};
 use crate::source::ecr::{EcrRule, EcrSettings, RegistryMatch};
+use crate::vm_keys::KeyStore;
 
 /// Environment variable naming the config file.
 pub const CONFIG_ENV: &str = "FINCH_HOST_AGENT_CONFIG";
@@ -132,6 +133,8 @@ pub struct Overrides {
     pub keychain_timeout_secs: Option<u64>,
     /// `--native-keychain`.
     pub native_keychain: Option<bool>,
+    /// `--key-store`.
+    pub key_store: Option<KeyStore>,
     /// `--heartbeat-ms`.
     pub heartbeat_ms: Option<u64>,
     /// `--reconnect-max-ms`.
@@ -166,6 +169,8 @@ pub struct Settings {
     pub keychain_timeout: Duration,
     /// Whether keychain helper names are served natively.
     pub native_keychain: bool,
+    /// Where keys of VMs without a `key` file of their own are kept.
+    pub key_store: KeyStore,
     /// Heartbeat interval on each link.
     pub heartbeat: Duration,
     /// Cap of the reconnect delay.
@@ -221,6 +226,7 @@ struct FileConfig {
     helper_timeout_secs: Option<toml::Spanned<u64>>,
     keychain_timeout_secs: Option<toml::Spanned<u64>>,
     native_keychain: Option<bool>,
+    key_store: Option<KeyStore>,
     heartbeat_ms: Option<toml::Spanned<u64>>,
     reconnect_max_ms: Option<toml::Spanned<u64>>,
     #[serde(default)]
@@ -746,13 +752,14 @@ impl Settings {
             helper_timeout: Duration::from_secs(helper_timeout),
             keychain_timeout: Duration::from_secs(keychain_timeout),
             native_keychain: o.native_keychain.or(file.native_keychain).unwrap_or(true),
+            key_store: o.key_store.or(file.key_store).unwrap_or_default(),
             heartbeat: Duration::from_millis(heartbeat),
             reconnect_max: Duration::from_millis(reconnect_max),
             vms,
         })
     }
 
-    /// The key file of VM `name`.
+    /// The key file of VM `name` (where it is, or would be, when kept in a file).
     pub fn key_file(&self, name: &str) -> Option<PathBuf> {
         let vm = self.vms.get(name)?;
         Some(vm.key_file.clone().unwrap_or_else(|| key_path(&self.state_dir, name)))
@@ -896,21 +903,6 @@ pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Loads VM `name`'s key: its configured file (which must exist), or the one in the state
-/// directory, created with mode 0600 (directories 0700) when missing.
-pub fn load_key(settings: &Settings, name: &str) -> anyhow::Result<LinkKey> {
-    let vm = settings.vms.get(name).with_context(|| format!("VM {name} is not configured"))?;
-    if let Some(path) = &vm.key_file {
-        return LinkKey::load(path).with_context(|| format!("VM {name}"));
-    }
-    let path = key_path(&settings.state_dir, name);
-    if let Some(dir) = path.parent() {
-        private_dir(&settings.state_dir)?;
-        private_dir(dir)?;
-    }
-    LinkKey::load_or_create(&path).with_context(|| format!("VM {name}"))
 }
 
 #[cfg(test)]
@@ -1115,10 +1107,11 @@ mod tests {
         let o = Overrides {
             state_dir: Some(state.clone()),
             vms: vec!["vm1=unix:///x".parse().unwrap()],
+            key_store: Some(KeyStore::File),
             ..Overrides::default()
         };
         let s = load("", o).unwrap();
-        load_key(&s, "vm1").unwrap();
+        crate::vm_keys::load_key(&s, "vm1").unwrap();
         let path = key_path(&state, "vm1");
         assert_eq!(s.key_file("vm1"), Some(path.clone()));
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

@@ -333,19 +333,36 @@ fn check_state_dir(r: &mut Report, dir: &Path) {
 }
 
 fn check_key(r: &mut Report, settings: &Settings, name: &str) {
+    use crate::vm_keys::{Found, find};
     let what = format!("vm {name} key");
-    let Some(path) = settings.key_file(name) else { return };
     let explicit = settings.vms.get(name).is_some_and(|v| v.key_file.is_some());
-    if !path.exists() && !explicit {
-        r.fail(
-            &what,
-            format!("{} does not exist yet", path.display()),
-            "start the agent once (`finch-host-agent run`) to create it, then wire the VM with it",
-        );
-        return;
-    }
+    let (path, keychain_said) = match find(settings, name) {
+        Ok(Found::Keychain(store)) => {
+            r.ok(&what, format!("in the {store} keychain, where no VM mount reaches"));
+            return;
+        }
+        Ok(Found::Missing { home }) if !explicit => {
+            r.fail(
+                &what,
+                format!("not made yet (it goes to {home})"),
+                "start the agent once (`finch-host-agent run`) to make it, then wire the VM with it",
+            );
+            return;
+        }
+        Ok(Found::Missing { .. }) => (settings.key_file(name).unwrap_or_default(), None),
+        Ok(Found::File { path, keychain_said }) => (path, keychain_said),
+        Err(e) => {
+            r.fail(&what, format!("{e:#}"), "unlock the keychain, or set key_store = \"file\"");
+            return;
+        }
+    };
     match finch_shared::key::LinkKey::load(&path) {
-        Ok(_) => r.ok(&what, format!("{} (private)", path.display())),
+        Ok(_) => match keychain_said {
+            None => r.ok(&what, format!("{} (private)", path.display())),
+            Some(why) => {
+                r.ok(&what, format!("{} (private; not in the keychain: {why})", path.display()))
+            }
+        },
         Err(e) => r.fail(
             &what,
             e,

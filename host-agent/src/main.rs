@@ -26,8 +26,9 @@ mod resolve;
 mod source;
 mod status;
 mod transport;
+mod vm_keys;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -79,10 +80,22 @@ enum Command {
         #[command(flatten)]
         settings: SettingsArgs,
     },
-    /// Print the path of a VM's key (creating the key, 0600, when missing).
+    /// Print the path of a VM's key file (creating the key, 0600, when missing); a key kept
+    /// in the OS keychain has no path: see key-export.
     KeyPath {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Write a copy of a VM's key to a file (mode 0600), wherever the key is kept (creating
+    /// the key when missing): for wiring a VM by hand.
+    KeyExport {
+        /// The VM's name.
+        name: String,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
         #[command(flatten)]
         settings: SettingsArgs,
     },
@@ -177,6 +190,11 @@ struct SettingsArgs {
     /// Serve secretservice/osxkeychain/wincred natively (false: run the helper binary) [default: true].
     #[arg(long, value_name = "BOOL")]
     native_keychain: Option<bool>,
+    /// Where keys of VMs without a key file of their own are kept: the OS keychain when it
+    /// answers (auto), the keychain or an error (keychain), files in the state directory (file)
+    /// [default: auto].
+    #[arg(long, value_name = "STORE")]
+    key_store: Option<vm_keys::KeyStore>,
     /// Heartbeat interval on each link, in milliseconds [default: 5000].
     #[arg(long, value_name = "MS")]
     heartbeat_ms: Option<u64>,
@@ -195,6 +213,7 @@ impl SettingsArgs {
             helper_timeout_secs: self.helper_timeout_secs,
             keychain_timeout_secs: self.keychain_timeout_secs,
             native_keychain: self.native_keychain,
+            key_store: self.key_store,
             heartbeat_ms: self.heartbeat_ms,
             reconnect_max_ms: self.reconnect_max_ms,
         }
@@ -217,6 +236,9 @@ fn main() -> ExitCode {
         }
         Command::Detach { name, settings } => attach(&settings.overrides(), &name, None),
         Command::KeyPath { name, settings } => key_path(&settings.overrides(), &name),
+        Command::KeyExport { name, out, settings } => {
+            key_export(&settings.overrides(), &name, &out)
+        }
         Command::Install { print: only_print, platform, no_start, run_args } => install_service(
             platform.unwrap_or_else(install::Platform::current),
             only_print,
@@ -366,31 +388,32 @@ fn attach(
     Ok(())
 }
 
-fn key_path(overrides: &config::Overrides, name: &str) -> anyhow::Result<()> {
+fn checked_vm_name(name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         config::valid_vm_name(name),
         "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
     );
-    let state_dir = doctor::state_dir_fallback(overrides)?;
-    let path = match config::Settings::load(overrides)
-        .ok()
-        .and_then(|s| s.vms.get(name).and_then(|v| v.key_file.clone()))
-    {
-        Some(p) => {
-            finch_shared::key::LinkKey::load(&p)?;
-            p
-        }
-        None => {
-            let p = config::key_path(&state_dir, name);
-            config::private_dir(&state_dir)?;
-            if let Some(dir) = p.parent() {
-                config::private_dir(dir)?;
-            }
-            finch_shared::key::LinkKey::load_or_create(&p)?;
-            p
-        }
-    };
-    print(&format!("{}\n", path.display()));
+    Ok(())
+}
+
+fn key_path(overrides: &config::Overrides, name: &str) -> anyhow::Result<()> {
+    checked_vm_name(name)?;
+    let settings = config::Settings::load(overrides)?;
+    match vm_keys::load_key(&settings, name)?.1 {
+        vm_keys::KeyHome::File(path) => print(&format!("{}\n", path.display())),
+        home @ vm_keys::KeyHome::Keychain(_) => anyhow::bail!(
+            "the key of VM {name} is kept in {home}, not in a file: \
+             `finch-host-agent key-export {name} --out FILE` writes a copy (mode 0600)"
+        ),
+    }
+    Ok(())
+}
+
+fn key_export(overrides: &config::Overrides, name: &str, out: &Path) -> anyhow::Result<()> {
+    checked_vm_name(name)?;
+    let settings = config::Settings::load(overrides)?;
+    let home = vm_keys::export(&settings, name, out)?;
+    print(&format!("wrote the key of VM {name} (kept in {home}) to {}\n", out.display()));
     Ok(())
 }
 
@@ -509,7 +532,7 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
 }
 
 fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {
-    let file = install::service_file(platform, &config::home()?, std::path::Path::new("/"), &[]);
+    let file = install::service_file(platform, &config::home()?, Path::new("/"), &[]);
     install::uninstall(platform, &file.path, no_stop)?;
     print(&format!("removed {}\n", file.path.display()));
     Ok(())

@@ -1,8 +1,10 @@
 //! The native Secret Service source against a real gnome-keyring in a private D-Bus session,
 //! checked both ways against Debian's docker-credential-secretservice: what either stores,
 //! the other reads, lists and erases. Plus what the reference gets wrong (a new username
-//! adds a second item), a locked keyring, and no session bus at all.
+//! adds a second item), a locked keyring, and no session bus at all; and the VM link keys
+//! kept in the keyring.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -187,4 +189,75 @@ fn no_session_bus_is_a_clear_error() {
     assert_eq!((r.code, r.out()), (1, "credentials not found in native keychain\n"));
     assert!(r.stderr.contains("the keychain service is not reachable"), "{}", r.stderr);
     assert!(r.stderr.contains("is DBUS_SESSION_BUS_ADDRESS set?"), "{}", r.stderr);
+}
+
+/// VM keys live in the Secret Service, where no VM mount reaches (issue 12, item 3): a new
+/// VM's key is made there and no file is written; a key file made before is moved in (same
+/// key, file gone); `key-path` says where the key is instead of printing a path; docker's
+/// helper does not list the items; and the host agent links with the key from the keyring.
+#[test]
+fn vm_keys_live_in_the_keyring_and_a_key_file_moves_in() {
+    if !finch_tests::require("vm_keys_in_the_keyring", &[TOOLS, &["secret-tool"]].concat()) {
+        return;
+    }
+    let mut b = Bridge::new("{}");
+    let keyring = start_keyring(b.dir.path());
+    b.host_env = keyring.env.clone();
+    let vms = b.state_dir().join("vms");
+
+    let (code, out, err) = b.host_cli(&["key-path", "moved", "--key-store", "file"]);
+    assert_eq!(code, 0, "{err}");
+    let moved_file = vms.join("moved.key");
+    assert_eq!(out.trim(), moved_file.display().to_string());
+    let file_key = std::fs::read(&moved_file).unwrap();
+
+    let fresh_out = b.path("fresh.key");
+    let (code, out, err) =
+        b.host_cli(&["key-export", "fresh", "--out", fresh_out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kept in the secretservice keychain"), "{out}");
+    assert!(!vms.join("fresh.key").exists(), "a key file was written beside the keychain item");
+    let fresh_key = std::fs::read(&fresh_out).unwrap();
+    assert_eq!(fresh_key.len(), 32);
+    let mode = std::fs::metadata(&fresh_out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut search = Command::new("secret-tool");
+    search
+        .args(["search", "--all", "xdg:schema", "dev.finch.credential-bridge.LinkKey"])
+        .envs(keyring.env.iter().map(|(k, v)| (k, v)));
+    let items = run_ok(&mut search, "secret-tool search");
+    assert!(items.contains("label = finch credential bridge: link key of VM fresh"), "{items}");
+
+    let (code, _, err) = b.host_cli(&["key-path", "fresh"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("key-export fresh --out FILE"), "{err}");
+
+    let moved_out = b.path("moved.out");
+    let (code, _, err) = b.host_cli(&["key-export", "moved", "--out", moved_out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&moved_out).unwrap(), file_key, "the moved key changed");
+    assert!(!moved_file.exists(), "the moved key file is still there");
+
+    let listed = secretservice(&keyring, "list", "");
+    assert_eq!((listed.code, listed.out().trim()), (0, "{}"), "{}", listed.stderr);
+
+    // The guest holds the exported key; the host agent has no key file for the VM.
+    std::fs::copy(&fresh_out, b.path("link.key")).unwrap();
+    b.start_guest();
+    let mut host = Command::new(finch_tests::bin("finch-host-agent"));
+    host.arg("run")
+        .arg("--vm")
+        .arg(format!("fresh=unix://{}", b.link_socket().display()))
+        .arg("--state-dir")
+        .arg(b.state_dir())
+        .arg("--config")
+        .arg(b.host_config())
+        .arg("--docker-config")
+        .arg(&b.docker_config)
+        .args(["--key-store", "keychain"])
+        .env("RUST_LOG", "debug")
+        .envs(keyring.env.iter().map(|(k, v)| (k, v)));
+    b.host = Some(finch_tests::Proc::spawn("host-agent", host, &b.path("host.log")));
+    b.wait_link_up(1);
+    assert!(!vms.join("fresh.key").exists());
 }

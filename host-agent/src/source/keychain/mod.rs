@@ -92,6 +92,30 @@ fn wincred() -> standin::OtherOs {
     standin::OtherOs::new("wincred", "Windows")
 }
 
+/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+#[cfg(target_os = "linux")]
+pub fn key_vault(timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+    Box::new(secretservice::KeyVault::new(timeout))
+}
+
+/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+#[cfg(target_os = "macos")]
+pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+    Box::new(osxkeychain::OsxKeyVault)
+}
+
+/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+#[cfg(windows)]
+pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+    Box::new(wincred::WinKeyVault)
+}
+
+/// This OS's vault for VM link keys: none known here.
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+    Box::new(crate::vm_keys::OtherOs)
+}
+
 /// Why a keychain call failed. Never carries a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[allow(clippy::enum_variant_names)] // noun + verb names, one noun per error type

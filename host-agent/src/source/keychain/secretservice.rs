@@ -174,17 +174,7 @@ async fn lookup(service: &Service, server: &str) -> Result<Option<Credential>, K
 }
 
 async fn store(service: &Service, server: &str, c: &Credential) -> Result<(), KeychainError> {
-    let collection = match service.get_default_collection().await {
-        Ok(c) => c,
-        Err(SsError::NoResult) => service.get_any_collection().await.map_err(classify)?,
-        Err(e) => return Err(classify(e)),
-    };
-    if collection.is_locked().await.map_err(classify)? {
-        collection.unlock().await.map_err(|e| match classify(e) {
-            KeychainError::KeychainFailed { .. } => KeychainError::KeychainLocked { store: STORE },
-            other => other,
-        })?;
-    }
+    let collection = default_collection(service).await?;
     let attributes = HashMap::from([
         ("xdg:schema", SCHEMA),
         ("label", DOCKER_LABEL),
@@ -247,5 +237,96 @@ impl CredentialSource for SecretService {
 
     fn list(&self) -> SourceFuture<'_, Vec<ListEntry>> {
         Box::pin(async move { with_service!(self, |s| list(s)) })
+    }
+}
+
+/// VM link keys in the Secret Service ([`crate::vm_keys`]): items of the bridge's own
+/// schema, never docker's. Calls block: each runs on a runtime of its own, bounded by the
+/// keychain timeout, so it works from the CLI and from the agent's blocking pool alike.
+/// Without `DBUS_SESSION_BUS_ADDRESS` there is no session to look in (a daemon started by a
+/// login session has it), and the call fails at once.
+#[derive(Debug)]
+pub struct KeyVault {
+    timeout: Duration,
+}
+
+impl KeyVault {
+    /// A vault whose every call is bounded by `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        KeyVault { timeout }
+    }
+
+    fn run<T>(
+        &self,
+        call: impl AsyncFnOnce(&Service) -> Result<T, KeychainError>,
+    ) -> Result<T, KeychainError> {
+        if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none() {
+            return Err(KeychainError::KeychainUnreachable {
+                store: STORE,
+                reason: "no D-Bus session (DBUS_SESSION_BUS_ADDRESS is not set)".into(),
+            });
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failed(format!("cannot start a runtime for the keychain call: {e}")))?;
+        runtime.block_on(async {
+            let work = async {
+                let service = connect().await?;
+                call(&service).await
+            };
+            tokio::time::timeout(self.timeout, work).await.unwrap_or(Err(
+                KeychainError::KeychainTimeout { store: STORE, secs: self.timeout.as_secs() },
+            ))
+        })
+    }
+}
+
+fn key_query(vm: &str) -> HashMap<&str, &str> {
+    HashMap::from([("xdg:schema", crate::vm_keys::SCHEMA), ("vm", vm)])
+}
+
+async fn default_collection(
+    service: &Service,
+) -> Result<secret_service::Collection<'_>, KeychainError> {
+    let collection = match service.get_default_collection().await {
+        Ok(c) => c,
+        Err(SsError::NoResult) => service.get_any_collection().await.map_err(classify)?,
+        Err(e) => return Err(classify(e)),
+    };
+    if collection.is_locked().await.map_err(classify)? {
+        collection.unlock().await.map_err(|e| match classify(e) {
+            KeychainError::KeychainFailed { .. } => KeychainError::KeychainLocked { store: STORE },
+            other => other,
+        })?;
+    }
+    Ok(collection)
+}
+
+impl crate::vm_keys::Vault for KeyVault {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    fn get(&self, vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError> {
+        self.run(async |s| {
+            let items = items_for(s, key_query(vm)).await?;
+            match items.first() {
+                Some(item) => Ok(Some(Zeroizing::new(item.get_secret().await.map_err(classify)?))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
+        let label = crate::vm_keys::label(vm);
+        self.run(async |s| {
+            let collection = default_collection(s).await?;
+            collection
+                .create_item(&label, key_query(vm), key, true, "application/octet-stream")
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
     }
 }

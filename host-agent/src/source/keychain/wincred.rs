@@ -68,79 +68,119 @@ unsafe fn is_docker(c: &CREDENTIALW) -> bool {
     })
 }
 
-impl SyncKeychain for WinCred {
-    fn get(&self, server: &str) -> Result<Option<Credential>, KeychainError> {
-        let target = wide(server);
-        let mut cred: *mut CREDENTIALW = ptr::null_mut();
-        // SAFETY: `target` is NUL-terminated; `cred` receives a buffer freed below.
-        if unsafe { CredReadW(target.as_ptr(), CRED_TYPE_GENERIC, 0, &mut cred) } == 0 {
-            // SAFETY: no preconditions.
-            if unsafe { GetLastError() } == ERROR_NOT_FOUND {
-                return Ok(None);
-            }
-            return Err(last_error("CredReadW"));
+/// A generic credential as read: its blob, its username, whether it carries docker's label.
+struct Read {
+    blob: zeroize::Zeroizing<Vec<u8>>,
+    username: String,
+    docker: bool,
+}
+
+/// Reads the generic credential `target`.
+fn read_generic(target: &str) -> Result<Option<Read>, KeychainError> {
+    let target = wide(target);
+    let mut cred: *mut CREDENTIALW = ptr::null_mut();
+    // SAFETY: `target` is NUL-terminated; `cred` receives a buffer freed below.
+    if unsafe { CredReadW(target.as_ptr(), CRED_TYPE_GENERIC, 0, &mut cred) } == 0 {
+        // SAFETY: no preconditions.
+        if unsafe { GetLastError() } == ERROR_NOT_FOUND {
+            return Ok(None);
         }
-        // SAFETY: CredReadW succeeded, so `cred` is valid until CredFree.
-        let c = unsafe { &*cred };
-        // SAFETY: the blob is `CredentialBlobSize` bytes.
-        let blob = zeroize::Zeroizing::new(unsafe {
-            std::slice::from_raw_parts(c.CredentialBlob, c.CredentialBlobSize as usize).to_vec()
-        });
-        // SAFETY: `UserName` is NUL-terminated or null.
-        let username = unsafe { from_wide(c.UserName) };
-        // SAFETY: `cred` came from CredReadW.
-        unsafe { CredFree(cred.cast()) };
-        let secret = std::str::from_utf8(&blob).map_err(|_| KeychainError::KeychainFailed {
-            store: STORE,
-            reason: format!("the credential for {server:?} is not UTF-8"),
-        })?;
-        Ok(Some(Credential { username, secret: Secret::new(secret.to_owned()) }))
+        return Err(last_error("CredReadW"));
+    }
+    // SAFETY: CredReadW succeeded, so `cred` is valid until CredFree.
+    let c = unsafe { &*cred };
+    // SAFETY: the blob is `CredentialBlobSize` bytes.
+    let blob = zeroize::Zeroizing::new(unsafe {
+        std::slice::from_raw_parts(c.CredentialBlob, c.CredentialBlobSize as usize).to_vec()
+    });
+    // SAFETY: `UserName` is NUL-terminated or null; `c` is alive.
+    let (username, docker) = unsafe { (from_wide(c.UserName), is_docker(c)) };
+    // SAFETY: `cred` came from CredReadW.
+    unsafe { CredFree(cred.cast()) };
+    Ok(Some(Read { blob, username, docker }))
+}
+
+/// Writes the generic credential `target` (replacing it), with docker's label attribute when
+/// `docker`, else with `comment`.
+fn write_generic(
+    target: &str,
+    user: &str,
+    secret: &[u8],
+    docker: bool,
+    comment: &str,
+) -> Result<(), KeychainError> {
+    let target = wide(target);
+    let user = wide(user);
+    let mut comment = wide(comment);
+    let mut keyword = wide("label");
+    let mut label = DOCKER_LABEL.as_bytes().to_vec();
+    let mut attribute = CREDENTIAL_ATTRIBUTEW {
+        Keyword: keyword.as_mut_ptr(),
+        Flags: 0,
+        ValueSize: label.len() as u32,
+        Value: label.as_mut_ptr(),
+    };
+    let mut blob = zeroize::Zeroizing::new(secret.to_vec());
+    let cred = CREDENTIALW {
+        Flags: 0,
+        Type: CRED_TYPE_GENERIC,
+        TargetName: target.as_ptr() as *mut u16,
+        Comment: if docker { ptr::null_mut() } else { comment.as_mut_ptr() },
+        LastWritten: FILETIME { dwLowDateTime: 0, dwHighDateTime: 0 },
+        CredentialBlobSize: blob.len() as u32,
+        CredentialBlob: blob.as_mut_ptr(),
+        Persist: CRED_PERSIST_LOCAL_MACHINE,
+        AttributeCount: u32::from(docker),
+        Attributes: if docker { &mut attribute } else { ptr::null_mut() },
+        TargetAlias: ptr::null_mut(),
+        UserName: user.as_ptr() as *mut u16,
+    };
+    // SAFETY: every pointer in `cred` points into buffers alive for this call.
+    if unsafe { CredWriteW(&cred, 0) } == 0 {
+        return Err(last_error("CredWriteW"));
+    }
+    Ok(())
+}
+
+/// Deletes the generic credential `target`; none there is not an error.
+fn delete_generic(target: &str) -> Result<(), KeychainError> {
+    let target = wide(target);
+    // SAFETY: `target` is NUL-terminated.
+    if unsafe { CredDeleteW(target.as_ptr(), CRED_TYPE_GENERIC, 0) } == 0 {
+        // SAFETY: no preconditions.
+        if unsafe { GetLastError() } == ERROR_NOT_FOUND {
+            return Ok(());
+        }
+        return Err(last_error("CredDeleteW"));
+    }
+    Ok(())
+}
+
+impl SyncKeychain for WinCred {
+    /// As docker-credential-wincred: a credential without docker's label is not found.
+    fn get(&self, server: &str) -> Result<Option<Credential>, KeychainError> {
+        let Some(read) = read_generic(server)? else { return Ok(None) };
+        if !read.docker {
+            return Ok(None);
+        }
+        let secret =
+            std::str::from_utf8(&read.blob).map_err(|_| KeychainError::KeychainFailed {
+                store: STORE,
+                reason: format!("the credential for {server:?} is not UTF-8"),
+            })?;
+        Ok(Some(Credential { username: read.username, secret: Secret::new(secret.to_owned()) }))
     }
 
     fn store(&self, server: &str, credential: &Credential) -> Result<(), KeychainError> {
-        let target = wide(server);
-        let user = wide(&credential.username);
-        let mut keyword = wide("label");
-        let mut label = DOCKER_LABEL.as_bytes().to_vec();
-        let mut attribute = CREDENTIAL_ATTRIBUTEW {
-            Keyword: keyword.as_mut_ptr(),
-            Flags: 0,
-            ValueSize: label.len() as u32,
-            Value: label.as_mut_ptr(),
-        };
-        let mut blob = zeroize::Zeroizing::new(credential.secret.expose().as_bytes().to_vec());
-        let cred = CREDENTIALW {
-            Flags: 0,
-            Type: CRED_TYPE_GENERIC,
-            TargetName: target.as_ptr() as *mut u16,
-            Comment: ptr::null_mut(),
-            LastWritten: FILETIME { dwLowDateTime: 0, dwHighDateTime: 0 },
-            CredentialBlobSize: blob.len() as u32,
-            CredentialBlob: blob.as_mut_ptr(),
-            Persist: CRED_PERSIST_LOCAL_MACHINE,
-            AttributeCount: 1,
-            Attributes: &mut attribute,
-            TargetAlias: ptr::null_mut(),
-            UserName: user.as_ptr() as *mut u16,
-        };
-        // SAFETY: every pointer in `cred` points into buffers alive for this call.
-        if unsafe { CredWriteW(&cred, 0) } == 0 {
-            return Err(last_error("CredWriteW"));
-        }
-        Ok(())
+        write_generic(server, &credential.username, credential.secret.expose().as_bytes(), true, "")
     }
 
+    /// As docker-credential-wincred: only a credential with docker's label is removed.
     fn erase(&self, server: &str) -> Result<(), KeychainError> {
-        let target = wide(server);
-        // SAFETY: `target` is NUL-terminated.
-        if unsafe { CredDeleteW(target.as_ptr(), CRED_TYPE_GENERIC, 0) } == 0 {
-            // SAFETY: no preconditions.
-            if unsafe { GetLastError() } == ERROR_NOT_FOUND {
-                return Ok(());
-            }
-            return Err(last_error("CredDeleteW"));
+        match read_generic(server)? {
+            Some(read) if read.docker => delete_generic(server),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn list(&self) -> Result<Vec<ListEntry>, KeychainError> {
@@ -169,5 +209,55 @@ impl SyncKeychain for WinCred {
         // SAFETY: `creds` came from CredEnumerateW.
         unsafe { CredFree(creds.cast()) };
         Ok(entries)
+    }
+}
+
+/// VM link keys in the Credential Manager ([`crate::vm_keys`]): generic credentials
+/// `finch-credential-bridge:link-key/NAME` without docker's label, so the docker source
+/// neither answers nor lists them.
+#[derive(Debug)]
+pub struct WinKeyVault;
+
+fn key_target(vm: &str) -> String {
+    format!("{}{vm}", crate::vm_keys::TARGET_PREFIX)
+}
+
+impl crate::vm_keys::Vault for WinKeyVault {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    fn get(&self, vm: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, KeychainError> {
+        Ok(read_generic(&key_target(vm))?.filter(|r| !r.docker).map(|r| r.blob))
+    }
+
+    fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
+        write_generic(&key_target(vm), "finch-host-agent", key, false, &crate::vm_keys::label(vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm_keys::Vault;
+
+    /// Against the real Credential Manager (Wine's in CI): a VM key item is read back, and
+    /// the docker source neither answers nor lists nor erases it.
+    #[test]
+    fn vm_keys_are_items_the_docker_source_never_serves() {
+        let vault = WinKeyVault;
+        let vm = format!("unit-{}", std::process::id());
+        assert!(vault.get(&vm).unwrap().is_none());
+        let key = [7u8; 32];
+        vault.put(&vm, &key).unwrap();
+        assert_eq!(vault.get(&vm).unwrap().as_deref().map(Vec::as_slice), Some(&key[..]));
+        vault.put(&vm, &[9u8; 32]).unwrap();
+        assert_eq!(vault.get(&vm).unwrap().as_deref().map(Vec::as_slice), Some(&[9u8; 32][..]));
+        let target = key_target(&vm);
+        assert!(WinCred.get(&target).unwrap().is_none(), "the docker source served a VM key");
+        assert!(WinCred.list().unwrap().iter().all(|e| e.server != target));
+        WinCred.erase(&target).unwrap();
+        assert!(vault.get(&vm).unwrap().is_some(), "the docker source erased a VM key");
+        delete_generic(&target).unwrap();
     }
 }

@@ -1,0 +1,375 @@
+//! Where the VM link keys live on the host.
+//!
+//! A VM's key is known on two sides: the host agent's, and root's inside that VM (its bundle,
+//! then `/etc/finch-guest-agent/link.key`). On the host it is kept where no VM mount reaches:
+//! Finch mounts the home directory into its VM, so a key file under `~` is readable there,
+//! while an item in the OS keychain is not. With `key_store = "auto"` (the default) keys go
+//! to the OS keychain when it answers and stay in the state directory's `vms/NAME.key` (mode
+//! 0600) when it does not; `"keychain"` requires the keychain; `"file"` never uses it. A key
+//! file found for a VM whose key is not in the keychain yet is moved into it (written, read
+//! back, then the file removed). A VM with its own `key = "PATH"` always uses that file.
+//!
+//! The items are the bridge's own, never docker credentials, so no `get` from a guest can
+//! name one, and docker's helpers do not list them:
+//!
+//! * Secret Service: schema `dev.finch.credential-bridge.LinkKey`, attribute `vm` = NAME,
+//!   label `finch credential bridge: link key of VM NAME`, secret = the key bytes.
+//! * macOS Keychain: a generic password, service `dev.finch.credential-bridge.link-key`,
+//!   account NAME (docker's items are internet passwords).
+//! * Windows Credential Manager: a generic credential `finch-credential-bridge:link-key/NAME`
+//!   without docker's `label` attribute (a target no registry name parses to), the item
+//!   label as its comment.
+//!
+//! Each OS compiles its own vault (Linux, macOS, Windows); any other has `OtherOs`, which
+//! refuses, so `auto` there means files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use finch_shared::key::LinkKey;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::config::{self, Settings};
+use crate::source::keychain::KeychainError;
+
+/// Secret Service schema of a link key item.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+pub const SCHEMA: &str = "dev.finch.credential-bridge.LinkKey";
+/// macOS generic-password service of a link key item.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub const SERVICE: &str = "dev.finch.credential-bridge.link-key";
+/// Windows target name prefix of a link key item.
+#[cfg_attr(not(windows), allow(dead_code))]
+pub const TARGET_PREFIX: &str = "finch-credential-bridge:link-key/";
+
+/// `key_store`: where keys of VMs without a `key` file of their own are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStore {
+    /// The OS keychain when it answers, else files.
+    #[default]
+    Auto,
+    /// The OS keychain; an error when it does not answer.
+    Keychain,
+    /// Files in the state directory.
+    File,
+}
+
+/// Where a VM's key was found or made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyHome {
+    /// A key file.
+    File(PathBuf),
+    /// An item in this OS keychain (its helper name).
+    Keychain(&'static str),
+}
+
+impl std::fmt::Display for KeyHome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyHome::File(p) => write!(f, "{}", p.display()),
+            KeyHome::Keychain(name) => write!(f, "the {name} keychain"),
+        }
+    }
+}
+
+/// An OS keychain holding link keys. Calls block (bounded by the keychain timeout).
+pub trait Vault: Send + Sync {
+    /// The keychain's helper name (`secretservice`, `osxkeychain`, `wincred`).
+    fn name(&self) -> &'static str;
+    /// VM `vm`'s key bytes, if the keychain has them.
+    fn get(&self, vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError>;
+    /// Stores VM `vm`'s key bytes, replacing any.
+    fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError>;
+}
+
+/// Item label, the same on every OS.
+pub fn label(vm: &str) -> String {
+    format!("finch credential bridge: link key of VM {vm}")
+}
+
+/// This OS's keychain.
+pub fn os_vault(timeout: std::time::Duration) -> Box<dyn Vault> {
+    crate::source::keychain::key_vault(timeout)
+}
+
+/// The vault of an OS without a keychain this project knows.
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+#[derive(Debug)]
+pub struct OtherOs;
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+impl Vault for OtherOs {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn get(&self, _vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError> {
+        Err(no_keychain())
+    }
+    fn put(&self, _vm: &str, _key: &[u8]) -> Result<(), KeychainError> {
+        Err(no_keychain())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+fn no_keychain() -> KeychainError {
+    KeychainError::KeychainUnreachable {
+        store: "none",
+        reason: "this OS has no keychain the host agent uses".into(),
+    }
+}
+
+/// Loads VM `name`'s key from where `settings` keep it, creating it when missing (a VM not
+/// configured yet gets the key it will have: `key-path` and `key-export` wire VMs before).
+pub fn load_key(settings: &Settings, name: &str) -> anyhow::Result<(LinkKey, KeyHome)> {
+    load_key_with(settings, name, || os_vault(settings.keychain_timeout))
+}
+
+/// [`load_key`] with the vault given (tests).
+pub fn load_key_with(
+    settings: &Settings,
+    name: &str,
+    vault: impl FnOnce() -> Box<dyn Vault>,
+) -> anyhow::Result<(LinkKey, KeyHome)> {
+    if let Some(path) = settings.vms.get(name).and_then(|vm| vm.key_file.as_ref()) {
+        let key = LinkKey::load(path).with_context(|| format!("VM {name}"))?;
+        return Ok((key, KeyHome::File(path.clone())));
+    }
+    let file = config::key_path(&settings.state_dir, name);
+    if settings.key_store == KeyStore::File {
+        return Ok((file_key(settings, &file, name)?, KeyHome::File(file)));
+    }
+    let vault = vault();
+    match in_vault(vault.as_ref(), name, &file) {
+        Ok(key) => Ok((key, KeyHome::Keychain(vault.name()))),
+        Err(e) if settings.key_store == KeyStore::Auto => {
+            tracing::info!(vm = %name, reason = %format!("{e:#}"), "VM key kept in a file: the keychain did not answer");
+            Ok((file_key(settings, &file, name)?, KeyHome::File(file)))
+        }
+        Err(e) => Err(e.context(format!("VM {name}: key_store = \"keychain\""))),
+    }
+}
+
+/// The key file in the state directory, created private when missing.
+fn file_key(settings: &Settings, file: &Path, name: &str) -> anyhow::Result<LinkKey> {
+    config::private_dir(&settings.state_dir)?;
+    if let Some(dir) = file.parent() {
+        config::private_dir(dir)?;
+    }
+    LinkKey::load_or_create(file).with_context(|| format!("VM {name}"))
+}
+
+/// The key in `vault`; a key file there is moved in, and a new key made when neither has one.
+fn in_vault(vault: &dyn Vault, name: &str, file: &Path) -> anyhow::Result<LinkKey> {
+    if let Some(bytes) = vault.get(name)? {
+        let key = LinkKey::from_bytes(&bytes)
+            .with_context(|| format!("the {} item of VM {name}", vault.name()))?;
+        remove_moved_file(&key, file, name);
+        return Ok(key);
+    }
+    let moving = file.exists();
+    let key = if moving { LinkKey::load(file)? } else { LinkKey::generate()? };
+    vault.put(name, key.file_bytes())?;
+    // Answered only once it lasts: read back what was written.
+    match vault.get(name)? {
+        Some(bytes) if LinkKey::from_bytes(&bytes).is_ok_and(|k| k.same_as(&key)) => {}
+        _ => anyhow::bail!("the {} keychain did not keep the key of VM {name}", vault.name()),
+    }
+    if moving {
+        remove_moved_file(&key, file, name);
+    }
+    Ok(key)
+}
+
+/// Removes a key file whose key the keychain now holds; a file with another key is left and
+/// said (someone may have wired a VM with it by hand).
+fn remove_moved_file(key: &LinkKey, file: &Path, name: &str) {
+    let Ok(on_disk) = LinkKey::load(file) else { return };
+    if on_disk.same_as(key) {
+        match std::fs::remove_file(file) {
+            Ok(()) => {
+                tracing::info!(vm = %name, file = %file.display(), "VM key moved into the keychain")
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, file = %file.display(), error = %e, "cannot remove a key file the keychain now holds")
+            }
+        }
+    } else {
+        tracing::warn!(vm = %name, file = %file.display(), "a key file differs from the keychain's key, which is used; remove the file");
+    }
+}
+
+/// Where VM `name`'s key is now, found without creating or moving anything (`doctor`).
+#[derive(Debug)]
+pub enum Found {
+    /// In this keychain.
+    Keychain(&'static str),
+    /// In this file; `keychain_said` is why the keychain was not used, when it was tried.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The keychain's answer when `key_store` let it be tried and it did not answer.
+        keychain_said: Option<String>,
+    },
+    /// Nowhere yet (the agent makes it at its next start).
+    Missing {
+        /// Where it will be made.
+        home: String,
+    },
+}
+
+/// Looks for VM `name`'s key as [`load_key`] would, changing nothing.
+pub fn find(settings: &Settings, name: &str) -> anyhow::Result<Found> {
+    if let Some(path) = settings.vms.get(name).and_then(|vm| vm.key_file.as_ref()) {
+        return Ok(Found::File { path: path.clone(), keychain_said: None });
+    }
+    let file = config::key_path(&settings.state_dir, name);
+    let mut keychain_said = None;
+    if settings.key_store != KeyStore::File {
+        let vault = os_vault(settings.keychain_timeout);
+        match vault.get(name) {
+            Ok(Some(_)) => return Ok(Found::Keychain(vault.name())),
+            Ok(None) if !file.exists() => {
+                return Ok(Found::Missing { home: format!("the {} keychain", vault.name()) });
+            }
+            Ok(None) => {}
+            Err(e) if settings.key_store == KeyStore::Keychain => return Err(e.into()),
+            Err(e) => keychain_said = Some(e.to_string()),
+        }
+    }
+    if file.exists() {
+        Ok(Found::File { path: file, keychain_said })
+    } else {
+        Ok(Found::Missing { home: file.display().to_string() })
+    }
+}
+
+/// Writes VM `name`'s key to `out` (mode 0600, or an owner-only DACL), for wiring a VM by
+/// hand: `finch-host-agent key-export NAME --out FILE`.
+pub fn export(settings: &Settings, name: &str, out: &Path) -> anyhow::Result<KeyHome> {
+    let (key, home) = load_key(settings, name)?;
+    let tmp = out.with_extension("finch-new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = finch_shared::private::create_new(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    use std::io::Write;
+    file.write_all(key.file_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    drop(file);
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(home)
+}
+
+// The file side needs a private state directory, which Wine's ACLs do not give in its temp
+// directory (config.rs's key test is unix-only for the same reason); the Windows vault itself
+// is tested against Wine's Credential Manager in `source/keychain/wincred.rs`.
+#[cfg(test)]
+#[cfg(unix)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A keychain in memory; `down` makes every call fail as an unreachable one would.
+    #[derive(Default, Clone)]
+    struct Memory {
+        items: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+        down: bool,
+        forgetful: bool,
+    }
+
+    impl Vault for Memory {
+        fn name(&self) -> &'static str {
+            "memory"
+        }
+        fn get(&self, vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError> {
+            if self.down {
+                return Err(KeychainError::KeychainLocked { store: "memory" });
+            }
+            Ok(self.items.lock().unwrap().get(vm).cloned().map(Zeroizing::new))
+        }
+        fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
+            if self.down {
+                return Err(KeychainError::KeychainLocked { store: "memory" });
+            }
+            if !self.forgetful {
+                self.items.lock().unwrap().insert(vm.to_owned(), key.to_vec());
+            }
+            Ok(())
+        }
+    }
+
+    fn settings(dir: &Path, store: &str) -> Settings {
+        let file = dir.join("host-agent.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "state_dir = {}\nkey_store = \"{store}\"\n[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n",
+                config::toml_string(&dir.join("state").display().to_string())
+            ),
+        )
+        .unwrap();
+        Settings::load(&config::Overrides { config: Some(file), ..Default::default() }).unwrap()
+    }
+
+    #[test]
+    fn keys_go_to_the_keychain_and_a_key_file_moves_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), "file");
+        let (from_file, home) = load_key_with(&s, "a", || Box::new(Memory::default())).unwrap();
+        let file = config::key_path(&s.state_dir, "a");
+        assert_eq!(home, KeyHome::File(file.clone()));
+
+        let s = settings(dir.path(), "auto");
+        let vault = Memory::default();
+        let v = vault.clone();
+        let (moved, home) = load_key_with(&s, "a", move || Box::new(v)).unwrap();
+        assert_eq!(home, KeyHome::Keychain("memory"));
+        assert!(moved.same_as(&from_file), "the file's key was not kept");
+        assert!(!file.exists(), "the moved key file is still there");
+        let v = vault.clone();
+        let (again, _) = load_key_with(&s, "a", move || Box::new(v)).unwrap();
+        assert!(again.same_as(&from_file));
+        assert!(!file.exists(), "a second load wrote a file");
+    }
+
+    #[test]
+    fn auto_falls_back_to_files_and_keychain_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let down = Memory { down: true, ..Memory::default() };
+        let s = settings(dir.path(), "auto");
+        let d = down.clone();
+        let (_, home) = load_key_with(&s, "a", move || Box::new(d)).unwrap();
+        assert_eq!(home, KeyHome::File(config::key_path(&s.state_dir, "a")));
+
+        let s = settings(dir.path(), "keychain");
+        let err = load_key_with(&s, "a", move || Box::new(down)).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("key_store = \"keychain\"") && text.contains("locked"), "{text}");
+    }
+
+    #[test]
+    fn a_keychain_that_does_not_keep_the_key_is_an_error_and_the_file_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), "file");
+        load_key_with(&s, "a", || Box::new(Memory::default())).unwrap();
+        let s = settings(dir.path(), "keychain");
+        let forgetful = Memory { forgetful: true, ..Memory::default() };
+        let err = load_key_with(&s, "a", move || Box::new(forgetful)).unwrap_err();
+        assert!(format!("{err:#}").contains("did not keep the key of VM a"), "{err:#}");
+        assert!(config::key_path(&s.state_dir, "a").exists(), "the only copy was removed");
+    }
+
+    #[test]
+    fn export_writes_a_private_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), "file");
+        let out = dir.path().join("link.key");
+        export(&s, "a", &out).unwrap();
+        let (key, _) = load_key(&s, "a").unwrap();
+        assert!(LinkKey::load(&out).unwrap().same_as(&key), "exported another key");
+    }
+}
