@@ -568,10 +568,14 @@ mod tests {
         assert!(parse_yaml(bomb).unwrap_err().to_string().contains("aliases"));
     }
 
+    #[cfg(unix)]
     fn inst() -> Instance {
         Instance { name: "finch".into(), dir: PathBuf::from("/L/finch") }
     }
 
+    // Unix paths: Lima's mounts are for macOS and Linux hosts (on Windows, Lima's WSL2 driver
+    // mounts nothing and `setup finch` is refused).
+    #[cfg(unix)]
     #[test]
     fn locations_expand_as_lima_expands_them() {
         let home = Path::new("/Users/me");

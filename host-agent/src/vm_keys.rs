@@ -17,8 +17,8 @@
 //! * macOS Keychain: a generic password, service `dev.finch.credential-bridge.link-key`,
 //!   account NAME (docker's items are internet passwords).
 //! * Windows Credential Manager: a generic credential `finch-credential-bridge:link-key/NAME`
-//!   without docker's `label` attribute (a target no registry name parses to), the item
-//!   label as its comment.
+//!   without docker's `label` attribute and with the item label as its comment (a target no
+//!   registry name parses to, which the `wincred` source also refuses by name).
 //!
 //! Each OS compiles its own vault (Linux, macOS, Windows); any other has `OtherOs`, which
 //! refuses, so `auto` there means files.

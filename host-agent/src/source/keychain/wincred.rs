@@ -157,12 +157,11 @@ fn delete_generic(target: &str) -> Result<(), KeychainError> {
 }
 
 impl SyncKeychain for WinCred {
-    /// As docker-credential-wincred: a credential without docker's label is not found.
     fn get(&self, server: &str) -> Result<Option<Credential>, KeychainError> {
-        let Some(read) = read_generic(server)? else { return Ok(None) };
-        if !read.docker {
+        if is_key_target(server) {
             return Ok(None);
         }
+        let Some(read) = read_generic(server)? else { return Ok(None) };
         let secret =
             std::str::from_utf8(&read.blob).map_err(|_| KeychainError::KeychainFailed {
                 store: STORE,
@@ -172,15 +171,21 @@ impl SyncKeychain for WinCred {
     }
 
     fn store(&self, server: &str, credential: &Credential) -> Result<(), KeychainError> {
-        write_generic(server, &credential.username, credential.secret.expose().as_bytes(), true, "")
+        if is_key_target(server) {
+            return Err(KeychainError::KeychainDenied {
+                store: STORE,
+                reason: "that name is the bridge's own item".into(),
+            });
+        }
+        let secret = credential.secret.expose().as_bytes();
+        write_generic(server, &credential.username, secret, true, "")
     }
 
-    /// As docker-credential-wincred: only a credential with docker's label is removed.
     fn erase(&self, server: &str) -> Result<(), KeychainError> {
-        match read_generic(server)? {
-            Some(read) if read.docker => delete_generic(server),
-            _ => Ok(()),
+        if is_key_target(server) {
+            return Ok(());
         }
+        delete_generic(server)
     }
 
     fn list(&self) -> Result<Vec<ListEntry>, KeychainError> {
@@ -218,6 +223,12 @@ impl SyncKeychain for WinCred {
 #[derive(Debug)]
 pub struct WinKeyVault;
 
+/// Whether `server` names one of the bridge's own items, which the docker source never
+/// touches (no registry name parses to one either: defense in depth).
+fn is_key_target(server: &str) -> bool {
+    server.starts_with(crate::vm_keys::TARGET_PREFIX)
+}
+
 fn key_target(vm: &str) -> String {
     format!("{}{vm}", crate::vm_keys::TARGET_PREFIX)
 }
@@ -242,7 +253,7 @@ mod tests {
     use crate::vm_keys::Vault;
 
     /// Against the real Credential Manager (Wine's in CI): a VM key item is read back, and
-    /// the docker source neither answers nor lists nor erases it.
+    /// the docker source neither answers, nor overwrites, nor lists, nor erases it.
     #[test]
     fn vm_keys_are_items_the_docker_source_never_serves() {
         let vault = WinKeyVault;
@@ -255,6 +266,8 @@ mod tests {
         assert_eq!(vault.get(&vm).unwrap().as_deref().map(Vec::as_slice), Some(&[9u8; 32][..]));
         let target = key_target(&vm);
         assert!(WinCred.get(&target).unwrap().is_none(), "the docker source served a VM key");
+        let c = Credential { username: "u".into(), secret: Secret::new("s".into()) };
+        assert!(WinCred.store(&target, &c).is_err(), "the docker source overwrote a VM key");
         assert!(WinCred.list().unwrap().iter().all(|e| e.server != target));
         WinCred.erase(&target).unwrap();
         assert!(vault.get(&vm).unwrap().is_some(), "the docker source erased a VM key");
