@@ -21,7 +21,12 @@
 //! (the unit comes back at boot, the link with it, the host agent untouched), the guest agent
 //! killed (`systemctl kill -s KILL`; systemd restarts it), a root container that tries the key,
 //! the helper socket and the link socket and port, and at the end a scan of the VM's whole disk
-//! for every secret of the test.
+//! for every secret of the test. Also: Lima's readiness probe, and provisioning with no bundle
+//! yet (it says so and the VM starts).
+//!
+//! QEMU runs under TCG: this machine has `/dev/kvm`, but nested KVM aborts with `-cpu host`
+//! (`failed to set MSR 0x10a`) and, with `-cpu host,-arch-capabilities`, the guest kernel hangs
+//! before its first earlyprintk line.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,6 +62,8 @@ struct Plan {
     mounts: Vec<(PathBuf, String, bool)>,
     /// `mode: system` scripts, rendered.
     system_scripts: Vec<String>,
+    /// `mode: readiness` probe scripts, rendered.
+    probes: Vec<String>,
     /// (guest socket, host socket)
     socket_forwards: Vec<(String, PathBuf)>,
 }
@@ -89,6 +96,11 @@ fn plan(lima_home: &Path, inst: &Path) -> Plan {
         for p in doc["provision"].as_vec().map_or(&[][..], Vec::as_slice) {
             if p["mode"].as_str() == Some("system") {
                 plan.system_scripts.push(render(p["script"].as_str().unwrap(), inst));
+            }
+        }
+        for p in doc["probes"].as_vec().map_or(&[][..], Vec::as_slice) {
+            if p["mode"].as_str().unwrap_or("readiness") == "readiness" {
+                plan.probes.push(render(p["script"].as_str().unwrap(), inst));
             }
         }
         for f in doc["portForwards"].as_vec().map_or(&[][..], Vec::as_slice) {
@@ -480,6 +492,27 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         caps.contains("cap_chown") && !caps.contains("cap_sys_admin") && !caps.contains("cap_net"),
         "the unit's capability bounding set: {caps}"
     );
+
+    // Lima's readiness probe passes; and a VM that boots before the host agent filled its
+    // bundle starts anyway: provisioning and the probe, over an empty /mnt/finch-bridge (in a
+    // mount namespace of their own), say so and exit 0.
+    let [probe] = &plan.probes[..] else { panic!("one readiness probe expected: {plan:?}") };
+    let ready = vm.sh("sh -s", probe.as_bytes());
+    assert_eq!(ready.code, 0, "the readiness probe failed: {}", ready.stderr);
+    let empty = vm.sh(
+        "sudo -n unshare -m sh -c 'mount -t tmpfs none /mnt/finch-bridge || exit 9
+           sh /mnt/lima-cidata/provision.system/00000000; echo \"provision=$?\"
+           sh -s; echo \"probe=$?\"'",
+        probe.as_bytes(),
+    );
+    assert!(
+        empty.out().contains("provision=0") && empty.out().contains("probe=0"),
+        "without a bundle: {}{}",
+        empty.out(),
+        empty.stderr
+    );
+    assert!(empty.stderr.contains("no bundle in /mnt/finch-bridge yet"), "{}", empty.stderr);
+    assert_eq!(vm.ok("still active", "systemctl is-active finch-guest-agent").trim(), "active");
 
     // The registry in the VM: TLS with the test's CA, htpasswd; podman and skopeo trust it.
     vm.ok(
