@@ -352,7 +352,12 @@ fn check_key(r: &mut Report, settings: &Settings, name: &str) {
         Ok(Found::Missing { .. }) => (settings.key_file(name).unwrap_or_default(), None),
         Ok(Found::File { path, keychain_said }) => (path, keychain_said),
         Err(e) => {
-            r.fail(&what, format!("{e:#}"), "unlock the keychain, or set key_store = \"file\"");
+            let fix = format!(
+                "unlock the keychain; or keep the key in a file: `finch-host-agent key-export {name} \
+                 --key-store auto --out {}` and key_store = \"file\"",
+                config::key_path(&settings.state_dir, name).display()
+            );
+            r.fail(&what, format!("{e:#}"), fix);
             return;
         }
     };

@@ -7,7 +7,9 @@
 //! to the OS keychain when it answers and stay in the state directory's `vms/NAME.key` (mode
 //! 0600) when it does not; `"keychain"` requires the keychain; `"file"` never uses it. A key
 //! file found for a VM whose key is not in the keychain yet is moved into it (written, read
-//! back, then the file removed). A VM with its own `key = "PATH"` always uses that file.
+//! back, then the file removed), and `vms/NAME.in-keychain` (no secret) records that the key
+//! is there: a keychain that does not answer later is then an error, never a new key that
+//! would cut the VM off. A VM with its own `key = "PATH"` always uses that file.
 //!
 //! The items are the bridge's own, never docker credentials, so no `get` from a guest can
 //! name one, and docker's helpers do not list them:
@@ -137,18 +139,55 @@ pub fn load_key_with(
         return Ok((key, KeyHome::File(path.clone())));
     }
     let file = config::key_path(&settings.state_dir, name);
+    let in_keychain = marker(&file);
     if settings.key_store == KeyStore::File {
+        anyhow::ensure!(
+            file.exists() || !in_keychain.exists(),
+            "VM {name}: its key is in the keychain ({} says so) and key_store = \"file\" has no \
+             copy: `finch-host-agent key-export {name} --key-store auto --out {}` makes one \
+             (removing the marker instead makes a new key, and the VM must be wired again)",
+            in_keychain.display(),
+            file.display()
+        );
         return Ok((file_key(settings, &file, name)?, KeyHome::File(file)));
     }
     let vault = vault();
-    match in_vault(vault.as_ref(), name, &file) {
+    match in_vault(settings, vault.as_ref(), name, &file) {
         Ok(key) => Ok((key, KeyHome::Keychain(vault.name()))),
+        // A key that went into the keychain is never replaced by a new file key because the
+        // keychain is locked today: the VM would lose its link.
+        Err(e) if settings.key_store == KeyStore::Auto && in_keychain.exists() => {
+            Err(e.context(format!(
+                "VM {name}: its key is in the {} keychain, which did not answer (unlock it)",
+                vault.name()
+            )))
+        }
         Err(e) if settings.key_store == KeyStore::Auto => {
             tracing::info!(vm = %name, reason = %format!("{e:#}"), "VM key kept in a file: the keychain did not answer");
             Ok((file_key(settings, &file, name)?, KeyHome::File(file)))
         }
         Err(e) => Err(e.context(format!("VM {name}: key_store = \"keychain\""))),
     }
+}
+
+/// Beside where a VM's key file would be, `NAME.in-keychain` (no secret in it) says the key
+/// went into the keychain: a keychain that does not answer later is then an error, never a
+/// reason to make a new key.
+fn marker(file: &Path) -> PathBuf {
+    file.with_extension("in-keychain")
+}
+
+fn write_marker(settings: &Settings, file: &Path, store: &str) -> anyhow::Result<()> {
+    config::private_dir(&settings.state_dir)?;
+    if let Some(dir) = file.parent() {
+        config::private_dir(dir)?;
+    }
+    let m = marker(file);
+    if !m.exists() {
+        std::fs::write(&m, format!("this VM's link key is kept in the {store} keychain\n"))
+            .with_context(|| format!("cannot write {}", m.display()))?;
+    }
+    Ok(())
 }
 
 /// The key file in the state directory, created private when missing.
@@ -161,13 +200,26 @@ fn file_key(settings: &Settings, file: &Path, name: &str) -> anyhow::Result<Link
 }
 
 /// The key in `vault`; a key file there is moved in, and a new key made when neither has one.
-fn in_vault(vault: &dyn Vault, name: &str, file: &Path) -> anyhow::Result<LinkKey> {
+fn in_vault(
+    settings: &Settings,
+    vault: &dyn Vault,
+    name: &str,
+    file: &Path,
+) -> anyhow::Result<LinkKey> {
     if let Some(bytes) = vault.get(name)? {
         let key = LinkKey::from_bytes(&bytes)
             .with_context(|| format!("the {} item of VM {name}", vault.name()))?;
+        write_marker(settings, file, vault.name())?;
         remove_moved_file(&key, file, name);
         return Ok(key);
     }
+    anyhow::ensure!(
+        !marker(file).exists(),
+        "VM {name}: the {} keychain has lost its key ({} says it was there): \
+         remove that marker to make a new key, then wire the VM again",
+        vault.name(),
+        marker(file).display()
+    );
     let moving = file.exists();
     let key = if moving { LinkKey::load(file)? } else { LinkKey::generate()? };
     vault.put(name, key.file_bytes())?;
@@ -176,6 +228,7 @@ fn in_vault(vault: &dyn Vault, name: &str, file: &Path) -> anyhow::Result<LinkKe
         Some(bytes) if LinkKey::from_bytes(&bytes).is_ok_and(|k| k.same_as(&key)) => {}
         _ => anyhow::bail!("the {} keychain did not keep the key of VM {name}", vault.name()),
     }
+    write_marker(settings, file, vault.name())?;
     if moving {
         remove_moved_file(&key, file, name);
     }
@@ -234,7 +287,12 @@ pub fn find(settings: &Settings, name: &str) -> anyhow::Result<Found> {
                 return Ok(Found::Missing { home: format!("the {} keychain", vault.name()) });
             }
             Ok(None) => {}
-            Err(e) if settings.key_store == KeyStore::Keychain => return Err(e.into()),
+            Err(e) if settings.key_store == KeyStore::Keychain || marker(&file).exists() => {
+                return Err(anyhow::Error::from(e).context(format!(
+                    "the key is in the {} keychain, which did not answer",
+                    vault.name()
+                )));
+            }
             Err(e) => keychain_said = Some(e.to_string()),
         }
     }
@@ -361,6 +419,32 @@ mod tests {
         let err = load_key_with(&s, "a", move || Box::new(forgetful)).unwrap_err();
         assert!(format!("{err:#}").contains("did not keep the key of VM a"), "{err:#}");
         assert!(config::key_path(&s.state_dir, "a").exists(), "the only copy was removed");
+    }
+
+    #[test]
+    fn a_locked_keychain_never_makes_a_new_key_for_a_vm_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), "auto");
+        let vault = Memory::default();
+        let v = vault.clone();
+        let (key, _) = load_key_with(&s, "a", move || Box::new(v)).unwrap();
+        let file = config::key_path(&s.state_dir, "a");
+        assert!(!file.exists() && marker(&file).exists());
+        // Locked today: an error, not a new file key.
+        let down = Memory { down: true, ..vault.clone() };
+        let err = load_key_with(&s, "a", move || Box::new(down)).unwrap_err();
+        assert!(format!("{err:#}").contains("did not answer (unlock it)"), "{err:#}");
+        assert!(!file.exists(), "a new key file was made");
+        // file mode has no copy: it says how to make one instead of making another key.
+        let f = settings(dir.path(), "file");
+        let err = load_key_with(&f, "a", || Box::new(Memory::default())).unwrap_err();
+        assert!(format!("{err:#}").contains("key-export a --key-store auto"), "{err:#}");
+        // A keychain that lost the item: an error too.
+        let err = load_key_with(&s, "a", || Box::new(Memory::default())).unwrap_err();
+        assert!(format!("{err:#}").contains("has lost its key"), "{err:#}");
+        // Unlocked again: the same key.
+        let (again, _) = load_key_with(&s, "a", move || Box::new(vault)).unwrap();
+        assert!(again.same_as(&key));
     }
 
     #[test]
