@@ -111,7 +111,7 @@ pub type LimaStamp = Option<(Vec<String>, Option<FileStamp>)>;
 /// The [`LimaStamp`] for `settings` now (reads the Lima home: call it off the runtime).
 pub fn lima_stamp(settings: &Settings) -> LimaStamp {
     let lima = settings.lima.as_ref()?;
-    let names = crate::lima::discover(lima).into_keys().collect();
+    let names = crate::lima::discover(lima).0.into_keys().collect();
     Some((names, stamp(&lima.config_dir().join("default.yaml"))))
 }
 

@@ -677,7 +677,15 @@ impl Settings {
             None => None,
             Some(l) => Some(src.lima(l)?),
         };
-        let lima_instances = lima.as_ref().map(crate::lima::discover).unwrap_or_default();
+        let (lima_instances, left_out) =
+            lima.as_ref().map(crate::lima::discover).unwrap_or_default();
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                max = crate::lima::MAX_INSTANCES,
+                "Lima home: instances or entries past the bound are not served"
+            );
+        }
         for (name, instance) in &lima_instances {
             match file_endpoints.get_mut(name) {
                 Some((_, true)) => {}

@@ -95,13 +95,27 @@ impl Instance {
     }
 }
 
-/// The instances under `lima.home` that `lima.instances` names, by name. A missing home has
-/// none; names Lima reserves (`_config`, `_networks`, …) and names that are not usable VM
-/// names are skipped.
-pub fn discover(lima: &LimaSettings) -> BTreeMap<String, Instance> {
+/// Most instances served from one Lima home; more are left out (and said), so a home that
+/// anything can write into (a VM's writable `~` mount reaches `~/.lima`) cannot grow the
+/// agent's links, bundles and state without bound.
+pub const MAX_INSTANCES: usize = 64;
+
+/// Most directory entries looked at in one scan of a Lima home (it is rescanned every 2 s).
+pub const MAX_SCANNED: usize = 4096;
+
+/// The instances under `lima.home` that `lima.instances` names, by name, and how many were
+/// left out by [`MAX_INSTANCES`] or [`MAX_SCANNED`]. A missing home has none; names Lima
+/// reserves (`_config`, `_networks`, …) and names that are not usable VM names are skipped.
+/// Past the bound the first names in order are kept, so a rescan keeps the same ones.
+pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(&lima.home) else { return out };
-    for entry in entries.flatten() {
+    let mut left_out = 0;
+    let Ok(entries) = std::fs::read_dir(&lima.home) else { return (out, 0) };
+    for (seen, entry) in entries.flatten().enumerate() {
+        if seen >= MAX_SCANNED {
+            left_out += 1;
+            continue;
+        }
         let Ok(name) = entry.file_name().into_string() else { continue };
         if name.starts_with('_') || !crate::config::valid_vm_name(&name) || !lima.wants(&name) {
             continue;
@@ -109,9 +123,13 @@ pub fn discover(lima: &LimaSettings) -> BTreeMap<String, Instance> {
         let dir = entry.path();
         if dir.join("lima.yaml").is_file() {
             out.insert(name.clone(), Instance { name, dir });
+            if out.len() > MAX_INSTANCES {
+                out.pop_last();
+                left_out += 1;
+            }
         }
     }
-    out
+    (out, left_out)
 }
 
 // ---- YAML, bounded ---------------------------------------------------------------------
@@ -596,6 +614,32 @@ mod tests {
         assert!(reaches(Path::new("/Users/me/.aws/sso"), Path::new("/Users/me/.aws")));
         assert!(!reaches(Path::new("/Users/me/src"), Path::new("/Users/me/.aws")));
         assert!(!reaches(Path::new("/Users/me/.awsx"), Path::new("/Users/me/.aws")));
+    }
+
+    #[test]
+    fn discovery_is_bounded_and_keeps_the_same_instances() {
+        let home = tempfile::tempdir().unwrap();
+        for i in 0..MAX_INSTANCES + 6 {
+            let dir = home.path().join(format!("vm{i:03}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("lima.yaml"), "").unwrap();
+        }
+        let lima = LimaSettings {
+            home: home.path().to_owned(),
+            instances: vec!["*".into()],
+            guest_dir: PathBuf::from("g"),
+            keep_fragment: false,
+        };
+        let (found, left_out) = discover(&lima);
+        assert_eq!((found.len(), left_out), (MAX_INSTANCES, 6));
+        assert_eq!(found.keys().next_back().map(String::as_str), Some("vm063"));
+        for i in 0..MAX_SCANNED {
+            std::fs::write(home.path().join(format!("junk{i}")), "").unwrap();
+        }
+        let (found, left_out) = discover(&lima);
+        assert!(found.len() <= MAX_INSTANCES);
+        // 70 instances + 4096 other entries: the 70 entries past the scan bound are counted.
+        assert!(left_out >= MAX_INSTANCES + 6, "{left_out}");
     }
 
     #[test]
