@@ -875,17 +875,17 @@ pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow
             text.push_str(&format!("key = {}\n", toml_string(&k.display().to_string())));
         }
     }
-    write_private(path, &text)
+    write_private(path, text.as_bytes())
 }
 
 /// Writes `text` to `path` atomically (a sibling temporary file, synced, renamed), private
 /// (mode 0600, or an owner-only DACL).
-pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("finch-tmp");
     let mut f = finch_shared::private::create_or_truncate(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
@@ -1013,6 +1013,7 @@ mod tests {
                 ":3:1: key `vm.a.colour`: unknown field",
             ),
             ("native_keychain = yes\n", ":1:19: key `native_keychain`:"),
+            ("key_store = \"vault\"\n", ":1:13: key `key_store`: unknown variant `vault`"),
         ];
         for (text, want) in cases {
             let err = load(text, Overrides::default()).unwrap_err().to_string();

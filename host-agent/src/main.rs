@@ -484,7 +484,7 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        config::write_private(&config_path, &new)?;
+        config::write_private(&config_path, new.as_bytes())?;
         print(&format!(
             "{} {}\n",
             if args.remove { "updated" } else { "wrote [lima] to" },

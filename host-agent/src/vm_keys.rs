@@ -178,24 +178,27 @@ fn marker(file: &Path) -> PathBuf {
 }
 
 fn write_marker(settings: &Settings, file: &Path, store: &str) -> anyhow::Result<()> {
+    key_dirs(settings, file)?;
+    let m = marker(file);
+    if !m.exists() {
+        let note = format!("this VM's link key is kept in the {store} keychain\n");
+        config::write_private(&m, note.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The state directory and its `vms/`, private, made when missing.
+fn key_dirs(settings: &Settings, file: &Path) -> anyhow::Result<()> {
     config::private_dir(&settings.state_dir)?;
     if let Some(dir) = file.parent() {
         config::private_dir(dir)?;
-    }
-    let m = marker(file);
-    if !m.exists() {
-        std::fs::write(&m, format!("this VM's link key is kept in the {store} keychain\n"))
-            .with_context(|| format!("cannot write {}", m.display()))?;
     }
     Ok(())
 }
 
 /// The key file in the state directory, created private when missing.
 fn file_key(settings: &Settings, file: &Path, name: &str) -> anyhow::Result<LinkKey> {
-    config::private_dir(&settings.state_dir)?;
-    if let Some(dir) = file.parent() {
-        config::private_dir(dir)?;
-    }
+    key_dirs(settings, file)?;
     LinkKey::load_or_create(file).with_context(|| format!("VM {name}"))
 }
 
@@ -307,16 +310,7 @@ pub fn find(settings: &Settings, name: &str) -> anyhow::Result<Found> {
 /// hand: `finch-host-agent key-export NAME --out FILE`.
 pub fn export(settings: &Settings, name: &str, out: &Path) -> anyhow::Result<KeyHome> {
     let (key, home) = load_key(settings, name)?;
-    let tmp = out.with_extension("finch-new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = finch_shared::private::create_new(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    use std::io::Write;
-    file.write_all(key.file_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(file);
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    config::write_private(out, key.file_bytes())?;
     Ok(home)
 }
 
