@@ -242,6 +242,19 @@ pub fn write_script(path: &Path, body: &str) {
 /// for a busy 2-core machine.
 pub const STARTUP: Duration = Duration::from_secs(20);
 
+/// Hermetic AWS for a host agent: nothing of the test runner's own AWS setup reaches it, and
+/// its AWS config and credentials files are `dir/aws-config` and `dir/aws-credentials`.
+pub fn hermetic_aws(cmd: &mut Command, dir: &Path) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("AWS_CONFIG_FILE", dir.join("aws-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released: another process may take it, which a
 /// test then sees as a failed bind, not as a wrong answer).
 pub fn free_port() -> u16 {
@@ -279,6 +292,9 @@ pub struct Bridge {
     pub guest_env: Vec<(String, String)>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
     pub host_dials: Option<PathBuf>,
+    /// The host agent's whole `--vm` argument, instead of [`Bridge::vm_arg`] (a VM without a
+    /// key file of its own, say).
+    pub host_vm: Option<String>,
 }
 
 impl Bridge {
@@ -304,6 +320,7 @@ impl Bridge {
             guest_flags: Vec::new(),
             guest_env: Vec::new(),
             host_dials: None,
+            host_vm: None,
             tcp_link: None,
             guest_exec: None,
         }
@@ -421,7 +438,7 @@ impl Bridge {
         let mut cmd = Command::new(bin("finch-host-agent"));
         cmd.arg("run")
             .arg("--vm")
-            .arg(self.vm_arg())
+            .arg(self.host_vm.clone().unwrap_or_else(|| self.vm_arg()))
             .arg("--docker-config")
             .arg(&self.docker_config)
             .arg("--state-dir")
@@ -432,15 +449,7 @@ impl Bridge {
             .args(&self.host_flags)
             .env("PATH", path)
             .env("RUST_LOG", "debug");
-        // Hermetic AWS: nothing of the test runner's own AWS setup reaches the host agent.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("AWS_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("AWS_CONFIG_FILE", self.path("aws-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("aws-credentials"))
-            .env("AWS_EC2_METADATA_DISABLED", "true");
+        hermetic_aws(&mut cmd, self.dir.path());
         for (k, v) in &self.host_env {
             cmd.env(k, v);
         }

@@ -244,20 +244,19 @@ fn vm_keys_live_in_the_keyring_and_a_key_file_moves_in() {
     // The guest holds the exported key; the host agent has no key file for the VM.
     std::fs::copy(&fresh_out, b.path("link.key")).unwrap();
     b.start_guest();
-    let mut host = Command::new(finch_tests::bin("finch-host-agent"));
-    host.arg("run")
-        .arg("--vm")
-        .arg(format!("fresh=unix://{}", b.link_socket().display()))
-        .arg("--state-dir")
-        .arg(b.state_dir())
-        .arg("--config")
-        .arg(b.host_config())
-        .arg("--docker-config")
-        .arg(&b.docker_config)
-        .args(["--key-store", "keychain"])
-        .env("RUST_LOG", "debug")
-        .envs(keyring.env.iter().map(|(k, v)| (k, v)));
-    b.host = Some(finch_tests::Proc::spawn("host-agent", host, &b.path("host.log")));
+    b.host_vm = Some(format!("fresh=unix://{}", b.link_socket().display()));
+    b.host_flags = vec!["--key-store".into(), "keychain".into()];
+    b.host_env.push(("RUST_LOG".into(), "trace".into()));
+    b.start_host();
     b.wait_link_up(1);
     assert!(!vms.join("fresh.key").exists());
+    // At trace, no form of the key reaches either log.
+    let host_log = b.host_log();
+    assert!(host_log.contains("TRACE"), "trace was not in force");
+    let logs = [("host log", host_log.as_str()), ("guest log", &b.guest_log())];
+    use base64::Engine;
+    let hex: String = fresh_key.iter().map(|b| format!("{b:02x}")).collect();
+    for form in [hex, base64::engine::general_purpose::STANDARD.encode(&fresh_key)] {
+        assert_no_secret(&form, &logs);
+    }
 }

@@ -266,16 +266,10 @@ fn host_agent(d: &Path, config: &Path, fake: &FakeEcr) -> Proc {
         .arg("--docker-config")
         .arg(d.join("docker"))
         .args(["--heartbeat-ms", "1000", "--reconnect-max-ms", "1000"])
-        .env("RUST_LOG", "debug");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("AWS_CONFIG_FILE", d.join("aws-config"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("aws-credentials"))
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ENDPOINT_URL", fake.url())
+        // Trace, so the check that no secret reaches the host log covers every level.
+        .env("RUST_LOG", "trace");
+    finch_tests::hermetic_aws(&mut cmd, d);
+    cmd.env("AWS_ENDPOINT_URL", fake.url())
         .env("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKE")
         .env("AWS_SECRET_ACCESS_KEY", "lima-vm-fake-secret-key");
     Proc::spawn("host-agent", cmd, &d.join("host.log"))
@@ -707,6 +701,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
 
     let console = vm.console();
     let host_log = host.output();
+    assert!(host_log.contains("TRACE"), "trace was not in force");
     for s in secrets {
         assert_no_secret(s, &[("console", &console), ("host log", &host_log)]);
     }
