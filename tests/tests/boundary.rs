@@ -577,3 +577,78 @@ fn idle_link_connections_do_not_keep_the_host_out() {
     assert!((1..=20).contains(&evicted), "{evicted} eviction lines for 200 idle connections");
     drop(idle);
 }
+
+/// Runs `churn` on `socket` as `uid` for `secs` while timing a legitimate `get` every 250 ms;
+/// returns the connects churn made and the calls' latencies.
+fn churn_while_calling(b: &Bridge, socket: &Path, uid: u32, secs: u64) -> (u64, Vec<Duration>) {
+    use std::os::unix::process::CommandExt;
+    let churn = Command::new(finch_tests::bin("churn"))
+        .arg(socket)
+        .arg(secs.to_string())
+        .uid(uid)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut latencies = Vec::new();
+    while Instant::now() < until {
+        let started = Instant::now();
+        let outcome = call(&b.helper_socket(), get("reg.example"));
+        latencies.push(started.elapsed());
+        assert!(matches!(outcome, Ok(Response::Credential { .. })), "{outcome:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = churn.wait_with_output().unwrap();
+    let connects = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    latencies.sort();
+    (connects, latencies)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Round 2, item 1: connections opened and closed as fast as a process can, for 30 s, on
+/// the helper socket by a uid that may not use it, and on the link socket by the uid that may
+/// connect there (Lima's login user): the guest agent keeps nothing per connection (RSS
+/// within 32 MiB of where it was, a handful of descriptors) and legitimate calls stay quick.
+#[test]
+fn connection_churn_grows_nothing_in_the_guest_agent() {
+    if !finch_tests::require_root("connection_churn_grows_nothing_in_the_guest_agent") {
+        return;
+    }
+    let mut b = Bridge::new(r#"{"auths":{"reg.example":{"auth":"dTpw"}}}"#);
+    b.guest_flags =
+        ["--socket-group", "nogroup", "--link-allow-uid", "4345"].map(String::from).to_vec();
+    b.start();
+    open_socket_to_group(&b);
+    let guest_pid = b.guest.as_ref().unwrap().pid();
+    let _ = call(&b.helper_socket(), get("reg.example"));
+    for (what, socket, uid) in
+        [("helper socket", b.helper_socket(), 4344), ("link socket", b.link_socket(), 4345)]
+    {
+        let before = rss_kib(guest_pid);
+        let (connects, latencies) = churn_while_calling(&b, &socket, uid, 30);
+        let after = rss_kib(guest_pid);
+        let fds = open_fds(guest_pid);
+        let median = latencies[latencies.len() / 2];
+        println!(
+            "{what}: {connects} connects in 30 s; guest RSS {before} -> {after} KiB, {fds} fds; \
+             legitimate get median {median:?}, worst {:?} ({} calls)",
+            latencies[latencies.len() - 1],
+            latencies.len()
+        );
+        assert!(connects > 100_000, "{what}: the churn made only {connects} connects");
+        assert!(after <= before + 32 * 1024, "{what}: guest agent RSS {before} -> {after} KiB");
+        assert!(fds < 64, "{what}: the guest agent holds {fds} descriptors after the churn");
+        assert!(median <= Duration::from_millis(50), "{what}: median get {median:?}");
+    }
+    // The link survived the churn on its own socket, and the refusals were gated.
+    assert!(matches!(
+        call(&b.helper_socket(), get("reg.example")),
+        Ok(Response::Credential { .. })
+    ));
+    let lines = b.guest_log().matches("not allowed").count();
+    assert!(lines <= 40, "{lines} log lines for the refusals");
+}

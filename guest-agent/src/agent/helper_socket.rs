@@ -30,6 +30,9 @@ pub const MAX_CALLS: usize = 256;
 pub const RESERVED_FOR_OTHERS: usize = 32;
 /// The share of the slots every uid is promised, however many uids are calling.
 pub const MIN_SHARE: usize = 16;
+/// Most helper connections served at once: the admitted calls, and room for the ones being
+/// answered `busy`. Past it, callers wait in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = MAX_CALLS + RESERVED_FOR_OTHERS;
 /// Refusals logged per [`REFUSAL_WINDOW`]; the rest are counted.
 pub const REFUSAL_BURST: u32 = 10;
 /// See [`REFUSAL_BURST`].
@@ -125,33 +128,59 @@ impl HelperSocket {
             calls: Arc::default(),
             refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
         });
-        self.0.serve(shutdown, |stream| serve_call(stream, shared.clone())).await;
+        let listening = &self.0;
+        let accept = async || listening.accept().await;
+        let admit = |stream| admit_call(stream, &shared);
+        super::accept::accept_loop(listening.what(), MAX_CONNECTIONS, accept, admit, shutdown)
+            .await;
     }
 }
 
-async fn serve_call(mut stream: UnixStream, shared: Arc<Shared>) {
+/// Checks the caller before anything is read or a task exists: a uid that may not ask, or
+/// one over its share, is answered at once and costs nothing more.
+fn admit_call(
+    stream: UnixStream,
+    shared: &Arc<Shared>,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
     let uid = match stream.peer_cred() {
         Ok(cred) => cred.uid(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot read the helper's credentials; closing");
-            return;
+            shared.refused(
+                u32::MAX,
+                "cannot read the helper's credentials; closed",
+                &e.to_string(),
+            );
+            return None;
         }
     };
-    // Checked before anything is read: a caller that may not ask costs nothing more.
     if !shared.allowed.contains(&uid) {
         shared.refused(uid, "helper call from a uid that is not allowed", "");
         let reason = format!("uid {uid} may not use the finch credential helper");
-        reply(&mut stream, Err(WireError::Denied { reason })).await;
-        return;
+        reply_now(&stream, Err(WireError::Denied { reason }));
+        return None;
     }
-    let _admitted = match shared.calls.admit(uid) {
-        Ok(a) => a,
+    let admitted = match shared.calls.admit(uid) {
+        Ok(admitted) => admitted,
         Err(busy) => {
             shared.refused(uid, "helper call refused: busy", "");
-            reply(&mut stream, Err(busy)).await;
-            return;
+            reply_now(&stream, Err(busy));
+            return None;
         }
     };
+    Some(serve_call(stream, uid, admitted, shared.clone()))
+}
+
+/// Writes a refusal once, without waiting (see [`super::send_now`]).
+fn reply_now(stream: &UnixStream, outcome: Outcome) {
+    let Ok(payload) = finch_shared::codec::encode(&HelperReply { outcome }) else { return };
+    let Ok(header) = finch_shared::frame::header_for(&payload) else { return };
+    let mut frame = Vec::with_capacity(header.len() + payload.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&payload);
+    super::send_now(stream, &frame);
+}
+
+async fn serve_call(mut stream: UnixStream, uid: u32, _admitted: Admitted, shared: Arc<Shared>) {
     let call = match tokio::time::timeout(IO_TIMEOUT, read_msg::<HelperCall, _>(&mut stream)).await
     {
         Ok(Ok(call)) => call,

@@ -11,9 +11,11 @@ use finch_shared::key::LinkKey;
 use finch_shared::limit::LogGate;
 use finch_shared::message::Handshake;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::UnixStream;
 
 use super::link::LinkSlot;
+use tokio::net::UnixStream;
+
+use super::accept::accept_loop;
 use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of a unix link socket: only its owner may connect.
@@ -41,6 +43,10 @@ pub struct LinkSettings {
 /// waiting: idle connections cannot hold the port shut to the host, whose handshake takes a
 /// round trip, and they cannot grow the agent either.
 pub const MAX_HANDSHAKES: usize = 32;
+
+/// Most link connections served at once: the pending handshakes, the active link, and room
+/// for the ones closing. Past it, connections wait in the kernel's backlog.
+pub const MAX_LINK_CONNECTIONS: usize = 2 * MAX_HANDSHAKES;
 
 /// The connections in their handshake, oldest first, each with the trigger that closes it.
 #[derive(Debug, Default)]
@@ -188,96 +194,68 @@ impl LinkListener {
 
     /// Accepts links until shutdown; each authenticated one becomes the active link.
     pub async fn run(self, slot: LinkSlot, settings: LinkSettings, shutdown: Shutdown) {
-        let links_shutdown = shutdown.clone();
+        let stop = shutdown.clone();
         match self {
             LinkListener::Unix(listening) => {
-                listening
-                    .serve(shutdown, |stream| {
-                        accept_unix(stream, slot.clone(), settings.clone(), links_shutdown.clone())
-                    })
-                    .await;
+                let accept = async || listening.accept().await;
+                let admit = |stream: UnixStream| match stream.peer_cred().map(|c| c.uid()) {
+                    Ok(uid) if settings.allowed_uids.contains(&uid) => {
+                        Some(admitted(stream, &slot, &settings, &stop))
+                    }
+                    Ok(uid) => {
+                        let uid = format!("uid {uid}");
+                        settings.refused("link connection from a uid that is not allowed", &uid);
+                        None
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        settings.refused("cannot read the link peer's credentials", &e);
+                        None
+                    }
+                };
+                accept_loop(listening.what(), MAX_LINK_CONNECTIONS, accept, admit, shutdown).await;
             }
             #[cfg(target_os = "linux")]
             LinkListener::Vsock(listener) => {
-                let gate = settings.clone();
-                let accept = async || {
-                    let (stream, peer) = listener.accept().await?;
+                let accept = async || listener.accept().await;
+                let admit = |(stream, peer): (tokio_vsock::VsockStream, tokio_vsock::VsockAddr)| {
                     if peer.cid() == finch_shared::endpoint::CID_HOST {
-                        return Ok(Some(stream));
+                        return Some(admitted(stream, &slot, &settings, &stop));
                     }
-                    gate.refused(
+                    settings.refused(
                         "vsock link connection not from the host (CID 2); dropped",
                         &format!("cid {} port {}", peer.cid(), peer.port()),
                     );
-                    Ok(None)
+                    None
                 };
-                serve_accepted("vsock", accept, slot, settings, shutdown).await;
+                accept_loop("vsock link", MAX_LINK_CONNECTIONS, accept, admit, shutdown).await;
             }
             LinkListener::Tcp(listener) => {
-                let accept = async || {
-                    let (stream, peer) = listener.accept().await?;
+                let accept = async || listener.accept().await;
+                let admit = |(stream, peer): (tokio::net::TcpStream, std::net::SocketAddr)| {
                     let _ = stream.set_nodelay(true);
                     tracing::debug!(%peer, "tcp link connection");
-                    Ok(Some(stream))
+                    Some(admitted(stream, &slot, &settings, &stop))
                 };
-                serve_accepted("tcp", accept, slot, settings, shutdown).await;
+                accept_loop("tcp link", MAX_LINK_CONNECTIONS, accept, admit, shutdown).await;
             }
         }
     }
 }
 
-/// Accepts connections with `accept` (`Ok(None)`: one dropped by its check) and runs the
-/// handshake on each, until shutdown.
-async fn serve_accepted<S>(
-    kind: &'static str,
-    mut accept: impl AsyncFnMut() -> std::io::Result<Option<S>>,
-    slot: LinkSlot,
-    settings: LinkSettings,
-    mut shutdown: Shutdown,
-) where
+/// A connection that passed its listener's check: it takes a place among the pending
+/// handshakes (closing the oldest when all are taken) and becomes a task.
+fn admitted<S>(
+    stream: S,
+    slot: &LinkSlot,
+    settings: &LinkSettings,
+    shutdown: &Shutdown,
+) -> impl Future<Output = ()> + Send + 'static
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.wait() => break,
-            accepted = accept() => match accepted {
-                Ok(Some(stream)) => {
-                    let place = settings.handshakes.admit();
-                    tasks.spawn(authenticate(stream, place, slot.clone(), settings.clone(), shutdown.clone()));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "{kind} accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    tasks.shutdown().await;
-}
-
-async fn accept_unix(
-    stream: UnixStream,
-    slot: LinkSlot,
-    settings: LinkSettings,
-    shutdown: Shutdown,
-) {
-    match stream.peer_cred() {
-        Ok(cred) if settings.allowed_uids.contains(&cred.uid()) => {}
-        Ok(cred) => {
-            let uid = format!("uid {}", cred.uid());
-            settings.refused("link connection from a uid that is not allowed; dropped", &uid);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the link peer's credentials; dropped");
-            return;
-        }
-    }
     let place = settings.handshakes.admit();
-    authenticate(stream, place, slot, settings, shutdown).await;
+    authenticate(stream, place, slot.clone(), settings.clone(), shutdown.clone())
 }
 
 /// Runs the handshake on an accepted connection; an authenticated host becomes the link.

@@ -1,15 +1,17 @@
 //! `finch-guest-agent serve`: holds the one link to the host agent and answers helper calls
 //! over it.
 //!
+//! * `accept`: the one accept loop: peers checked inline, live connections bounded,
+//!   finished ones reaped.
 //! * [`helper_socket`]: the unix socket the helper calls; peers checked by uid.
 //! * [`listener`]: accepts the host's link and runs the handshake (guest side).
 //! * [`link`]: the established link: request ids, answers in any order, heartbeat.
 
+mod accept;
 pub mod helper_socket;
 pub mod link;
 pub mod listener;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,9 @@ pub const DEFAULT_LINK_KEY_FILE: &str = "/etc/finch-guest-agent/link.key";
 pub const DEFAULT_LINK_WAIT: Duration = Duration::from_secs(3);
 /// How long a request may take on the host before the helper is told it is unavailable.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Backlog of the agent's unix sockets. Kept short: a flood of connections waits there, and
+/// a legitimate caller queued behind it waits for all of them to be refused.
+pub const BACKLOG: i32 = 64;
 /// Heartbeat interval; a link silent for [`HEARTBEAT_MISSES`] intervals is dead.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Silent intervals after which a link is declared dead.
@@ -134,13 +139,27 @@ pub(crate) struct Access {
 }
 
 impl Listening {
-    /// Binds `path` (replacing only a stale socket), then sets its owner, group and mode.
+    /// Binds `path` (replacing only a stale socket) with a backlog of [`BACKLOG`], then sets
+    /// its owner, group and mode.
     pub(crate) fn bind(path: &Path, what: &'static str, access: Access) -> anyhow::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
         use std::os::unix::fs::PermissionsExt;
         prepare_socket_path(path)?;
-        let listener = UnixListener::bind(path)
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)
+            .with_context(|| format!("cannot make the {what}"))?;
+        let addr = UnixAddr::new(path).with_context(|| format!("{}", path.display()))?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
             .with_context(|| format!("cannot listen on the {what} {}", path.display()))?;
         // From here on, dropping `this` removes the socket file, whatever fails next.
+        let remove = RemoveOnDrop(path);
+        listen(&fd, Backlog::new(BACKLOG)?)
+            .with_context(|| format!("cannot listen on the {what} {}", path.display()))?;
+        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+            .with_context(|| format!("cannot watch the {what}"))?;
+        std::mem::forget(remove);
         let this = Listening { listener, path: path.to_owned(), what };
         if access.owner.is_some() || access.group.is_some() {
             std::os::unix::fs::chown(path, access.owner, access.group)
@@ -151,30 +170,31 @@ impl Listening {
         Ok(this)
     }
 
-    /// Accepts connections until shutdown, each handled on its own task; the tasks still
-    /// running at shutdown are stopped. A failed accept is logged and never ends the loop.
-    pub(crate) async fn serve<F, Fut>(self, mut shutdown: Shutdown, mut handle: F)
-    where
-        F: FnMut(UnixStream) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                () = shutdown.wait() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        tasks.spawn(handle(stream));
-                    }
-                    Err(e) => {
-                        tracing::warn!(socket = self.what, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
-        tasks.shutdown().await;
+    /// Accepts one connection.
+    pub(crate) async fn accept(&self) -> std::io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+
+    /// What the socket is, for logs.
+    pub(crate) fn what(&self) -> &'static str {
+        self.what
+    }
+}
+
+/// Sends `bytes` once, never waiting: a refusal on a connection that was just accepted (its
+/// buffer is empty, so a caller still there gets it whole; one already gone costs nothing).
+pub(crate) fn send_now(stream: &UnixStream, bytes: &[u8]) {
+    use nix::sys::socket::{MsgFlags, send};
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let _ = send(std::os::fd::AsRawFd::as_raw_fd(stream), bytes, flags);
+}
+
+/// Removes a socket file that was bound but never became a [`Listening`].
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
     }
 }
 
