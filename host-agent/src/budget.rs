@@ -6,10 +6,15 @@
 //! (names, usernames and secrets). Credentials the host's own user stored do not count. The
 //! ledger holds registry names and sizes only, never a credential, and is kept in
 //! `STATE/stores.json` so the budget survives restarts.
+//!
+//! A VM's stores and erases take their [`StoreBudget::turn`] one at a time, from the
+//! reservation to the write (or from the erase to the release), so the ledger and the store
+//! never disagree: a store racing an erase of the same registry cannot leave an entry in the
+//! store that the ledger has released.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use finch_shared::message::WireError;
 
@@ -29,7 +34,15 @@ type Ledger = BTreeMap<String, BTreeMap<String, u64>>;
 pub struct StoreBudget {
     path: PathBuf,
     ledger: Mutex<Option<Ledger>>,
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Most VMs whose turns are kept apart; VM names come from the host's configuration, so this
+/// is never reached in practice, and past it VMs share one turn (correct, only slower).
+const MAX_TURNS: usize = 1024;
+
+/// A VM's turn to store or erase; the next one waits until this is dropped.
+pub type Turn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A reservation: given back with [`StoreBudget::undo`] if the write fails.
 #[derive(Debug)]
@@ -42,7 +55,22 @@ pub struct Reserved {
 impl StoreBudget {
     /// The ledger kept in `state_dir` (read when first needed).
     pub fn new(state_dir: &Path) -> Self {
-        StoreBudget { path: state_dir.join(LEDGER_FILE), ledger: Mutex::new(None) }
+        StoreBudget {
+            path: state_dir.join(LEDGER_FILE),
+            ledger: Mutex::new(None),
+            turns: Mutex::default(),
+        }
+    }
+
+    /// Waits for `vm`'s turn to store or erase: hold it from the reservation (or the erase)
+    /// until the ledger says what the store holds.
+    pub async fn turn(&self, vm: &str) -> Turn {
+        let lock = {
+            let mut turns = self.turns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = if turns.len() >= MAX_TURNS && !turns.contains_key(vm) { "" } else { vm };
+            turns.entry(key.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     /// Where the ledger lives.
@@ -169,6 +197,18 @@ fn write(path: &Path, ledger: &Ledger) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_vm_takes_turns_and_other_vms_do_not_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = StoreBudget::new(dir.path());
+        let held = budget.turn("a").await;
+        let wait = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, budget.turn("a")).await.is_err(), "a ran twice at once");
+        let _other = tokio::time::timeout(wait, budget.turn("b")).await.expect("b waited for a");
+        drop(held);
+        let _again = tokio::time::timeout(wait, budget.turn("a")).await.expect("a's turn was lost");
+    }
 
     #[test]
     fn a_vm_is_held_to_its_count_and_bytes_and_survives_a_restart() {

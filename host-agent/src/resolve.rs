@@ -319,9 +319,11 @@ async fn dispatch(
             outcome
         }
         Request::Store { username, secret, .. } => {
+            let _turn = current.budget.turn(vm).await;
             store(current, vm, source.as_ref(), registry, Credential { username, secret }).await
         }
         Request::Erase { .. } => {
+            let _turn = current.budget.turn(vm).await;
             let outcome = erase(source.as_ref(), registry).await;
             if outcome.is_ok() && name != "ecr" {
                 let (budget, vm, key) = (current.budget.clone(), vm.to_owned(), registry.key());

@@ -292,6 +292,11 @@ pub struct Bridge {
     pub guest_env: Vec<(String, String)>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
     pub host_dials: Option<PathBuf>,
+    /// VMs beyond `itvm`, each with a guest agent of its own (sockets and key in `DIR/NAME/`):
+    /// [`Bridge::start`] starts them too and the host agent dials them all.
+    pub more_vms: Vec<String>,
+    /// Their guest agents, in the order of [`Bridge::more_vms`].
+    pub more_guests: Vec<Proc>,
     /// The host agent's whole `--vm` argument, instead of [`Bridge::vm_arg`] (a VM without a
     /// key file of its own, say).
     pub host_vm: Option<String>,
@@ -321,6 +326,8 @@ impl Bridge {
             guest_env: Vec::new(),
             host_dials: None,
             host_vm: None,
+            more_vms: Vec::new(),
+            more_guests: Vec::new(),
             tcp_link: None,
             guest_exec: None,
         }
@@ -401,23 +408,38 @@ impl Bridge {
 
     /// Starts the guest agent and waits for its helper socket.
     pub fn start_guest(&mut self) {
+        let proc = self.spawn_guest(&self.helper_socket(), &self.link_socket(), "guest");
+        self.guest = Some(proc);
+        for vm in self.more_vms.clone() {
+            let dir = self.path(&vm);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            write_key(&dir.join("link.key"), 9);
+            let proc = self.spawn_guest(&self.helper_socket_of(&vm), &dir.join("link.sock"), &vm);
+            self.more_guests.push(proc);
+        }
+    }
+
+    /// Starts a guest agent on these sockets (the link on [`Bridge::tcp_link`] when set) with
+    /// the key next to its link socket, logging to `<log>.log`, and waits for it to listen.
+    fn spawn_guest(&self, helper: &Path, link: &Path, log: &str) -> Proc {
         let mut cmd = self.guest_command("finch-guest-agent");
+        let key = link.with_file_name("link.key");
         cmd.arg("serve")
             .arg("--helper-socket")
-            .arg(self.helper_socket())
+            .arg(helper)
             .arg("--link-listen")
             .arg(match self.tcp_link {
                 Some(port) => format!("tcp://127.0.0.1:{port}"),
-                None => format!("unix://{}", self.link_socket().display()),
+                None => format!("unix://{}", link.display()),
             })
             .arg("--link-key-file")
-            .arg(self.path("link.key"))
+            .arg(key)
             .args(["--heartbeat-ms", "500", "--link-wait-ms", "3000"])
             .args(&self.guest_flags)
             .env("RUST_LOG", "debug")
             .envs(self.guest_env.iter().map(|(k, v)| (k, v)));
-        let proc = Proc::spawn("guest-agent", cmd, &self.path("guest.log"));
-        let (helper, link, tcp) = (self.helper_socket(), self.link_socket(), self.tcp_link);
+        let proc = Proc::spawn(log, cmd, &self.path(&format!("{log}.log")));
+        let tcp = self.tcp_link;
         let listening = || match tcp {
             Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
             None => link.exists(),
@@ -427,7 +449,12 @@ impl Bridge {
             "guest agent did not start:\n{}",
             proc.output()
         );
-        self.guest = Some(proc);
+        proc
+    }
+
+    /// The helper socket of one of [`Bridge::more_vms`].
+    pub fn helper_socket_of(&self, vm: &str) -> PathBuf {
+        self.path(vm).join("helper.sock")
     }
 
     /// Starts the host agent.
@@ -436,10 +463,13 @@ impl Bridge {
         path.push(":");
         path.push(std::env::var_os("PATH").unwrap_or_default());
         let mut cmd = Command::new(bin("finch-host-agent"));
-        cmd.arg("run")
-            .arg("--vm")
-            .arg(self.host_vm.clone().unwrap_or_else(|| self.vm_arg()))
-            .arg("--docker-config")
+        cmd.arg("run").arg("--vm").arg(self.host_vm.clone().unwrap_or_else(|| self.vm_arg()));
+        for vm in &self.more_vms {
+            let dir = self.path(vm);
+            let (link, key) = (dir.join("link.sock"), dir.join("link.key"));
+            cmd.arg("--vm").arg(format!("{vm}=unix://{},key={}", link.display(), key.display()));
+        }
+        cmd.arg("--docker-config")
             .arg(&self.docker_config)
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -463,16 +493,19 @@ impl Bridge {
         self.wait_link_up(1);
     }
 
-    /// Waits until the guest agent has logged `n` links up.
+    /// Waits until the guest agent (and each of [`Bridge::more_vms`]') has logged `n` links up.
     pub fn wait_link_up(&self, n: usize) {
         let guest = self.guest.as_ref().expect("guest running");
-        let ok = wait_until(STARTUP, || guest.output().matches("host link up").count() >= n);
-        assert!(
-            ok,
-            "link #{n} did not come up\n--- guest\n{}\n--- host\n{}",
-            guest.output(),
-            self.host_log()
-        );
+        for guest in std::iter::once(guest).chain(&self.more_guests) {
+            let ok = wait_until(STARTUP, || guest.output().matches("host link up").count() >= n);
+            assert!(
+                ok,
+                "link #{n} of {} did not come up\n--- guest\n{}\n--- host\n{}",
+                guest.name(),
+                guest.output(),
+                self.host_log()
+            );
+        }
     }
 
     /// The host agent's log.

@@ -652,3 +652,68 @@ fn connection_churn_grows_nothing_in_the_guest_agent() {
     let lines = b.guest_log().matches("not allowed").count();
     assert!(lines <= 40, "{lines} log lines for the refusals");
 }
+
+/// Round 2, item 2: one VM storing and erasing the same registries at the same moment
+/// cannot place more in the shared docker config than its budget lets it hold, and the
+/// file stays usable for the other VMs, also after the host user's own `docker login`.
+#[test]
+fn a_store_erase_race_cannot_beat_the_budget() {
+    let mut b = Bridge::new("{}");
+    b.more_vms = vec!["vm2".into()];
+    b.start();
+    let socket = b.helper_socket();
+    let store = |socket: &Path, server: &str| {
+        call(
+            socket,
+            Request::Store {
+                server: server.into(),
+                username: "u".into(),
+                secret: finch_shared::Secret::new("s".repeat(1000)),
+            },
+        )
+    };
+    let rounds = 300;
+    std::thread::scope(|s| {
+        for lane in 0..4 {
+            let socket = &socket;
+            s.spawn(move || {
+                for n in (lane..rounds).step_by(4) {
+                    let _ = store(socket, &format!("r{n}.example"));
+                }
+            });
+            s.spawn(move || {
+                for n in (lane..rounds).step_by(4) {
+                    let _ = call(socket, Request::Erase { server: format!("r{n}.example") });
+                }
+            });
+        }
+    });
+    let config = b.docker_config.join("config.json");
+    let entries = |path: &Path| -> usize {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        v["auths"].as_object().map_or(0, serde_json::Map::len)
+    };
+    let placed = entries(&config);
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.state_dir().join("stores.json")).unwrap()).unwrap();
+    let counted = ledger["itvm"].as_object().map_or(0, serde_json::Map::len);
+    println!(
+        "after {rounds} racing store/erase pairs: {placed} entries in the file, {counted} in the ledger"
+    );
+    assert!(placed <= 64, "one VM placed {placed} entries; its budget is 64 registries");
+    assert_eq!(placed, counted, "the file and the ledger disagree");
+    // The host user logs in with a large token: every VM still reads the file, and another
+    // VM can still store.
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    let token = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("me:{}", "t".repeat(3000)),
+    );
+    v["auths"]["host-login.example"] = serde_json::json!({ "auth": token });
+    std::fs::write(&config, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let vm2 = b.helper_socket_of("vm2");
+    assert!(matches!(call(&vm2, get("host-login.example")), Ok(Response::Credential { .. })));
+    assert_eq!(store(&vm2, "vm2.example"), Ok(Response::Done));
+    assert!(matches!(call(&socket, get("vm2.example")), Ok(Response::Credential { .. })));
+}

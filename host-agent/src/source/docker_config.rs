@@ -20,6 +20,10 @@ pub const CONFIG_FILE: &str = "config.json";
 /// file always stays readable.
 pub use finch_shared::docker_config::MAX_CONFIG;
 
+/// Largest the file may become through a VM's store: half of what is read, so the host user's
+/// own `docker login`s always have room, whatever the VMs stored.
+pub const MAX_VM_STORE_CONFIG: u64 = MAX_CONFIG / 2;
+
 /// The advisory lock file next to the config, held while the agent rewrites it.
 pub const LOCK_FILE: &str = ".config.json.finch-lock";
 
@@ -143,25 +147,34 @@ impl PlainAuths {
         self.dir.join(CONFIG_FILE)
     }
 
-    /// Rewrites the config with `edit` applied to `auths`, off the async runtime.
+    /// Rewrites the config with `edit` applied to `auths`, off the async runtime; the file
+    /// may not grow past `limit` bytes.
     async fn update(
         &self,
-        edit: impl FnOnce(&mut Map<String, Value>) + Send + 'static,
+        limit: u64,
+        edit: impl FnOnce(&mut Map<String, Value>) -> bool + Send + 'static,
     ) -> Result<(), SourceError> {
         let this = self.clone();
         let path = self.path();
-        tokio::task::spawn_blocking(move || this.update_now(edit)).await.unwrap_or_else(|e| {
-            Err(SourceError::ConfigWrite {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })
-        })
+        tokio::task::spawn_blocking(move || this.update_now(limit, edit)).await.unwrap_or_else(
+            |e| {
+                Err(SourceError::ConfigWrite {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })
+            },
+        )
     }
 
     /// Rewrites the config with `edit` applied to `auths`, atomically, mode 0600: one writer
     /// at a time in this agent, under an advisory lock on [`LOCK_FILE`] against other
-    /// processes that take it, re-reading the file under the lock so no write is lost.
-    fn update_now(&self, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<(), SourceError> {
+    /// processes that take it, re-reading the file under the lock so no write is lost. An
+    /// `edit` that changed nothing (it says so) writes nothing.
+    fn update_now(
+        &self,
+        limit: u64,
+        edit: impl FnOnce(&mut Map<String, Value>) -> bool,
+    ) -> Result<(), SourceError> {
         let path = self.path();
         let err =
             |reason: String| SourceError::ConfigWrite { path: path.display().to_string(), reason };
@@ -175,15 +188,19 @@ impl PlainAuths {
         if !auths.is_object() {
             *auths = Value::Object(Map::new());
         }
-        if let Value::Object(m) = auths {
-            edit(m);
+        let changed = match auths {
+            Value::Object(m) => edit(m),
+            _ => false,
+        };
+        if !changed {
+            return Ok(());
         }
         let text = Zeroizing::new(
             serde_json::to_vec_pretty(&Value::Object(config)).map_err(|e| err(e.to_string()))?,
         );
-        if text.len() as u64 > MAX_CONFIG {
+        if text.len() as u64 > limit {
             return Err(err(format!(
-                "the file would grow past {MAX_CONFIG} bytes, the most the agent reads; nothing was written"
+                "the file would grow past {limit} bytes, the most a VM's store may make it; nothing was written"
             )));
         }
         let mut tmp = tempfile_in(&self.dir).map_err(|e| err(e.to_string()))?;
@@ -246,23 +263,20 @@ impl CredentialSource for PlainAuths {
                 "no credential helper configured: storing the credential unencrypted in the docker config"
             );
             let (server, entry) = (server.to_owned(), encode_entry(credential));
-            self.update(move |auths| {
+            self.update(MAX_VM_STORE_CONFIG, move |auths| {
                 auths.insert(server, entry);
+                true
             })
             .await
         })
     }
 
+    /// Erases from the file as it is now, never from the snapshot: an entry a concurrent
+    /// store just wrote is gone when this answers.
     fn erase<'a>(&'a self, server: &'a str) -> SourceFuture<'a, ()> {
         Box::pin(async move {
-            if !self.snapshot.contains_key(server) {
-                return Ok(());
-            }
             let server = server.to_owned();
-            self.update(move |auths| {
-                auths.remove(&server);
-            })
-            .await
+            self.update(MAX_CONFIG, move |auths| auths.remove(&server).is_some()).await
         })
     }
 
