@@ -60,10 +60,34 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
         keys.insert(name.clone(), key);
     }
     if let Some(lima) = &settings.lima {
+        trust_lima(&settings);
         wire_lima(lima, &settings.lima_instances, &keys);
+        crate::vm_keys::forget_vanished_lima(&settings, || {
+            crate::vm_keys::os_vault(settings.keychain_timeout)
+        });
     }
     let lima_stamp = lima_stamp(&settings);
     Ok(Prepared { settings, keys, lima_stamp })
+}
+
+/// Says when `"*"` adopted nothing because a VM can write the Lima home, and records it (the
+/// marker keeps it so when the VM later hides its mount).
+fn trust_lima(settings: &Settings) {
+    let Some(untrusted) = &settings.lima_untrusted else { return };
+    let marker = settings.state_dir.join(crate::lima::HOME_WRITABLE_MARKER);
+    tracing::warn!(
+        reason = %untrusted.reason,
+        marker = %marker.display(),
+        "Lima home: a VM can write it, so [lima] instances = [\"*\"] adopts no instance (a \
+         directory made there from inside the VM would become one): name the instances to \
+         serve, or mount the home read-only in every VM and then remove the marker"
+    );
+    if !untrusted.from_marker {
+        let text = format!("{}\n", untrusted.reason);
+        if let Err(e) = config::write_private(&marker, text.as_bytes()) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot record that the Lima home is writable from a VM");
+        }
+    }
 }
 
 /// Fills each discovered Lima instance's bundle and, with `keep_fragment`, puts the fragment

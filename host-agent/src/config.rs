@@ -183,6 +183,45 @@ pub struct Settings {
     pub lima: Option<LimaSettings>,
     /// The Lima instances found (each is also in `vms`).
     pub lima_instances: BTreeMap<String, Instance>,
+    /// Why `"*"` adopted no instance: a VM can write the Lima home (see
+    /// [`crate::lima::home_writable_from`]).
+    pub lima_untrusted: Option<LimaUntrusted>,
+}
+
+/// A Lima home that a VM can write, so `"*"` adopts nothing from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimaUntrusted {
+    /// Which VM's mount reaches the home, and where.
+    pub reason: String,
+    /// Whether this was read from the marker (seen before) rather than found now.
+    pub from_marker: bool,
+}
+
+/// Whether `"*"` may adopt instances from `lima`'s home: not when a VM can write it, now
+/// (one of `instances` mounts it writable) or before (the marker in `state_dir` says so: a VM
+/// could since have rewritten its own `lima.yaml` to hide the mount it still has).
+fn lima_trust(
+    lima: &LimaSettings,
+    instances: &BTreeMap<String, Instance>,
+    state_dir: &Path,
+) -> Option<LimaUntrusted> {
+    use std::io::Read;
+    if !lima.instances.iter().any(|i| i == "*") {
+        return None;
+    }
+    let marker = state_dir.join(crate::lima::HOME_WRITABLE_MARKER);
+    let mut text = String::new();
+    if std::fs::File::open(&marker).and_then(|f| f.take(4096).read_to_string(&mut text)).is_ok() {
+        return Some(LimaUntrusted { reason: text.trim().to_owned(), from_marker: true });
+    }
+    let (vm, location) =
+        crate::lima::home_writable_from(lima, instances, &home().unwrap_or_default())?;
+    let reason = format!(
+        "VM {vm} mounts {} writable, which holds the Lima home {}",
+        location.display(),
+        lima.home.display()
+    );
+    Some(LimaUntrusted { reason, from_marker: false })
 }
 
 /// A config that could not be used. The message names the file, line, column and key.
@@ -677,8 +716,12 @@ impl Settings {
             None => None,
             Some(l) => Some(src.lima(l)?),
         };
-        let (lima_instances, left_out) =
+        let (mut lima_instances, left_out) =
             lima.as_ref().map(crate::lima::discover).unwrap_or_default();
+        let lima_untrusted = lima.as_ref().and_then(|l| lima_trust(l, &lima_instances, &state_dir));
+        if let (Some(l), Some(_)) = (&lima, &lima_untrusted) {
+            lima_instances.retain(|name, _| l.instances.contains(name));
+        }
         if left_out > 0 {
             tracing::warn!(
                 left_out,
@@ -738,6 +781,11 @@ impl Settings {
         }
         for (name, (span, has_endpoint)) in file_endpoints {
             if !has_endpoint && !seen.contains(&name) && !attached_names.contains(&name) {
+                // A Lima instance the agent would serve, not there (yet): served once found.
+                if lima.as_ref().is_some_and(|l| l.wants(&name)) {
+                    vms.remove(&name);
+                    continue;
+                }
                 return Err(src.error(
                     span,
                     &format!("vm.{name}.endpoint"),
@@ -753,6 +801,7 @@ impl Settings {
             ecr,
             lima,
             lima_instances,
+            lima_untrusted,
             config_file: path,
             config_file_found: found,
             state_dir,
@@ -891,9 +940,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The directory of VM keys (and their markers) in the state directory.
+pub fn keys_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("vms")
+}
+
 /// Where the key of VM `name` lives in the state directory.
 pub fn key_path(state_dir: &Path, name: &str) -> PathBuf {
-    state_dir.join("vms").join(format!("{name}.key"))
+    keys_dir(state_dir).join(format!("{name}.key"))
 }
 
 /// Creates `dir` (and its parents) private (mode 0700, or an owner-only DACL) if missing, and

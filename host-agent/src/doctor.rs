@@ -130,6 +130,21 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
 /// Each Lima instance: its Lima config readable, the fragment in it, its bundle filled, and
 /// no mount that hands the VM what the bridge keeps on the host.
 fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings) {
+    if let Some(untrusted) = &settings.lima_untrusted {
+        r.fail(
+            "lima home",
+            format!(
+                "{}: a process in that VM could make an instance there, so [\"*\"] adopts none",
+                untrusted.reason
+            ),
+            format!(
+                "name the instances to serve in [lima] instances, or mount {} read-only in \
+                 every VM and then remove {}",
+                lima.home.display(),
+                settings.state_dir.join(lima::HOME_WRITABLE_MARKER).display()
+            ),
+        );
+    }
     if settings.lima_instances.is_empty() {
         r.fail(
             "lima",

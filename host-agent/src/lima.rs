@@ -106,30 +106,95 @@ pub const MAX_SCANNED: usize = 4096;
 /// The instances under `lima.home` that `lima.instances` names, by name, and how many were
 /// left out by [`MAX_INSTANCES`] or [`MAX_SCANNED`]. A missing home has none; names Lima
 /// reserves (`_config`, `_networks`, …) and names that are not usable VM names are skipped.
-/// Past the bound the first names in order are kept, so a rescan keeps the same ones.
+///
+/// An instance named in `instances` is looked up by its name, never by a scan, so no number
+/// of other entries in the home can push it out. With `"*"` the home is scanned, bounded;
+/// past the bound the first names in order are kept, so a rescan keeps the same ones. Only
+/// a real directory holding a real `lima.yaml` is an instance: a symbolic link in either
+/// place is not, so the agent never writes a bundle or dials a socket outside the home
+/// through one.
 pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
     let mut out = BTreeMap::new();
     let mut left_out = 0;
+    for name in lima.instances.iter().filter(|n| *n != "*") {
+        if usable_name(name) {
+            let dir = lima.home.join(name);
+            if is_instance(&dir) {
+                out.insert(name.clone(), Instance { name: name.clone(), dir });
+            }
+        }
+    }
+    if !lima.instances.iter().any(|i| i == "*") {
+        return (out, 0);
+    }
     let Ok(entries) = std::fs::read_dir(&lima.home) else { return (out, 0) };
+    let mut found = 0;
     for (seen, entry) in entries.flatten().enumerate() {
         if seen >= MAX_SCANNED {
             left_out += 1;
             continue;
         }
         let Ok(name) = entry.file_name().into_string() else { continue };
-        if name.starts_with('_') || !crate::config::valid_vm_name(&name) || !lima.wants(&name) {
+        if !usable_name(&name) || out.contains_key(&name) {
             continue;
         }
         let dir = entry.path();
-        if dir.join("lima.yaml").is_file() {
+        if is_instance(&dir) {
+            found += 1;
             out.insert(name.clone(), Instance { name, dir });
-            if out.len() > MAX_INSTANCES {
-                out.pop_last();
+            if found > MAX_INSTANCES {
+                // Drop the last name found by the scan (never a named one).
+                let last = out.keys().rev().find(|n| !lima.instances.contains(n)).cloned();
+                if let Some(last) = last {
+                    out.remove(&last);
+                }
+                found -= 1;
                 left_out += 1;
             }
         }
     }
     (out, left_out)
+}
+
+/// Whether `name` can be an instance's: not one Lima reserves, and a usable VM name.
+fn usable_name(name: &str) -> bool {
+    !name.starts_with('_') && crate::config::valid_vm_name(name)
+}
+
+/// Whether `dir` is a Lima instance: a directory (not a link to one) with a `lima.yaml` file
+/// (not a link to one).
+fn is_instance(dir: &Path) -> bool {
+    let real_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_dir());
+    real_dir && std::fs::symlink_metadata(dir.join("lima.yaml")).is_ok_and(|m| m.is_file())
+}
+
+/// Marker in the state directory: a VM could once write the Lima home (see
+/// [`home_writable_from`]). While it is there, `"*"` adopts no instance; the user removes it
+/// once no VM mounts the home writable.
+pub const HOME_WRITABLE_MARKER: &str = "lima-home-writable";
+
+/// The first of `instances` whose Lima config mounts `lima.home` (or a directory around it)
+/// writable, with that mount's location: a process in that VM can then make directories
+/// there that look like instances. `user_home` expands `~`. Instances whose config cannot be
+/// read are skipped (Lima cannot start them either).
+pub fn home_writable_from(
+    lima: &LimaSettings,
+    instances: &BTreeMap<String, Instance>,
+    user_home: &Path,
+) -> Option<(String, PathBuf)> {
+    let home = clean(&lima.home);
+    for (name, instance) in instances {
+        let Ok(yaml) = LimaYaml::read(lima, instance) else { continue };
+        for m in yaml.mounts().into_iter().filter(|m| m.writable) {
+            let Some(location) = expand_location(&m.location, instance, user_home) else {
+                continue;
+            };
+            if reaches(&location, &home) {
+                return Some((name.clone(), location));
+            }
+        }
+    }
+    None
 }
 
 // ---- YAML, bounded ---------------------------------------------------------------------
@@ -308,9 +373,12 @@ pub struct Filled {
     pub written: usize,
 }
 
-/// Writes `path` (mode `mode` on unix) when its content differs from `bytes`.
+/// Writes `path` (mode `mode` on unix) when its content differs from `bytes`. Only a regular
+/// file there is read and compared; anything else (a link, a pipe) is replaced, never
+/// followed or read.
 fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> anyhow::Result<()> {
-    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+    if regular && std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
     let tmp = path.with_extension("finch-tmp");
@@ -356,7 +424,19 @@ pub fn fill_bundle(
         })?;
         binaries.push((name, bytes));
     }
+    anyhow::ensure!(
+        is_instance(&instance.dir),
+        "{} is no longer an instance directory (a symbolic link, or gone): nothing written",
+        instance.dir.display()
+    );
     let dir = instance.bundle();
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_dir() => {}
+        // A link (or a file) where the bundle goes is removed, never written through.
+        Ok(_) => std::fs::remove_file(&dir)
+            .with_context(|| format!("{} is not a directory; cannot remove it", dir.display()))?,
+        Err(_) => {}
+    }
     finch_shared::private::create_dir_all(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut filled = Filled::default();
@@ -640,6 +720,95 @@ mod tests {
         assert!(found.len() <= MAX_INSTANCES);
         // 70 instances + 4096 other entries: the 70 entries past the scan bound are counted.
         assert!(left_out >= MAX_INSTANCES + 6, "{left_out}");
+    }
+
+    fn settings(home: &Path, instances: &[&str]) -> LimaSettings {
+        LimaSettings {
+            home: home.to_owned(),
+            instances: instances.iter().map(|s| (*s).to_owned()).collect(),
+            guest_dir: PathBuf::from("g"),
+            keep_fragment: false,
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_real_directories_with_a_real_lima_yaml_are_instances() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("lima");
+        let real = home.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("lima.yaml"), "").unwrap();
+        std::os::unix::fs::symlink(&real, home.join("linked")).unwrap();
+        let odd = home.join("odd");
+        std::fs::create_dir(&odd).unwrap();
+        std::os::unix::fs::symlink(real.join("lima.yaml"), odd.join("lima.yaml")).unwrap();
+        for instances in [&["*"][..], &["real", "linked", "odd"][..]] {
+            let (found, _) = discover(&settings(&home, instances));
+            assert_eq!(found.keys().collect::<Vec<_>>(), ["real"], "{instances:?}");
+        }
+        // A named instance is found whatever else the home holds; the scan never runs.
+        for i in 0..MAX_SCANNED + 10 {
+            std::fs::write(home.join(format!("a{i:05}")), "").unwrap();
+        }
+        let (found, left_out) = discover(&settings(&home, &["real"]));
+        assert_eq!((found.len(), left_out), (1, 0));
+    }
+
+    #[test]
+    fn a_writable_mount_around_the_home_is_found() {
+        let t = tempfile::tempdir().unwrap();
+        let user = t.path().join("home");
+        let lima = settings(&user.join(".lima"), &["*"]);
+        let dir = lima.home.join("vm");
+        std::fs::create_dir_all(&dir).unwrap();
+        let inst = BTreeMap::from([("vm".to_owned(), Instance { name: "vm".into(), dir })]);
+        let cases = [
+            ("mounts:\n- location: \"~\"\n  writable: true\n", true),
+            ("mounts:\n- location: \"~\"\n", false),
+            ("mounts:\n- location: \"~/src\"\n  writable: true\n", false),
+            ("mounts:\n- location: \"~/.lima/vm\"\n  writable: true\n", true),
+            ("", false),
+        ];
+        for (yaml, writable) in cases {
+            std::fs::write(lima.home.join("vm/lima.yaml"), yaml).unwrap();
+            let found = home_writable_from(&lima, &inst, &user);
+            assert_eq!(found.is_some(), writable, "{yaml}: {found:?}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_bundle_never_follows_a_link_or_reads_a_pipe() {
+        let t = tempfile::tempdir().unwrap();
+        let guest = t.path().join("guest/linux-x86_64");
+        std::fs::create_dir_all(&guest).unwrap();
+        for b in GUEST_BINARIES {
+            std::fs::write(guest.join(b), b).unwrap();
+        }
+        let dir = t.path().join("lima/vm");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("lima.yaml"), "").unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join(BUNDLE_DIR)).unwrap();
+        let instance = Instance { name: "vm".into(), dir: dir.clone() };
+        let key = LinkKey::generate().unwrap();
+        fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
+        assert!(std::fs::symlink_metadata(dir.join(BUNDLE_DIR)).unwrap().is_dir());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // A pipe where a file goes is replaced, not read (reading it would block forever).
+        let fifo = dir.join(BUNDLE_DIR).join("install.sh");
+        std::fs::remove_file(&fifo).unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let filled = fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
+        assert_eq!(filled.written, 1);
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().is_file());
+        // An instance directory replaced by a link is not written to at all.
+        std::fs::rename(&dir, t.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, &dir).unwrap();
+        assert!(fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub trait Vault: Send + Sync {
     fn get(&self, vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError>;
     /// Stores VM `vm`'s key bytes, replacing any.
     fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError>;
+    /// Removes VM `vm`'s key; none there is not an error.
+    fn remove(&self, vm: &str) -> Result<(), KeychainError>;
 }
 
 /// Item label, the same on every OS.
@@ -110,6 +112,9 @@ impl Vault for OtherOs {
         Err(no_keychain())
     }
     fn put(&self, _vm: &str, _key: &[u8]) -> Result<(), KeychainError> {
+        Err(no_keychain())
+    }
+    fn remove(&self, _vm: &str) -> Result<(), KeychainError> {
         Err(no_keychain())
     }
 }
@@ -256,6 +261,68 @@ fn remove_moved_file(key: &LinkKey, file: &Path, name: &str) {
     }
 }
 
+/// Beside where a VM's key file would be, `NAME.lima` (no secret in it) says the VM is a
+/// Lima instance the agent adopted by discovery: when the instance is gone, so is its key.
+fn lima_marker(file: &Path) -> PathBuf {
+    file.with_extension("lima")
+}
+
+/// Most entries of the keys directory looked at for keys of vanished instances.
+const MAX_KEY_ENTRIES: usize = 4096;
+
+/// Records that the Lima instances of `settings` were adopted by discovery, and removes the
+/// keys (file, keychain item, markers) of instances adopted before that are gone now and not
+/// configured otherwise, so names that come and go leave nothing behind. Returns the names
+/// whose keys were removed. A key that cannot be removed is said and tried again next time.
+pub fn forget_vanished_lima(
+    settings: &Settings,
+    vault: impl FnOnce() -> Box<dyn Vault>,
+) -> Vec<String> {
+    let own_key = |name: &str| settings.vms.get(name).is_some_and(|vm| vm.key_file.is_none());
+    for name in settings.lima_instances.keys().filter(|n| own_key(n)) {
+        let m = lima_marker(&config::key_path(&settings.state_dir, name));
+        if !m.exists() && key_dirs(settings, &m).is_ok() {
+            let note = b"a Lima instance adopted by discovery: its key goes when it does\n";
+            if let Err(e) = config::write_private(&m, note) {
+                tracing::warn!(vm = %name, error = %format!("{e:#}"), "cannot mark an adopted Lima instance");
+            }
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(config::keys_dir(&settings.state_dir)) else {
+        return Vec::new();
+    };
+    let gone: Vec<String> = entries
+        .flatten()
+        .take(MAX_KEY_ENTRIES)
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".lima").map(str::to_owned))
+        .filter(|name| !settings.vms.contains_key(name) && config::valid_vm_name(name))
+        .collect();
+    if gone.is_empty() {
+        return gone;
+    }
+    let vault = vault();
+    let mut removed = Vec::new();
+    for name in gone {
+        let file = config::key_path(&settings.state_dir, &name);
+        if marker(&file).exists()
+            && let Err(e) = vault.remove(&name)
+        {
+            tracing::warn!(vm = %name, error = %e, "cannot remove the key of a Lima instance that is gone; tried again later");
+            continue;
+        }
+        for path in [file.clone(), marker(&file), lima_marker(&file)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove"),
+            }
+        }
+        tracing::info!(vm = %name, "the Lima instance is gone: its key is removed");
+        removed.push(name);
+    }
+    removed
+}
+
 /// Where VM `name`'s key is now, found without creating or moving anything (`doctor`).
 #[derive(Debug)]
 pub enum Found {
@@ -352,6 +419,13 @@ mod tests {
             }
             Ok(())
         }
+        fn remove(&self, vm: &str) -> Result<(), KeychainError> {
+            if self.down {
+                return Err(KeychainError::KeychainLocked { store: "memory" });
+            }
+            self.items.lock().unwrap().remove(vm);
+            Ok(())
+        }
     }
 
     fn settings(dir: &Path, store: &str) -> Settings {
@@ -365,6 +439,55 @@ mod tests {
         )
         .unwrap();
         Settings::load(&config::Overrides { config: Some(file), ..Default::default() }).unwrap()
+    }
+
+    /// Keys of Lima instances adopted by discovery go when the instance does, from the
+    /// keychain and from files; keys of VMs configured otherwise stay.
+    #[test]
+    fn keys_of_vanished_lima_instances_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lima = dir.path().join("lima");
+        for vm in ["vm1", "vm2", "a"] {
+            std::fs::create_dir_all(lima.join(vm)).unwrap();
+            std::fs::write(lima.join(vm).join("lima.yaml"), "").unwrap();
+        }
+        let file = dir.path().join("host-agent.toml");
+        let load = |config: &str| {
+            std::fs::write(&file, config).unwrap();
+            Settings::load(&config::Overrides { config: Some(file.clone()), ..Default::default() })
+                .unwrap()
+        };
+        let state = config::toml_string(&dir.path().join("state").display().to_string());
+        let lima_table = format!(
+            "[lima]\nhome = {}\ninstances = [\"*\"]\n",
+            config::toml_string(&lima.display().to_string())
+        );
+        let both = format!("state_dir = {state}\nkey_store = \"auto\"\n{lima_table}");
+        let s = load(&both);
+        let vault = Memory::default();
+        for vm in ["vm1", "vm2", "a"] {
+            let v = vault.clone();
+            load_key_with(&s, vm, move || Box::new(v)).unwrap();
+        }
+        let v = vault.clone();
+        assert!(forget_vanished_lima(&s, move || Box::new(v)).is_empty());
+        // vm1 is deleted; `a` is no longer an instance but is configured by hand.
+        std::fs::remove_dir_all(lima.join("vm1")).unwrap();
+        std::fs::remove_dir_all(lima.join("a")).unwrap();
+        let s = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
+        let v = vault.clone();
+        assert_eq!(forget_vanished_lima(&s, move || Box::new(v)), ["vm1"]);
+        let kept: Vec<String> = vault.items.lock().unwrap().keys().cloned().collect();
+        assert_eq!(kept, ["a", "vm2"]);
+        let marker = config::key_path(&s.state_dir, "vm1").with_extension("in-keychain");
+        assert!(!marker.exists() && !marker.with_extension("lima").exists());
+        // A keychain that does not answer keeps the marker, to try again.
+        std::fs::remove_dir_all(lima.join("vm2")).unwrap();
+        let s = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
+        let down = Memory { down: true, ..vault.clone() };
+        assert!(forget_vanished_lima(&s, move || Box::new(down)).is_empty());
+        let v = vault.clone();
+        assert_eq!(forget_vanished_lima(&s, move || Box::new(v)), ["vm2"]);
     }
 
     #[test]

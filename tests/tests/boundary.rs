@@ -717,3 +717,156 @@ fn a_store_erase_race_cannot_beat_the_budget() {
     assert_eq!(store(&vm2, "vm2.example"), Ok(Response::Done));
     assert!(matches!(call(&socket, get("vm2.example")), Ok(Response::Credential { .. })));
 }
+
+/// A Lima home laid out as plain Lima lays it out (`~/.lima`), with the guest binaries the
+/// agent puts in bundles, and an agent config serving it.
+struct LimaHome {
+    t: tempfile::TempDir,
+}
+
+impl LimaHome {
+    fn new() -> LimaHome {
+        let t = tempfile::tempdir().unwrap();
+        let guest = t.path().join("guest/linux-x86_64");
+        std::fs::create_dir_all(&guest).unwrap();
+        for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+            std::fs::write(guest.join(b), b).unwrap();
+        }
+        std::fs::create_dir_all(t.path().join("home/.lima/_config")).unwrap();
+        LimaHome { t }
+    }
+
+    fn lima(&self) -> std::path::PathBuf {
+        self.t.path().join("home/.lima")
+    }
+
+    fn instance(&self, name: &str, yaml: &str) -> std::path::PathBuf {
+        let dir = self.lima().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("lima.yaml"), yaml).unwrap();
+        dir
+    }
+
+    fn config(&self, instances: &str, extra: &str) {
+        let text = format!(
+            "key_store = \"file\"\n{extra}\n[lima]\nhome = {:?}\ninstances = {instances}\nguest_dir = {:?}\n",
+            self.lima().display().to_string(),
+            self.t.path().join("guest").display().to_string(),
+        );
+        std::fs::write(self.t.path().join("host-agent.toml"), text).unwrap();
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        self.t.path().join("state")
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.state().join("vms"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn agent(&self, log: &str) -> finch_tests::Proc {
+        let mut run = Command::new(finch_tests::bin("finch-host-agent"));
+        run.args(["run", "--config"])
+            .arg(self.t.path().join("host-agent.toml"))
+            .arg("--state-dir")
+            .arg(self.state())
+            .env("HOME", self.t.path().join("home"))
+            .env_remove("LIMA_HOME")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .env("RUST_LOG", "info");
+        let agent = finch_tests::Proc::spawn("host", run, &self.t.path().join(log));
+        assert!(
+            wait_until(STARTUP, || agent.output().contains("host agent ready")),
+            "the agent did not start:\n{}",
+            agent.output()
+        );
+        agent
+    }
+}
+
+/// Round 2, item 3: with `instances = ["*"]` and a Lima home a VM can write (plain Lima's
+/// `~/.lima` under a writable `~` mount), a directory made from inside the VM is not adopted:
+/// no bundle, no key, no link; and that holds after the VM hides its mount.
+#[test]
+fn lima_discovery_adopts_nothing_from_a_home_a_vm_can_write() {
+    let h = LimaHome::new();
+    let real = h.instance("real", "mounts:\n- location: \"~\"\n  writable: true\n");
+    let fake = h.instance("fake", "");
+    h.config("[\"*\"]", "");
+    let agent = h.agent("host1.log");
+    assert!(
+        wait_until(STARTUP, || agent.output().contains("adopts no instance")),
+        "{}",
+        agent.output()
+    );
+    let out = agent.output();
+    assert!(out.contains("VM real mounts") && out.contains(".lima"), "{out}");
+    drop(agent);
+    for dir in [&real, &fake] {
+        assert!(!dir.join("finch-bridge").exists(), "a bundle was written in {}", dir.display());
+    }
+    assert!(h.keys().iter().all(|k| !k.ends_with(".key")), "keys were made: {:?}", h.keys());
+    // The VM rewrites its lima.yaml to hide the mount it still has: the marker remembers.
+    std::fs::write(real.join("lima.yaml"), "").unwrap();
+    let agent = h.agent("host2.log");
+    assert!(
+        wait_until(STARTUP, || agent.output().contains("adopts no instance")),
+        "{}",
+        agent.output()
+    );
+    drop(agent);
+    assert!(!fake.join("finch-bridge").exists() && h.keys().is_empty(), "{:?}", h.keys());
+}
+
+/// Round 2, item 3: an instance named in `instances` is found among any number of other
+/// entries; a bundle directory that is a link is replaced, never written through; a
+/// `[vm.NAME]` policy for an instance not there yet does not stop the agent; and the keys of
+/// instances that are gone are removed.
+#[test]
+fn lima_discovery_holds_against_junk_links_and_churn() {
+    let h = LimaHome::new();
+    let finch = h.instance("finch", "arch: x86_64\n");
+    for i in 0..12_000 {
+        if i % 2 == 0 {
+            std::fs::write(h.lima().join(format!("junk{i:05}")), "").unwrap();
+        } else {
+            h.instance(&format!("aaa{i:05}"), "");
+        }
+    }
+    let outside = h.t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, finch.join("finch-bridge")).unwrap();
+    h.config("[\"finch\", \"later\"]", "[vm.later.policy]\nget = [\"reg.example\"]\n");
+    let agent = h.agent("host1.log");
+    let bundle = finch.join("finch-bridge");
+    assert!(
+        wait_until(STARTUP, || bundle.join("SHA256SUMS").exists()),
+        "the named instance was not served:\n{}",
+        agent.output()
+    );
+    assert!(std::fs::symlink_metadata(&bundle).unwrap().is_dir(), "the link was kept");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "written through the link");
+    assert_eq!(h.keys(), ["finch.key", "finch.lima"]);
+    drop(agent);
+    // Every instance: names come and go, their keys with them.
+    for i in 0..12_000 {
+        let _ = std::fs::remove_file(h.lima().join(format!("junk{i:05}")));
+        let _ = std::fs::remove_dir_all(h.lima().join(format!("aaa{i:05}")));
+    }
+    for i in 0..5 {
+        h.instance(&format!("vm{i}"), "");
+    }
+    h.config("[\"*\"]", "");
+    let agent = h.agent("host2.log");
+    let six = || h.keys().iter().filter(|k| k.ends_with(".key")).count() == 6;
+    assert!(wait_until(STARTUP, six), "{:?}\n{}", h.keys(), agent.output());
+    for i in 0..4 {
+        std::fs::remove_dir_all(h.lima().join(format!("vm{i}"))).unwrap();
+    }
+    let left = || h.keys() == ["finch.key", "finch.lima", "vm4.key", "vm4.lima"];
+    assert!(wait_until(Duration::from_secs(20), left), "{:?}\n{}", h.keys(), agent.output());
+}

@@ -207,4 +207,11 @@ impl crate::vm_keys::Vault for OsxKeyVault {
         options.set_label(&crate::vm_keys::label(vm));
         passwords::set_generic_password_options(key, options).map_err(classify)
     }
+
+    fn remove(&self, vm: &str) -> Result<(), KeychainError> {
+        match passwords::delete_generic_password(crate::vm_keys::SERVICE, vm) {
+            Err(e) if e.code() != NOT_FOUND => Err(classify(e)),
+            _ => Ok(()),
+        }
+    }
 }

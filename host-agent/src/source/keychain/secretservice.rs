@@ -329,4 +329,13 @@ impl crate::vm_keys::Vault for KeyVault {
             Ok(())
         })
     }
+
+    fn remove(&self, vm: &str) -> Result<(), KeychainError> {
+        self.run(async |s| {
+            for item in items_for(s, key_query(vm)).await? {
+                item.delete().await.map_err(classify)?;
+            }
+            Ok(())
+        })
+    }
 }

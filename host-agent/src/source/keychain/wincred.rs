@@ -245,6 +245,10 @@ impl crate::vm_keys::Vault for WinKeyVault {
     fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
         write_generic(&key_target(vm), "finch-host-agent", key, false, &crate::vm_keys::label(vm))
     }
+
+    fn remove(&self, vm: &str) -> Result<(), KeychainError> {
+        delete_generic(&key_target(vm))
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +275,8 @@ mod tests {
         assert!(WinCred.list().unwrap().iter().all(|e| e.server != target));
         WinCred.erase(&target).unwrap();
         assert!(vault.get(&vm).unwrap().is_some(), "the docker source erased a VM key");
-        delete_generic(&target).unwrap();
+        vault.remove(&vm).unwrap();
+        assert!(vault.get(&vm).unwrap().is_none(), "the key was not removed");
+        vault.remove(&vm).unwrap();
     }
 }
