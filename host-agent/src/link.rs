@@ -12,6 +12,7 @@ use finch_shared::frame::async_io::{
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, WireError};
+use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -71,25 +72,25 @@ pub async fn run_vm(
     loop {
         let attempt = async {
             let mut stream = crate::transport::dial(&vm.endpoint).await?;
-            let established = tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, &vm))
-                .await
-                .context("handshake timed out")??;
-            Ok::<_, anyhow::Error>((stream, established))
+            let (established, session) =
+                tokio::time::timeout(IO_TIMEOUT, handshake(&mut stream, &vm))
+                    .await
+                    .context("handshake timed out")??;
+            Ok::<_, anyhow::Error>((stream, established, session))
         };
         let result = tokio::select! {
             r = attempt => r,
             () = stopped(&mut shutdown) => return,
         };
         match result {
-            Ok((stream, established)) => {
+            Ok((stream, established, session)) => {
                 // The boot id is the guest's word: escaped, so it cannot forge a log line.
                 tracing::info!(vm = %vm.name, boot_id = ?established.boot_id, version = established.version, "link up");
                 last_error.clear();
                 backoff = BACKOFF_MIN;
                 board.link_up(&vm.name);
-                let reason =
-                    serve(stream, &vm, established.version, resolver.clone(), shutdown.clone())
-                        .await;
+                let link = Sealed { stream, session, version: established.version };
+                let reason = serve(link, &vm, resolver.clone(), shutdown.clone()).await;
                 tracing::info!(vm = %vm.name, %reason, "link down");
                 board.link_down(&vm.name, &reason);
                 if *shutdown.borrow() {
@@ -124,7 +125,7 @@ fn send_response(
 ) -> Result<(), QueueError> {
     let outcome = outcome.map(|r| r.for_version(version, LINK_VERSION_LIST_CUT));
     match queue.send(&LinkMsg::Response { id, outcome }) {
-        Err(QueueError::Codec(e)) => {
+        Err(e @ (QueueError::Codec(_) | QueueError::Seal(_))) => {
             tracing::warn!(id, error = %e, "answer too large for the link");
             let outcome = Err(WireError::unavailable("the answer is too large for the link"));
             queue.send(&LinkMsg::Response { id, outcome })
@@ -138,7 +139,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-async fn handshake<S>(stream: &mut S, vm: &VmLink) -> anyhow::Result<Established>
+async fn handshake<S>(stream: &mut S, vm: &VmLink) -> anyhow::Result<(Established, Session)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -146,9 +147,9 @@ where
     write_msg(stream, &hello).await.context("sending hello")?;
     let answer: Handshake = read_msg(stream).await.context("reading the guest's hello")?;
     match host.finish(answer) {
-        Ok((established, proof)) => {
+        Ok((established, session, proof)) => {
             write_msg(stream, &proof).await.context("sending our proof")?;
-            Ok(established)
+            Ok((established, session))
         }
         Err(e) => {
             if let Some(reject) = e.reject() {
@@ -159,22 +160,34 @@ where
     }
 }
 
-/// Serves an authenticated link of protocol `version` until it ends; returns why it ended.
-/// Every write goes through one writer task under [`WRITE_DEADLINE`], so a guest that stops
-/// reading cannot stall the heartbeat or shutdown.
+/// An authenticated link: its stream, the session that seals its frames, its version.
+#[derive(Debug)]
+pub struct Sealed<S> {
+    /// The stream, after the handshake.
+    pub stream: S,
+    /// The handshake's keys.
+    pub session: Session,
+    /// The negotiated protocol version.
+    pub version: u16,
+}
+
+/// Serves an authenticated link until it ends; returns why it ended. Every frame is sealed
+/// and opened with the link's session (one that does not open ends the link). Every write
+/// goes through one writer task under [`WRITE_DEADLINE`], so a guest that stops reading
+/// cannot stall the heartbeat or shutdown.
 pub async fn serve<S>(
-    stream: S,
+    link: Sealed<S>,
     vm: &VmLink,
-    version: u16,
     resolver: Arc<Resolver>,
     mut shutdown: watch::Receiver<bool>,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let Sealed { stream, session, version } = link;
     let (rd, wr) = tokio::io::split(stream);
-    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
-    let (out, _writer) = spawn_writer(wr, WRITE_QUEUE, WRITE_DEADLINE);
+    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd, session.opener);
+    let (out, _writer) = spawn_writer(wr, session.sealer, WRITE_QUEUE, WRITE_DEADLINE);
     let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
     let mut ticker = tokio::time::interval(vm.heartbeat);
     let mut last_heard = Instant::now();

@@ -116,6 +116,7 @@ pub mod async_io {
     use super::{
         FIRST_CHUNK, FrameError, HEADER_LEN, Payload, check_len, grow, header_for, map_eof,
     };
+    use crate::seal::{MAX_PLAINTEXT, Opener, SealError, Sealer};
 
     /// Reads one frame. Cancel-safe only between frames: drop the stream if a read is cancelled.
     pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Payload, FrameError> {
@@ -163,6 +164,9 @@ pub mod async_io {
         /// Encoding or decoding.
         #[error(transparent)]
         Codec(#[from] crate::codec::CodecError),
+        /// A sealed frame that does not open.
+        #[error(transparent)]
+        Seal(#[from] SealError),
     }
 
     /// Reads one frame and decodes it as a `T`.
@@ -175,12 +179,25 @@ pub mod async_io {
         Ok(crate::codec::decode(&payload)?)
     }
 
-    /// Reads messages from `reader` on a task of their own until the stream ends or fails,
-    /// and hands them over through the returned channel (the last item is the error that
-    /// ended it). Reading apart means `select!` in the consumer never cuts a frame in half.
-    /// The task stops when the returned guard is dropped.
+    /// Reads one sealed frame, opens it and decodes it as a `T`.
+    pub async fn read_sealed<T, R>(reader: &mut R, opener: &mut Opener) -> Result<T, MessageError>
+    where
+        T: serde::de::DeserializeOwned,
+        R: AsyncRead + Unpin,
+    {
+        let frame = read_frame(reader).await?;
+        let payload = opener.open(&frame)?;
+        Ok(crate::codec::decode(&payload)?)
+    }
+
+    /// Reads sealed messages from `reader` on a task of their own until the stream ends or
+    /// fails (a frame that does not open included), and hands them over through the returned
+    /// channel (the last item is the error that ended it). Reading apart means `select!` in
+    /// the consumer never cuts a frame in half. The task stops when the returned guard is
+    /// dropped.
     pub fn spawn_reader<T, R>(
         mut reader: R,
+        mut opener: Opener,
     ) -> (tokio::sync::mpsc::Receiver<Result<T, MessageError>>, ReaderTask)
     where
         T: serde::de::DeserializeOwned + Send + 'static,
@@ -189,7 +206,7 @@ pub mod async_io {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let task = tokio::spawn(async move {
             loop {
-                let msg = read_msg::<T, _>(&mut reader).await;
+                let msg = read_sealed::<T, _>(&mut reader, &mut opener).await;
                 let stop = msg.is_err();
                 if tx.send(msg).await.is_err() || stop {
                     break;
@@ -215,6 +232,9 @@ pub mod async_io {
         /// The message cannot be encoded into one frame.
         #[error(transparent)]
         Codec(#[from] crate::codec::CodecError),
+        /// The message does not fit one sealed frame.
+        #[error(transparent)]
+        Seal(#[from] SealError),
         /// The queue is full: the peer stopped reading.
         #[error("the peer stopped reading: {0} frames wait to be written")]
         Stalled(usize),
@@ -233,10 +253,12 @@ pub mod async_io {
     }
 
     impl FrameQueue {
-        /// Encodes `msg` and queues it.
+        /// Encodes `msg` and queues it (sealed by the writer, in the order written).
         pub fn send<T: serde::Serialize>(&self, msg: &T) -> Result<(), QueueError> {
-            // The encoder refuses anything over the frame limit.
             let payload = crate::codec::encode(msg)?;
+            if payload.len() > MAX_PLAINTEXT {
+                return Err(QueueError::Seal(SealError::FrameTooLarge { len: payload.len() }));
+            }
             self.tx.try_send(payload).map_err(|e| match e {
                 tokio::sync::mpsc::error::TrySendError::Full(_) => {
                     QueueError::Stalled(self.capacity)
@@ -262,11 +284,13 @@ pub mod async_io {
         }
     }
 
-    /// Writes the frames queued on the returned [`FrameQueue`] (at most `capacity` waiting)
-    /// to `writer` on a task of its own, each write and flush bounded by `deadline`; the first
-    /// failure or missed deadline stops it. The task stops when the guard is dropped.
+    /// Seals the frames queued on the returned [`FrameQueue`] (at most `capacity` waiting)
+    /// in the order they were queued and writes them to `writer` on a task of its own, each
+    /// write and flush bounded by `deadline`; the first failure or missed deadline stops it.
+    /// The task stops when the guard is dropped.
     pub fn spawn_writer<W>(
         mut writer: W,
+        mut sealer: Sealer,
         capacity: usize,
         deadline: std::time::Duration,
     ) -> (FrameQueue, ReaderTask)
@@ -279,13 +303,20 @@ pub mod async_io {
         let failed = error.clone();
         let task = tokio::spawn(async move {
             while let Some(payload) = rx.recv().await {
-                let why = match tokio::time::timeout(deadline, write_frame(&mut writer, &payload))
-                    .await
-                {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("a write took longer than {} ms", deadline.as_millis()),
+                let sealed = match sealer.seal(&payload) {
+                    Ok(sealed) => sealed,
+                    Err(e) => {
+                        *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(e.to_string());
+                        break;
+                    }
                 };
+                let why =
+                    match tokio::time::timeout(deadline, write_frame(&mut writer, &sealed)).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("a write took longer than {} ms", deadline.as_millis()),
+                    };
                 *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
                 break;
             }
@@ -354,7 +385,10 @@ mod tests {
     async fn a_writer_whose_peer_stops_reading_stalls_then_fails_by_its_deadline() {
         use async_io::{QueueError, spawn_writer};
         let (ours, _never_read) = tokio::io::duplex(16);
-        let (queue, _task) = spawn_writer(ours, 4, std::time::Duration::from_millis(200));
+        let key = crate::key::LinkKey::from_bytes(&[1; 32]).unwrap();
+        let session = crate::seal::Session::new(&key, b"t", crate::seal::Role::Host);
+        let deadline = std::time::Duration::from_millis(200);
+        let (queue, _task) = spawn_writer(ours, session.sealer, 4, deadline);
         let started = std::time::Instant::now();
         let mut stalled = false;
         for n in 0u64..100 {

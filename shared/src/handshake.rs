@@ -4,23 +4,28 @@
 //! host  → guest  HostHello  { versions, vm, nonce_h }
 //! guest → host   GuestHello { version, boot_id, nonce_g, proof_g }
 //! host  → guest  HostProof  { proof_h }
-//! proof_x = HMAC-SHA256(key, label_x ‖ version ‖ vm ‖ nonce_h ‖ nonce_g ‖ boot_id)
+//! transcript = version ‖ versions ‖ vm ‖ nonce_h ‖ nonce_g ‖ boot_id   (lengths prefixed)
+//! proof_x    = HMAC-SHA256(key, label_x ‖ transcript)
 //! ```
 //!
 //! Distinct labels stop a proof from being reflected; fresh nonces on both sides stop a
-//! recorded handshake from being replayed. The host serves nothing until `proof_g` verifies,
-//! and the guest sends no request until `proof_h` does. The key never crosses the link.
+//! recorded handshake from being replayed; the versions the host offered are in the
+//! transcript, so a relay that strips versions from the hello fails the proofs instead of
+//! choosing an older protocol. The host serves nothing until `proof_g` verifies, and the
+//! guest sends no request until `proof_h` does. The key never crosses the link. Each side
+//! finishes with the [`Session`] that seals every later frame ([`crate::seal`]).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::key::LinkKey;
 use crate::message::{Handshake, LINK_VERSIONS, MAX_VERSIONS, Nonce, Proof, RejectReason};
+use crate::seal::{Role, Session};
 
 type HmacSha256 = Hmac<Sha256>;
 
-const GUEST_LABEL: &[u8] = b"finch-link guest proof";
-const HOST_LABEL: &[u8] = b"finch-link host proof";
+const GUEST_LABEL: &[u8] = b"finch-link v3 guest proof";
+const HOST_LABEL: &[u8] = b"finch-link v3 host proof";
 
 /// Longest VM name or boot id accepted in a handshake.
 pub const MAX_NAME_LEN: usize = 256;
@@ -87,22 +92,37 @@ fn mac(key: &LinkKey, label: &[u8], t: &Transcript<'_>) -> HmacSha256 {
         Err(_) => unreachable!("HMAC accepts keys of every length"),
     };
     mac.update(label);
-    mac.update(&t.version.to_be_bytes());
-    mac.update(&(t.vm.len() as u32).to_be_bytes());
-    mac.update(t.vm.as_bytes());
-    mac.update(t.host_nonce);
-    mac.update(t.guest_nonce);
-    mac.update(&(t.boot_id.len() as u32).to_be_bytes());
-    mac.update(t.boot_id.as_bytes());
+    mac.update(&t.bytes());
     mac
 }
 
 struct Transcript<'a> {
     version: u16,
+    offered: &'a [u16],
     vm: &'a str,
     host_nonce: &'a Nonce,
     guest_nonce: &'a Nonce,
     boot_id: &'a str,
+}
+
+impl Transcript<'_> {
+    /// The bytes both proofs and the session keys are over; every variable field is
+    /// length-prefixed, so no two transcripts share their bytes.
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.vm.len() + self.boot_id.len());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&(self.offered.len() as u32).to_be_bytes());
+        for v in self.offered {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        out.extend_from_slice(&(self.vm.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.vm.as_bytes());
+        out.extend_from_slice(self.host_nonce);
+        out.extend_from_slice(self.guest_nonce);
+        out.extend_from_slice(&(self.boot_id.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.boot_id.as_bytes());
+        out
+    }
 }
 
 fn prove(key: &LinkKey, label: &[u8], t: &Transcript<'_>) -> Proof {
@@ -151,8 +171,12 @@ impl HostHandshake {
         Ok((Self { key, vm: vm.to_owned(), nonce }, hello))
     }
 
-    /// Checks the guest's hello. On success, send the returned proof and the link is up.
-    pub fn finish(self, msg: Handshake) -> Result<(Established, Handshake), HandshakeError> {
+    /// Checks the guest's hello. On success, send the returned proof and the link is up,
+    /// sealed by the returned session.
+    pub fn finish(
+        self,
+        msg: Handshake,
+    ) -> Result<(Established, Session, Handshake), HandshakeError> {
         let Handshake::GuestHello { version, boot_id, nonce, proof } = peer_message(msg)? else {
             return Err(HandshakeError::Unexpected("expected the guest's hello"));
         };
@@ -165,6 +189,7 @@ impl HostHandshake {
         check_name(&boot_id, "boot id too long")?;
         let t = Transcript {
             version,
+            offered: LINK_VERSIONS,
             vm: &self.vm,
             host_nonce: &self.nonce,
             guest_nonce: &nonce,
@@ -172,7 +197,8 @@ impl HostHandshake {
         };
         verify(&self.key, GUEST_LABEL, &t, &proof)?;
         let answer = Handshake::HostProof { proof: prove(&self.key, HOST_LABEL, &t) };
-        Ok((Established { version, vm: self.vm, boot_id }, answer))
+        let session = Session::new(&self.key, &t.bytes(), Role::Host);
+        Ok((Established { version, vm: self.vm, boot_id }, session, answer))
     }
 }
 
@@ -181,6 +207,7 @@ impl HostHandshake {
 pub struct GuestHandshake {
     key: LinkKey,
     established: Established,
+    offered: Vec<u16>,
     host_nonce: Nonce,
     nonce: Nonce,
 }
@@ -210,6 +237,7 @@ impl GuestHandshake {
         let boot_id: String = boot_id.chars().take(MAX_NAME_LEN).collect();
         let t = Transcript {
             version,
+            offered: &versions,
             vm: &vm,
             host_nonce: &host_nonce,
             guest_nonce: &nonce,
@@ -217,27 +245,27 @@ impl GuestHandshake {
         };
         let proof = prove(&key, GUEST_LABEL, &t);
         let hello = Handshake::GuestHello { version, boot_id: boot_id.clone(), nonce, proof };
-        Ok((
-            Self { key, established: Established { version, vm, boot_id }, host_nonce, nonce },
-            hello,
-        ))
+        let established = Established { version, vm, boot_id };
+        Ok((Self { key, established, offered: versions, host_nonce, nonce }, hello))
     }
 
-    /// Checks the host's proof; on success the link is up.
-    pub fn finish(self, msg: Handshake) -> Result<Established, HandshakeError> {
+    /// Checks the host's proof; on success the link is up, sealed by the returned session.
+    pub fn finish(self, msg: Handshake) -> Result<(Established, Session), HandshakeError> {
         let Handshake::HostProof { proof } = peer_message(msg)? else {
             return Err(HandshakeError::Unexpected("expected the host's proof"));
         };
         let e = &self.established;
         let t = Transcript {
             version: e.version,
+            offered: &self.offered,
             vm: &e.vm,
             host_nonce: &self.host_nonce,
             guest_nonce: &self.nonce,
             boot_id: &e.boot_id,
         };
         verify(&self.key, HOST_LABEL, &t, &proof)?;
-        Ok(self.established)
+        let session = Session::new(&self.key, &t.bytes(), Role::Guest);
+        Ok((self.established, session))
     }
 }
 
@@ -253,11 +281,27 @@ mod tests {
     fn same_key_succeeds_both_ways() {
         let (host, hello) = HostHandshake::start(key(1), "default").unwrap();
         let (guest, ghello) = GuestHandshake::answer(key(1), "boot-1", hello).unwrap();
-        let (h, proof) = host.finish(ghello).unwrap();
-        let g = guest.finish(proof).unwrap();
+        let (h, mut hs, proof) = host.finish(ghello).unwrap();
+        let (g, mut gs) = guest.finish(proof).unwrap();
         assert_eq!(h, g);
         assert_eq!(h.version, *LINK_VERSIONS.last().unwrap());
         assert_eq!(h.boot_id, "boot-1");
+        // Both ends derived the same keys, one per direction.
+        let frame = hs.sealer.seal(b"request").unwrap();
+        assert_eq!(&gs.opener.open(&frame).unwrap()[..], b"request");
+        let frame = gs.sealer.seal(b"answer").unwrap();
+        assert_eq!(&hs.opener.open(&frame).unwrap()[..], b"answer");
+    }
+
+    #[test]
+    fn a_hello_with_versions_stripped_fails_the_proof() {
+        let (host, hello) = HostHandshake::start(key(1), "vm").unwrap();
+        let Handshake::HostHello { vm, nonce, .. } = hello else { panic!() };
+        let mut offered = LINK_VERSIONS.to_vec();
+        offered.push(u16::MAX);
+        let relayed = Handshake::HostHello { versions: offered, vm, nonce };
+        let (_guest, ghello) = GuestHandshake::answer(key(1), "b", relayed).unwrap();
+        assert_eq!(host.finish(ghello).unwrap_err(), HandshakeError::ProofMismatch);
     }
 
     #[test]
@@ -293,7 +337,7 @@ mod tests {
     fn replayed_host_proof_fails() {
         let (host, hello) = HostHandshake::start(key(1), "vm").unwrap();
         let (guest, ghello) = GuestHandshake::answer(key(1), "b", hello.clone()).unwrap();
-        let (_, proof) = host.finish(ghello).unwrap();
+        let (_, _, proof) = host.finish(ghello).unwrap();
         guest.finish(proof.clone()).unwrap();
         // Same host hello replayed to a new guest session: new guest nonce, old proof fails.
         let (guest2, _) = GuestHandshake::answer(key(1), "b", hello).unwrap();
@@ -306,8 +350,12 @@ mod tests {
         let err = GuestHandshake::answer(key(1), "b", hello).unwrap_err();
         assert!(matches!(err, HandshakeError::VersionMismatch { .. }));
         assert_eq!(err.reject(), Some(Handshake::Reject { reason: RejectReason::NoCommonVersion }));
-        let hello = Handshake::HostHello { versions: vec![9, 1], vm: "vm".into(), nonce: [0; 32] };
+        let hello = Handshake::HostHello { versions: vec![9, 3], vm: "vm".into(), nonce: [0; 32] };
         assert!(GuestHandshake::answer(key(1), "b", hello).is_ok());
+        // Versions 1 and 2 sent frames in plaintext: no longer spoken.
+        let hello = Handshake::HostHello { versions: vec![1, 2], vm: "vm".into(), nonce: [0; 32] };
+        let err = GuestHandshake::answer(key(1), "b", hello).unwrap_err();
+        assert!(matches!(err, HandshakeError::VersionMismatch { .. }));
     }
 
     #[test]

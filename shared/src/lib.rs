@@ -23,6 +23,7 @@ pub mod limit;
 pub mod message;
 pub mod private;
 pub mod registry;
+pub mod seal;
 mod secret;
 
 pub use secret::Secret;

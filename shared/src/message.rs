@@ -8,9 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::Secret;
 
-/// Link protocol versions this build speaks, newest last. Version 2 adds
-/// [`Response::ListCut`]; a version-1 peer is answered [`Response::List`] instead.
-pub const LINK_VERSIONS: &[u16] = &[1, 2];
+/// Link protocol versions this build speaks, newest last. Version 2 added
+/// [`Response::ListCut`]. Version 3 seals every frame after the handshake
+/// ([`crate::seal`]) and puts the offered versions in the handshake's transcript; versions 1
+/// and 2 sent those frames in plaintext and are no longer spoken, so an older peer is told
+/// "no common protocol version" and nothing else.
+pub const LINK_VERSIONS: &[u16] = &[3];
 
 /// The first link version that may carry [`Response::ListCut`].
 pub const LINK_VERSION_LIST_CUT: u16 = 2;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use finch_shared::codec;
 use finch_shared::frame::{read_frame, write_frame};
-use finch_shared::message::{Handshake, LinkMsg, Request};
+use finch_shared::message::{Handshake, LINK_VERSIONS, LinkMsg, Request};
 use finch_tests::{Bridge, STARTUP, wait_until};
 
 const NOT_FOUND: &str = "credentials not found in native keychain\n";
@@ -103,7 +103,7 @@ fn impostor_guest_without_the_key_is_not_served() {
     send(
         &mut s,
         &Handshake::GuestHello {
-            version: 1,
+            version: LINK_VERSIONS[0],
             boot_id: "fake".into(),
             nonce: [1; 32],
             proof: [2; 32],
@@ -147,7 +147,8 @@ fn impostor_host_is_refused_and_sees_no_request() {
         let input = format!(r#"{{"ServerURL":"reg.example","Username":"u","Secret":"{SECRET}"}}"#);
         finch_tests::run_with_input(cmd, input.as_bytes(), Duration::from_secs(60))
     });
-    send(&mut s, &Handshake::HostHello { versions: vec![1], vm: "itvm".into(), nonce: [3; 32] });
+    let versions = LINK_VERSIONS.to_vec();
+    send(&mut s, &Handshake::HostHello { versions, vm: "itvm".into(), nonce: [3; 32] });
     let answer: Handshake = codec::decode(&read_frame(&mut s).unwrap()).unwrap();
     let Handshake::GuestHello { proof, .. } = answer else { panic!("{answer:?}") };
     // Reflecting the guest's own proof back does not work either.

@@ -870,3 +870,110 @@ fn lima_discovery_holds_against_junk_links_and_churn() {
     let left = || h.keys() == ["finch.key", "finch.lima", "vm4.key", "vm4.lima"];
     assert!(wait_until(Duration::from_secs(20), left), "{:?}\n{}", h.keys(), agent.output());
 }
+
+/// What a process on the link's path does with the frames it relays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// Passes every frame on.
+    Forward,
+    /// Flips one bit of the next frame from the guest.
+    Alter,
+    /// Drops the guest and sends its own plaintext request on the host's stream.
+    Hijack,
+}
+
+/// A relay between the host agent and the guest's link socket, frame by frame, that keeps
+/// every byte it sees (both directions) and acts as `mode` says on frames after the
+/// handshake (the first three).
+fn start_relay(
+    listener: std::os::unix::net::UnixListener,
+    guest: std::path::PathBuf,
+    mode: std::sync::Arc<std::sync::Mutex<Relay>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    std::thread::spawn(move || {
+        for host in listener.incoming() {
+            let Ok(host) = host else { continue };
+            let Ok(guest) = UnixStream::connect(&guest) else { continue };
+            let pipe = |mut from: UnixStream, mut to: UnixStream, from_guest: bool| {
+                let (mode, seen) = (mode.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while let Ok(frame) = read_frame(&mut from) {
+                        n += 1;
+                        seen.lock().unwrap().extend_from_slice(&frame);
+                        let mut frame = frame.to_vec();
+                        let now = *mode.lock().unwrap();
+                        if from_guest && n > 1 && now == Relay::Alter {
+                            frame[0] ^= 1;
+                            *mode.lock().unwrap() = Relay::Forward;
+                        }
+                        if from_guest && n > 1 && now == Relay::Hijack {
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                            let request = finch_shared::message::LinkMsg::Request {
+                                id: 1,
+                                request: get("reg.example"),
+                            };
+                            frame = codec::encode(&request).unwrap().to_vec();
+                        }
+                        if write_frame(&mut to, &frame).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(guest.try_clone().unwrap(), host.try_clone().unwrap(), true);
+            pipe(host, guest, false);
+        }
+    });
+}
+
+/// Round 2, the link: every frame after the handshake is sealed. A relay on the link's path
+/// sees no secret, no user and no registry name; a frame it alters closes the link; and
+/// requests it makes up on the host's authenticated stream are never answered.
+#[test]
+fn a_relay_on_the_link_sees_nothing_and_changes_nothing() {
+    use std::sync::{Arc, Mutex};
+    let secret = "relay-sees-this-secret";
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("relay-user:{secret}"),
+    );
+    let mut b = Bridge::new(&format!(r#"{{"auths":{{"reg.example":{{"auth":"{auth}"}}}}}}"#));
+    let relay_path = b.path("relay.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&relay_path).unwrap();
+    b.host_dials = Some(relay_path);
+    let mode = Arc::new(Mutex::new(Relay::Forward));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    b.start_guest();
+    start_relay(listener, b.link_socket(), mode.clone(), seen.clone());
+    b.start_host();
+    b.wait_link_up(1);
+    for _ in 0..3 {
+        let got = call(&b.helper_socket(), get("reg.example"));
+        assert!(matches!(&got, Ok(Response::Credential { .. })), "{got:?}");
+    }
+    let _ = call(&b.helper_socket(), Request::List);
+    let relayed = seen.lock().unwrap().clone();
+    assert!(relayed.len() > 200, "the relay saw {} bytes", relayed.len());
+    for plain in [secret, "relay-user", "reg.example", auth.as_str()] {
+        assert!(
+            !relayed.windows(plain.len()).any(|w| w == plain.as_bytes()),
+            "the relay read {plain:?}"
+        );
+    }
+    // One bit flipped in a frame from the guest: the host closes the link.
+    *mode.lock().unwrap() = Relay::Alter;
+    let forged = || b.host_log().matches("failed authentication").count();
+    assert!(wait_until(STARTUP, || forged() >= 1), "{}", b.host_log());
+    b.wait_link_up(2);
+    // The relay drops the guest and asks the host itself: no answer, the link closes.
+    seen.lock().unwrap().clear();
+    *mode.lock().unwrap() = Relay::Hijack;
+    let _ = call(&b.helper_socket(), get("reg.example"));
+    assert!(wait_until(STARTUP, || forged() >= 2), "{}", b.host_log());
+    let relayed = seen.lock().unwrap().clone();
+    assert!(!relayed.windows(secret.len()).any(|w| w == secret.as_bytes()), "answered");
+    assert!(!b.host_log().contains(secret) && !b.guest_log().contains(secret));
+}

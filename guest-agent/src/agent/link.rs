@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::frame::async_io::{spawn_reader, spawn_writer};
+use finch_shared::frame::async_io::{QueueError, spawn_reader, spawn_writer};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
+use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -106,7 +107,7 @@ impl LinkSlot {
 
     /// Makes `stream` (already authenticated) the active link, closing the previous one, and
     /// serves it until it ends.
-    pub async fn run<S>(&self, stream: S, heartbeat: Duration, shutdown: Shutdown)
+    pub async fn run<S>(&self, stream: S, session: Session, heartbeat: Duration, shutdown: Shutdown)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -124,7 +125,7 @@ impl LinkSlot {
         self.current.send_replace(Some(Handle { generation, calls: calls_tx }));
         self.set_down_since(None);
         tracing::info!(link = generation, "host link up");
-        let reason = drive(stream, calls, close, heartbeat, shutdown).await;
+        let reason = drive(stream, session, calls, close, heartbeat, shutdown).await;
         let gone = self.current.send_if_modified(|cur| {
             if cur.as_ref().is_some_and(|h| h.generation == generation) {
                 *cur = None;
@@ -154,6 +155,7 @@ impl LinkSlot {
 /// task under a deadline, so a host that stops reading cannot stall heartbeat or shutdown.
 async fn drive<S>(
     stream: S,
+    session: Session,
     mut calls: mpsc::Receiver<Call>,
     mut close: oneshot::Receiver<()>,
     heartbeat: Duration,
@@ -163,8 +165,8 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd);
-    let (out, _writer) = spawn_writer(wr, WRITE_QUEUE, IO_TIMEOUT);
+    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd, session.opener);
+    let (out, _writer) = spawn_writer(wr, session.sealer, WRITE_QUEUE, IO_TIMEOUT);
     let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut ticker = tokio::time::interval(heartbeat);
@@ -209,7 +211,7 @@ where
                     Ok(()) => {
                         pending.insert(id, tx);
                     }
-                    Err(finch_shared::frame::async_io::QueueError::Codec(e)) => {
+                    Err(e @ (QueueError::Codec(_) | QueueError::Seal(_))) => {
                         let _ = tx.send(Err(WireError::BadRequest { reason: format!("the request cannot be sent: {e}") }));
                     }
                     Err(e) => break e.to_string(),
@@ -242,7 +244,10 @@ mod tests {
         let (calls_tx, calls) = mpsc::channel(64);
         let (_close_tx, close) = oneshot::channel();
         let (stop, shutdown) = Shutdown::new();
-        let driver = tokio::spawn(drive(ours, calls, close, Duration::from_millis(50), shutdown));
+        let key = finch_shared::key::LinkKey::from_bytes(&[1; 32]).unwrap();
+        let session = Session::new(&key, b"t", finch_shared::seal::Role::Guest);
+        let beat = Duration::from_millis(50);
+        let driver = tokio::spawn(drive(ours, session, calls, close, beat, shutdown));
         // Fill the pipe: pings, and requests nobody will read.
         for _ in 0..20 {
             let (tx, _rx) = oneshot::channel();

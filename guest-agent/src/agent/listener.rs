@@ -278,9 +278,9 @@ async fn authenticate<S>(
     };
     drop(place);
     match outcome {
-        Ok(Ok(established)) => {
+        Ok(Ok((established, session))) => {
             tracing::info!(vm = ?established.vm, version = established.version, "host authenticated");
-            slot.run(stream, settings.heartbeat, shutdown).await;
+            slot.run(stream, session, settings.heartbeat, shutdown).await;
         }
         Ok(Err(e)) => settings.refused("link handshake failed; connection closed", &e.to_string()),
         Err(_) => settings.refused("link handshake timed out; connection closed", ""),
@@ -290,7 +290,7 @@ async fn authenticate<S>(
 async fn handshake<S>(
     stream: &mut S,
     key: LinkKey,
-) -> anyhow::Result<finch_shared::handshake::Established>
+) -> anyhow::Result<(finch_shared::handshake::Established, finch_shared::seal::Session)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -308,7 +308,7 @@ where
     write_msg(stream, &answer).await.context("sending our hello")?;
     let proof: Handshake = read_msg(stream).await.context("reading the host's proof")?;
     match guest.finish(proof) {
-        Ok(established) => Ok(established),
+        Ok(done) => Ok(done),
         Err(e) => {
             if let Some(reject) = e.reject() {
                 let _ = write_msg(stream, &reject).await;

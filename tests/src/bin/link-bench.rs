@@ -187,14 +187,15 @@ fn fake_guest(listener: UnixListener, key: LinkKey) {
                 let Ok(Ok(proof)) = read_frame(&mut s).map(|f| decode::<Handshake>(&f)) else {
                     continue;
                 };
-                if guest.finish(proof).is_err() {
-                    continue;
-                }
+                let Ok((_, mut session)) = guest.finish(proof) else { continue };
                 while let Ok(frame) = read_frame(&mut s) {
-                    if let Ok(LinkMsg::Ping { seq }) = decode::<LinkMsg>(&frame)
-                        && write_frame(&mut s, &encode(&LinkMsg::Pong { seq }).unwrap()).is_err()
-                    {
-                        break;
+                    let Ok(plain) = session.opener.open(&frame) else { break };
+                    if let Ok(LinkMsg::Ping { seq }) = decode::<LinkMsg>(&plain) {
+                        let pong = encode(&LinkMsg::Pong { seq }).unwrap();
+                        let sealed = session.sealer.seal(&pong).unwrap();
+                        if write_frame(&mut s, &sealed).is_err() {
+                            break;
+                        }
                     }
                 }
             }
