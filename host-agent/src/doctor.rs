@@ -265,7 +265,7 @@ fn check_docker_config(
             r.ok(&what, "served natively (AWS credentials checked below)");
             continue;
         }
-        match current.helper(name) {
+        match current.helper("doctor", name) {
             Ok(source) if native => {
                 let bound = settings.keychain_timeout + Duration::from_secs(1);
                 match runtime.block_on(async { tokio::time::timeout(bound, source.list()).await }) {

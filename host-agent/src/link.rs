@@ -11,7 +11,7 @@ use finch_shared::frame::async_io::{
 };
 use finch_shared::handshake::{Established, HostHandshake};
 use finch_shared::key::LinkKey;
-use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, WireError};
+use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, Request, WireError};
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -27,8 +27,52 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Silent intervals after which a link is dead.
 pub const HEARTBEAT_MISSES: u32 = 3;
-/// Most requests being answered at once on one link.
+/// Most requests a link holds at once: the ones being resolved and the ones waiting their
+/// turn; past it, `busy`.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Requests of one VM started per second, sustained; a burst of [`REQUEST_BURST`] starts at
+/// once. A pull needs one or two lookups, so no client in a VM meets it; a flood waits its
+/// turn in order (its callers wait, then `busy`), so what the host spends on one VM is
+/// bounded and other VMs keep their pace ([`crate::fair`]).
+pub const REQUEST_RATE: u32 = 100;
+/// See [`REQUEST_RATE`].
+pub const REQUEST_BURST: u32 = 200;
+
+/// A token bucket of request starts.
+#[derive(Debug)]
+struct RequestBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RequestBudget {
+    fn full(now: Instant) -> Self {
+        RequestBudget { tokens: f64::from(REQUEST_BURST), at: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(REQUEST_RATE);
+        self.tokens = (self.tokens + gained).min(f64::from(REQUEST_BURST));
+        self.at = now;
+    }
+
+    /// Takes a start at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next start will be there.
+    fn next(&self) -> Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.at + Duration::from_secs_f64(missing / f64::from(REQUEST_RATE))
+    }
+}
 /// Longest one write to the guest may take; a guest that stops reading loses its link.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// Frames waiting to be written (every answer in flight, and pings and pongs).
@@ -87,10 +131,16 @@ pub async fn run_vm(
                 // The boot id is the guest's word: escaped, so it cannot forge a log line.
                 tracing::info!(vm = %vm.name, boot_id = ?established.boot_id, version = established.version, "link up");
                 last_error.clear();
-                backoff = BACKOFF_MIN;
                 board.link_up(&vm.name);
+                let up = Instant::now();
                 let link = Sealed { stream, session, version: established.version };
                 let reason = serve(link, &vm, resolver.clone(), shutdown.clone()).await;
+                // A link that ends soon after it came up (a guest sending bad frames, say)
+                // does not reset the backoff: relinks slow down to the cap, not stay at full
+                // speed.
+                if up.elapsed() >= stable_after(&vm) {
+                    backoff = BACKOFF_MIN;
+                }
                 tracing::info!(vm = %vm.name, %reason, "link down");
                 board.link_down(&vm.name, &reason);
                 if *shutdown.borrow() {
@@ -113,6 +163,11 @@ pub async fn run_vm(
         }
         backoff = (backoff * 2).min(vm.backoff_max);
     }
+}
+
+/// How long a link must have lasted for the next dial to start again from [`BACKOFF_MIN`].
+fn stable_after(vm: &VmLink) -> Duration {
+    (vm.heartbeat * HEARTBEAT_MISSES).max(Duration::from_secs(2))
 }
 
 /// Queues an answer in the form the guest's protocol `version` knows; one too large for a
@@ -189,6 +244,13 @@ where
     let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd, session.opener);
     let (out, _writer) = spawn_writer(wr, session.sealer, WRITE_QUEUE, WRITE_DEADLINE);
     let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
+    let mut waiting: std::collections::VecDeque<(u64, Request)> = Default::default();
+    let mut budget = RequestBudget::full(Instant::now());
+    let start = |answering: &mut JoinSet<_>, id: u64, request: Request| {
+        let resolver = resolver.clone();
+        let name = vm.name.clone();
+        answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+    };
     let mut ticker = tokio::time::interval(vm.heartbeat);
     let mut last_heard = Instant::now();
     let mut seq: u64 = 0;
@@ -201,12 +263,13 @@ where
                 last_heard = Instant::now();
                 let reply = match msg {
                     Some(Ok(LinkMsg::Request { id, request })) => {
-                        if answering.len() >= MAX_IN_FLIGHT {
+                        if answering.len() + waiting.len() >= MAX_IN_FLIGHT {
                             Some(LinkMsg::Response { id, outcome: Err(WireError::unavailable("host agent busy: too many requests in flight")) })
+                        } else if waiting.is_empty() && budget.take(Instant::now()) {
+                            start(&mut answering, id, request);
+                            None
                         } else {
-                            let resolver = resolver.clone();
-                            let name = vm.name.clone();
-                            answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+                            waiting.push_back((id, request));
                             None
                         }
                     }
@@ -220,6 +283,13 @@ where
                     && let Err(e) = out.send(&reply)
                 {
                     break e.to_string();
+                }
+            }
+            () = tokio::time::sleep_until(budget.next()), if !waiting.is_empty() => {
+                while !waiting.is_empty() && budget.take(Instant::now()) {
+                    if let Some((id, request)) = waiting.pop_front() {
+                        start(&mut answering, id, request);
+                    }
                 }
             }
             Some(done) = answering.join_next(), if !answering.is_empty() => {
@@ -244,4 +314,23 @@ where
     };
     answering.shutdown().await;
     reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_start_in_a_burst_then_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = RequestBudget::full(t0);
+        for _ in 0..REQUEST_BURST {
+            assert!(b.take(t0));
+        }
+        assert!(!b.take(t0));
+        assert!(b.next() > t0 && b.next() <= t0 + Duration::from_millis(11));
+        let one_second = t0 + Duration::from_secs(1);
+        let started = (0..1000).filter(|_| b.take(one_second)).count();
+        assert_eq!(started as u32, REQUEST_RATE);
+    }
 }

@@ -5,8 +5,9 @@
 //! each VM, authenticate, serve, reconnect), `resolve` (policy, route a request in docker/cli's
 //! order, try every registry spelling, audit), `source` (the credential sources behind one
 //! trait: host helpers, plaintext `auths`, native keychains), `control` (the control socket
-//! behind `status` and `reload`), `status`, `doctor`, `transport` (unix, vsock, hybrid vsock,
-//! Hyper-V: one stream type, chosen by the endpoint string).
+//! behind `status` and `reload`), `status`, `doctor`, `fair` (fair shares of host helper
+//! processes between VMs), `budget` (what each VM stored), `transport` (unix, vsock, hybrid
+//! vsock, Hyper-V: one stream type, chosen by the endpoint string).
 //!
 //! Path of a request: guest's `LinkMsg::Request` → `link::serve` spawns →
 //! `Resolver::handle` (check, policy) → `source::*` → audit line → `LinkMsg::Response` back on
@@ -17,6 +18,7 @@ mod budget;
 mod config;
 mod control;
 mod doctor;
+mod fair;
 mod install;
 mod lima;
 mod link;

@@ -12,11 +12,12 @@ use finch_shared::registry::Registry;
 
 use crate::budget::StoreBudget;
 use crate::config::Settings;
+use crate::fair::Shares;
 use crate::policy::Rule;
 use crate::source::docker_config::{ConfigCache, DockerConfig, PlainAuths};
 use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;
-use crate::source::{Credential, CredentialSource, SourceError, keychain};
+use crate::source::{Credential, CredentialSource, SourceError, SourceKind, keychain};
 use crate::status::StatusBoard;
 
 /// Longest username accepted from a guest (registry accounts are e-mail addresses at most).
@@ -37,6 +38,12 @@ pub const REJECTION_BURST: u32 = 10;
 pub const REJECTION_WINDOW: Duration = Duration::from_secs(10);
 /// Most VMs whose rejections are counted apart (more, and they share one count).
 const MAX_GATES: usize = 256;
+/// Audit lines of answered requests written per VM per [`AUDIT_WINDOW`]; past it they are
+/// counted, and the count goes in the next line written (`suppressed=N`), so a VM's flood of
+/// allowed requests costs the log a bounded rate.
+pub const AUDIT_BURST: u32 = 60;
+/// See [`AUDIT_BURST`].
+pub const AUDIT_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the resolver answers from: the settings and the long-lived native keychain.
 #[derive(Clone)]
@@ -51,6 +58,8 @@ pub struct Current {
     pub budget: Arc<StoreBudget>,
     /// The docker config as last read.
     pub configs: Arc<ConfigCache>,
+    /// Fair shares of host helper processes between VMs (kept across reloads).
+    pub shares: Arc<Shares>,
 }
 
 impl std::fmt::Debug for Current {
@@ -96,7 +105,8 @@ impl Current {
             Some(p) if p.settings.docker_config == settings.docker_config => p.configs.clone(),
             _ => Arc::default(),
         };
-        Current { settings: Arc::new(settings), keychain, ecr, budget, configs }
+        let shares = previous.map(|p| p.shares.clone()).unwrap_or_default();
+        Current { settings: Arc::new(settings), keychain, ecr, budget, configs, shares }
     }
 
     /// The docker config, read off the runtime (and only again when the file changed).
@@ -111,6 +121,7 @@ impl Current {
     pub async fn source_for(
         &self,
         config: &DockerConfig,
+        vm: &str,
         registry: &Registry,
     ) -> Result<Arc<dyn CredentialSource>, SourceError> {
         let routing = &config.routing;
@@ -123,7 +134,7 @@ impl Current {
             None => routing.creds_store.as_deref(),
         };
         match name.filter(|n| !n.is_empty()) {
-            Some(name) => self.helper_async(name).await,
+            Some(name) => self.helper_async(vm, name).await,
             None => {
                 Ok(Arc::new(PlainAuths::new(&self.settings.docker_config, config.auths.clone())))
             }
@@ -131,18 +142,22 @@ impl Current {
     }
 
     /// [`Current::helper`], with the search for a host helper off the runtime.
-    pub async fn helper_async(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
-        let (this, name) = (self.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || this.helper(&name)).await.unwrap_or_else(|e| {
+    pub async fn helper_async(
+        &self,
+        vm: &str,
+        name: &str,
+    ) -> Result<Arc<dyn CredentialSource>, SourceError> {
+        let (this, vm, name) = (self.clone(), vm.to_owned(), name.to_owned());
+        tokio::task::spawn_blocking(move || this.helper(&vm, &name)).await.unwrap_or_else(|e| {
             Err(SourceError::HelperSpawn { name: String::new(), source: std::io::Error::other(e) })
         })
     }
 
     /// The source behind helper `name`: the native keychain when it serves that name,
     /// else the host's `docker-credential-<name>` (found on `PATH`: blocking).
-    pub fn helper(&self, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
+    pub fn helper(&self, vm: &str, name: &str) -> Result<Arc<dyn CredentialSource>, SourceError> {
         if name == ecr::HELPER_NAME {
-            return Ok(Arc::new(EcrSource(self.ecr.clone())));
+            return Ok(Arc::new(EcrSource { ecr: self.ecr.clone(), vm: vm.to_owned() }));
         }
         if let Some(k) = &self.keychain
             && self.settings.native_keychain
@@ -164,13 +179,45 @@ pub fn helper_path() -> OsString {
 pub struct Resolver {
     current: RwLock<Current>,
     board: Arc<StatusBoard>,
+    gates: Gates,
+    audit_gates: Gates,
+}
+
+/// A log gate per VM, bounded in number.
+#[derive(Debug)]
+struct Gates {
     gates: Mutex<HashMap<String, LogGate>>,
+    window: Duration,
+    burst: u32,
+}
+
+impl Gates {
+    fn new(window: Duration, burst: u32) -> Self {
+        Gates { gates: Mutex::default(), window, burst }
+    }
+
+    /// Whether `vm` may write a line now; if so, how many it was held back before it.
+    fn admit(&self, vm: &str) -> Option<u64> {
+        let mut gates = self.gates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if gates.len() >= MAX_GATES && !gates.contains_key(vm) {
+            gates.clear();
+        }
+        gates
+            .entry(vm.to_owned())
+            .or_insert_with(|| LogGate::new(self.window, self.burst))
+            .admit(Instant::now())
+    }
 }
 
 impl Resolver {
     /// A resolver answering from `current`, counting requests on `board`.
     pub fn new(current: Current, board: Arc<StatusBoard>) -> Self {
-        Resolver { current: RwLock::new(current), board, gates: Mutex::new(HashMap::new()) }
+        Resolver {
+            current: RwLock::new(current),
+            board,
+            gates: Gates::new(REJECTION_WINDOW, REJECTION_BURST),
+            audit_gates: Gates::new(AUDIT_WINDOW, AUDIT_BURST),
+        }
     }
 
     /// What requests are answered from now.
@@ -206,6 +253,7 @@ impl Resolver {
             Ok(_) => "ok",
             Err(e) => e.class(),
         };
+        let Some(suppressed) = self.audit_gates.admit(vm) else { return outcome };
         let registry = registry.as_ref().map(Registry::key);
         tracing::info!(
             target: AUDIT_TARGET,
@@ -216,23 +264,14 @@ impl Resolver {
             result,
             reason = ?cap(reason_of(&outcome), MAX_AUDIT_REASON),
             ms = started.elapsed().as_millis() as u64,
+            suppressed,
         );
         outcome
     }
 
     /// The audit line of a refused request, if the VM's log gate lets it through.
     fn rejected(&self, vm: &str, op: &str, e: &WireError) {
-        let admitted = {
-            let mut gates = self.gates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if gates.len() >= MAX_GATES && !gates.contains_key(vm) {
-                gates.clear();
-            }
-            gates
-                .entry(vm.to_owned())
-                .or_insert_with(|| LogGate::new(REJECTION_WINDOW, REJECTION_BURST))
-                .admit(Instant::now())
-        };
-        if let Some(suppressed) = admitted {
+        if let Some(suppressed) = self.gates.admit(vm) {
             let reason = match e {
                 WireError::BadRequest { reason } | WireError::Denied { reason } => reason.as_str(),
                 _ => "",
@@ -302,7 +341,7 @@ async fn dispatch(
     let Some(registry) = registry else {
         return ("all".into(), list(current, vm, &config, rule).await);
     };
-    let source = match current.source_for(&config, registry).await {
+    let source = match current.source_for(&config, vm, registry).await {
         Ok(s) => s,
         Err(e) => {
             let name = config.routing.helper_for(registry).unwrap_or("-").to_owned();
@@ -310,10 +349,25 @@ async fn dispatch(
         }
     };
     let name = source.name();
+    let kind = source.kind();
+    // A host helper is a process: the VM waits for one of its own slots (and one of all).
+    let _slot = match kind {
+        SourceKind::Helper => match current.shares.helper(vm).await {
+            Some(slot) => Some(slot),
+            None => {
+                let reason = format!(
+                    "host busy: VM {vm} already runs {} host credential helpers and more wait",
+                    crate::fair::MAX_HELPERS_PER_VM
+                );
+                return (name, Err(WireError::unavailable(reason)));
+            }
+        },
+        _ => None,
+    };
     let outcome = match request {
         Request::Get { .. } => {
             let outcome = get(source.as_ref(), registry).await;
-            if outcome.is_ok() && name == "ecr" {
+            if outcome.is_ok() && kind == SourceKind::Ecr {
                 current.ecr.served(vm, registry.host());
             }
             outcome
@@ -325,7 +379,7 @@ async fn dispatch(
         Request::Erase { .. } => {
             let _turn = current.budget.turn(vm).await;
             let outcome = erase(source.as_ref(), registry).await;
-            if outcome.is_ok() && name != "ecr" {
+            if outcome.is_ok() && kind != SourceKind::Ecr {
                 let (budget, vm, key) = (current.budget.clone(), vm.to_owned(), registry.key());
                 let _ = blocking(move || {
                     budget.release(&vm, &key);
@@ -349,7 +403,7 @@ async fn store(
     credential: Credential,
 ) -> Outcome {
     let key = registry.key();
-    let reserved = if source.name() == "ecr" {
+    let reserved = if source.kind() == SourceKind::Ecr {
         None
     } else {
         let bytes =
@@ -416,7 +470,7 @@ async fn list(current: &Current, vm: &str, config: &DockerConfig, rule: &Rule) -
         let result = if store == ecr::HELPER_NAME {
             Ok(ecr_entries())
         } else {
-            match current.helper_async(store).await {
+            match current.helper_async(vm, store).await {
                 Ok(source) => source.list().await,
                 Err(e) => Err(e),
             }
@@ -444,7 +498,7 @@ async fn list(current: &Current, vm: &str, config: &DockerConfig, rule: &Rule) -
         let result = if name == ecr::HELPER_NAME {
             Ok(ecr_entries())
         } else {
-            match current.helper_async(name).await {
+            match current.helper_async(vm, name).await {
                 Ok(source) => source.list().await,
                 Err(e) => Err(e),
             }

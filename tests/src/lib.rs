@@ -292,6 +292,8 @@ pub struct Bridge {
     pub guest_env: Vec<(String, String)>,
     /// Where the host agent dials, when not the guest's link socket (a proxy or an impostor).
     pub host_dials: Option<PathBuf>,
+    /// Heartbeat interval of both agents, in milliseconds (500 unless a test needs another).
+    pub heartbeat_ms: u64,
     /// VMs beyond `itvm`, each with a guest agent of its own (sockets and key in `DIR/NAME/`):
     /// [`Bridge::start`] starts them too and the host agent dials them all.
     pub more_vms: Vec<String>,
@@ -326,6 +328,7 @@ impl Bridge {
             guest_env: Vec::new(),
             host_dials: None,
             host_vm: None,
+            heartbeat_ms: 500,
             more_vms: Vec::new(),
             more_guests: Vec::new(),
             tcp_link: None,
@@ -434,7 +437,9 @@ impl Bridge {
             })
             .arg("--link-key-file")
             .arg(key)
-            .args(["--heartbeat-ms", "500", "--link-wait-ms", "3000"])
+            .arg("--heartbeat-ms")
+            .arg(self.heartbeat_ms.to_string())
+            .args(["--link-wait-ms", "3000"])
             .args(&self.guest_flags)
             .env("RUST_LOG", "debug")
             .envs(self.guest_env.iter().map(|(k, v)| (k, v)));
@@ -475,7 +480,9 @@ impl Bridge {
             .arg(self.state_dir())
             .arg("--config")
             .arg(self.host_config())
-            .args(["--heartbeat-ms", "500", "--reconnect-max-ms", "500"])
+            .arg("--heartbeat-ms")
+            .arg(self.heartbeat_ms.to_string())
+            .args(["--reconnect-max-ms", "500"])
             .args(&self.host_flags)
             .env("PATH", path)
             .env("RUST_LOG", "debug");

@@ -97,6 +97,8 @@ struct Shared {
     allowed: Arc<[u32]>,
     calls: Arc<Calls>,
     refusals: Mutex<LogGate>,
+    /// Failed calls (the host's not-found answers, say) are logged through a gate too.
+    failures: Mutex<LogGate>,
 }
 
 impl Shared {
@@ -127,6 +129,7 @@ impl HelperSocket {
             allowed,
             calls: Arc::default(),
             refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
+            failures: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
         });
         let listening = &self.0;
         let accept = async || listening.accept().await;
@@ -212,7 +215,16 @@ async fn serve_call(mut stream: UnixStream, uid: u32, _admitted: Admitted, share
     };
     match &outcome {
         Ok(_) => tracing::debug!(uid, op, "helper call answered"),
-        Err(e) => tracing::info!(uid, op, result = e.class(), "helper call failed"),
+        Err(e) => {
+            let admitted = shared
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admit(Instant::now());
+            if let Some(suppressed) = admitted {
+                tracing::info!(uid, op, result = e.class(), suppressed, "helper call failed");
+            }
+        }
     }
     reply(&mut stream, outcome).await;
 }

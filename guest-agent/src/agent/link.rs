@@ -18,6 +18,20 @@ use super::{HEARTBEAT_MISSES, IO_TIMEOUT, Shutdown};
 /// Most requests waiting for an answer on one link (the host answers at most 256 at once;
 /// the rest are answered `busy` by the host).
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// How long a ping may go unanswered by any frame before the host agent counts as stalled:
+/// then every call waiting, and every new one, is answered `unavailable` at once until a
+/// frame arrives (a host agent stopped or frozen holds no call for long).
+pub const STALL_AFTER: Duration = Duration::from_secs(2);
+/// Silence after which a call is sent with a ping, so a stalled host is known quickly.
+const PROBE_AFTER: Duration = Duration::from_secs(1);
+
+fn stalled_error() -> WireError {
+    WireError::unavailable(format!(
+        "the host agent has not answered for {} s: is it running (not stopped)?",
+        STALL_AFTER.as_secs()
+    ))
+}
+
 /// Frames waiting to be written to the host.
 const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 
@@ -172,13 +186,35 @@ where
     let mut ticker = tokio::time::interval(heartbeat);
     let mut last_heard = Instant::now();
     let dead_after = heartbeat * HEARTBEAT_MISSES;
+    // A ping sent and not answered by any frame yet: past STALL_AFTER, the host is stalled.
+    let mut probe: Option<Instant> = None;
+    let mut stalled = false;
     let reason = loop {
+        let stall_check = async {
+            match probe {
+                Some(sent) if !stalled => tokio::time::sleep_until(sent + STALL_AFTER).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.wait() => break "agent shutting down".to_owned(),
             _ = &mut close => break "replaced by a new link".to_owned(),
             () = out.failed() => break format!("write failed: {}", out.error()),
+            () = stall_check => {
+                stalled = true;
+                tracing::warn!(waited_ms = STALL_AFTER.as_millis() as u64, waiting = pending.len(), "the host agent is not answering: calls are answered unavailable until it does");
+                // Every caller waiting is answered now, not when the link is declared dead.
+                for (_, tx) in pending.drain() {
+                    let _ = tx.send(Err(stalled_error()));
+                }
+            }
             msg = incoming.recv() => {
                 last_heard = Instant::now();
+                probe = None;
+                if stalled {
+                    stalled = false;
+                    tracing::info!("the host agent answers again");
+                }
                 match msg {
                     Some(Ok(LinkMsg::Response { id, outcome })) => match pending.remove(&id) {
                         // The caller may have given up; nothing to do then.
@@ -198,6 +234,18 @@ where
             }
             call = calls.recv() => {
                 let Some((request, tx)) = call else { break "no more callers".to_owned() };
+                if stalled {
+                    let _ = tx.send(Err(stalled_error()));
+                    continue;
+                }
+                // Nothing heard for a while: ask the host to show it is there, so a host
+                // that stopped is known within STALL_AFTER, not after missed heartbeats.
+                if probe.is_none() && last_heard.elapsed() >= PROBE_AFTER {
+                    if let Err(e) = out.send(&LinkMsg::Ping { seq: next_id }) {
+                        break e.to_string();
+                    }
+                    probe = Some(Instant::now());
+                }
                 if pending.len() >= MAX_IN_FLIGHT {
                     pending.retain(|_, tx| !tx.is_closed());
                 }
@@ -224,6 +272,7 @@ where
                 if let Err(e) = out.send(&LinkMsg::Ping { seq: next_id }) {
                     break e.to_string();
                 }
+                probe.get_or_insert_with(Instant::now);
             }
         }
     };

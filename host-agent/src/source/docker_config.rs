@@ -251,6 +251,10 @@ impl CredentialSource for PlainAuths {
         "auths".into()
     }
 
+    fn kind(&self) -> super::SourceKind {
+        super::SourceKind::Auths
+    }
+
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
         Box::pin(async move { Ok(self.snapshot.get(server).and_then(decode_entry)) })
     }

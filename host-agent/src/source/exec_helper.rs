@@ -168,6 +168,10 @@ impl CredentialSource for ExecHelper {
         format!("helper:{}", self.name)
     }
 
+    fn kind(&self) -> super::SourceKind {
+        super::SourceKind::Helper
+    }
+
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
         Box::pin(async move {
             let (status, out) = self.run("get", server.as_bytes()).await?;

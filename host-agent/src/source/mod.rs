@@ -32,11 +32,27 @@ pub struct Credential {
     pub secret: Secret,
 }
 
+/// What kind of store a source is: the resolver acts on it (ECR stores are not counted in a
+/// VM's budget; host helpers are processes, capped per VM and in all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Native ECR and ECR Public.
+    Ecr,
+    /// A native OS keychain.
+    Keychain,
+    /// A host `docker-credential-*` process.
+    Helper,
+    /// The docker config's plaintext `auths`.
+    Auths,
+}
+
 /// A place credentials live. Server strings are passed exactly as they should be looked up:
 /// the resolver tries the spellings, not the source.
 pub trait CredentialSource: Send + Sync {
     /// Name for audit lines (`helper:secretservice`, `auths`, …).
     fn name(&self) -> String;
+    /// What kind of store it is.
+    fn kind(&self) -> SourceKind;
     /// The credential stored under exactly `server`, if any.
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>>;
     /// Stores a credential under `server`, replacing any there.

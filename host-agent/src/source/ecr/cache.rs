@@ -9,8 +9,10 @@
 //!   if that fails, it fails (no stale token, ever).
 //!
 //! Any number of concurrent requests for one key make one upstream call (single flight). The
-//! cache holds at most `max` entries; when full, expired ones go first, then the soonest to
-//! expire.
+//! cache holds at most `max` entries, and each VM (the owner, who asked first) at most
+//! [`MAX_PER_OWNER`]: a VM over its share makes room among its own tokens; when the cache is
+//! full, expired tokens go first, then the soonest to expire of the VM holding the most, so
+//! one VM naming many registries cannot push another VM's tokens out.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -77,10 +79,15 @@ impl Token {
 /// Why a fetch failed (cloned to every request that waited on it).
 pub type FetchError = super::EcrError;
 
+/// Most tokens one VM may own in the cache.
+pub const MAX_PER_OWNER: usize = 64;
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Servable tokens; at most `max`.
     tokens: HashMap<CacheKey, Token>,
+    /// Who asked for each token first (a key of `tokens`, always).
+    owners: HashMap<CacheKey, String>,
     /// The single-flight lock of each key being fetched now; an entry lives only while a
     /// fetch or refresh holds it (so this map is bounded by the requests in flight).
     flights: HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>,
@@ -141,11 +148,17 @@ impl TokenCache {
         Flight { inner: self.inner.clone(), key: key.clone(), lock, guard: None }
     }
 
-    fn put(&self, key: &CacheKey, token: &Token) {
+    fn put(&self, key: &CacheKey, owner: &str, token: &Token) {
         let now = SystemTime::now();
         let mut inner = self.inner();
-        if !inner.tokens.contains_key(key) && inner.tokens.len() >= self.max {
-            evict(&mut inner.tokens, now);
+        if !inner.tokens.contains_key(key) {
+            let mine = inner.owners.values().filter(|o| *o == owner).count();
+            if mine >= MAX_PER_OWNER {
+                evict(&mut inner, now, Some(owner));
+            } else if inner.tokens.len() >= self.max {
+                evict(&mut inner, now, None);
+            }
+            inner.owners.insert(key.clone(), owner.to_owned());
         }
         inner.tokens.insert(key.clone(), token.clone());
     }
@@ -156,6 +169,7 @@ impl TokenCache {
     pub async fn get<F, Fut>(
         &self,
         key: &CacheKey,
+        owner: &str,
         fetch: F,
     ) -> Result<(Token, Freshness), FetchError>
     where
@@ -172,15 +186,15 @@ impl TokenCache {
             return Ok(hit);
         }
         let token = fetch().await?;
-        self.store(key, &token);
+        self.store(key, owner, &token);
         Ok((token, Freshness::Fresh))
     }
 
-    /// Caches `token` if it can be served (a token AWS dates in the past is used once by
-    /// whoever fetched it, never cached).
-    pub fn store(&self, key: &CacheKey, token: &Token) {
+    /// Caches `token` for `owner` if it can be served (a token AWS dates in the past is used
+    /// once by whoever fetched it, never cached).
+    pub fn store(&self, key: &CacheKey, owner: &str, token: &Token) {
         if token.freshness(SystemTime::now()) != Freshness::Expired {
-            self.put(key, token);
+            self.put(key, owner, token);
         }
     }
 
@@ -213,17 +227,33 @@ impl TokenCache {
     }
 }
 
-/// Makes room for one token: an expired one if any, else the one expiring soonest.
-fn evict(tokens: &mut HashMap<CacheKey, Token>, now: SystemTime) {
+/// Makes room for one token: among `owner`'s tokens if given, else an expired one if any,
+/// else the soonest to expire of the owner holding the most.
+fn evict(inner: &mut Inner, now: SystemTime, owner: Option<&str>) {
+    let largest = match owner {
+        Some(o) => Some(o.to_owned()),
+        None => {
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for o in inner.owners.values() {
+                *counts.entry(o.as_str()).or_default() += 1;
+            }
+            counts.into_iter().max_by_key(|(o, n)| (*n, *o)).map(|(o, _)| o.to_owned())
+        }
+    };
+    let Inner { tokens, owners, .. } = inner;
+    let owned_by = |k: &CacheKey, who: &str| owners.get(k).is_some_and(|o| o == who);
     let victim = tokens
         .iter()
-        .min_by_key(|(_, t)| match t.freshness(now) {
-            Freshness::Expired => (0, t.expires),
-            _ => (1, t.expires),
+        .filter(|(k, _)| owner.is_none_or(|o| owned_by(k, o)))
+        .min_by_key(|(k, t)| {
+            let expired = t.freshness(now) == Freshness::Expired;
+            let theirs = largest.as_deref().is_some_and(|l| owned_by(k, l));
+            (!expired, !theirs, t.expires)
         })
         .map(|(k, _)| k.clone());
     if let Some(k) = victim {
         tokens.remove(&k);
+        owners.remove(&k);
     }
 }
 
@@ -287,7 +317,7 @@ mod tests {
             let (cache, calls) = (cache.clone(), calls.clone());
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get(&key("r"), || async {
+                    .get(&key("r"), "vm", || async {
                         calls.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         Ok(token(Duration::from_secs(3600), "pw"))
@@ -306,14 +336,15 @@ mod tests {
     #[tokio::test]
     async fn failures_are_not_cached_and_past_tokens_are_served_once() {
         let cache = TokenCache::new(16);
-        let err =
-            cache.get(&key("r"), || async { Err(EcrError::new("throttled", "slow down")) }).await;
+        let err = cache
+            .get(&key("r"), "vm", || async { Err(EcrError::new("throttled", "slow down")) })
+            .await;
         assert!(err.is_err());
         let past = Token {
             expires: SystemTime::now() - Duration::from_secs(10),
             ..token(Duration::ZERO, "old")
         };
-        let (t, _) = cache.get(&key("r"), || async { Ok(past) }).await.unwrap();
+        let (t, _) = cache.get(&key("r"), "vm", || async { Ok(past) }).await.unwrap();
         assert_eq!(t.password.expose(), "old");
         assert!(cache.servable().is_empty(), "a token dated in the past was cached");
     }
@@ -325,10 +356,10 @@ mod tests {
         let cache = TokenCache::new(8);
         for i in 0..100 {
             let _ = cache
-                .get(&key(&format!("fail{i}")), || async { Err(EcrError::new("aws", "no")) })
+                .get(&key(&format!("fail{i}")), "vm", || async { Err(EcrError::new("aws", "no")) })
                 .await;
             cache
-                .get(&key(&format!("ok{i}")), || async {
+                .get(&key(&format!("ok{i}")), "vm", || async {
                     Ok(token(Duration::from_secs(3600), "p"))
                 })
                 .await
@@ -344,12 +375,39 @@ mod tests {
         assert_eq!(cache.len().1, 0);
     }
 
+    /// One VM naming many registries keeps to its share and never pushes out another VM's
+    /// tokens; a full cache makes room among the VM holding the most.
+    #[test]
+    fn each_vm_keeps_to_its_share() {
+        let cache = TokenCache::new(MAX_PER_OWNER + 8);
+        let long = token(Duration::from_secs(7200), "x");
+        for i in 0..4 {
+            cache.store(&key(&format!("quiet{i}")), "quiet", &long);
+        }
+        for i in 0..1000 {
+            cache.store(&key(&format!("flood{i}")), "flood", &long);
+        }
+        let held = cache.servable();
+        let quiet = held.iter().filter(|k| k.registry.starts_with("quiet")).count();
+        let flood = held.iter().filter(|k| k.registry.starts_with("flood")).count();
+        assert_eq!((quiet, flood), (4, MAX_PER_OWNER));
+        // Full: a third VM's token takes the flooder's place, not the quiet VM's.
+        for i in 0..8 {
+            cache.store(&key(&format!("third{i}")), "third", &long);
+        }
+        let held = cache.servable();
+        assert_eq!(held.iter().filter(|k| k.registry.starts_with("quiet")).count(), 4);
+        assert_eq!(held.iter().filter(|k| k.registry.starts_with("third")).count(), 8);
+        assert_eq!(held.len(), MAX_PER_OWNER + 8);
+        assert_eq!(cache.inner().owners.len(), held.len());
+    }
+
     #[test]
     fn bounded_expired_first_then_soonest() {
         let cache = TokenCache::new(2);
-        cache.store(&key("long"), &token(Duration::from_secs(7200), "a"));
-        cache.store(&key("short"), &token(Duration::from_secs(600), "b"));
-        cache.store(&key("new"), &token(Duration::from_secs(3600), "c"));
+        cache.store(&key("long"), "vm", &token(Duration::from_secs(7200), "a"));
+        cache.store(&key("short"), "vm", &token(Duration::from_secs(600), "b"));
+        cache.store(&key("new"), "vm", &token(Duration::from_secs(3600), "c"));
         assert_eq!(cache.servable(), vec![key("long"), key("new")]);
     }
 }

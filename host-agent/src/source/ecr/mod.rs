@@ -175,6 +175,46 @@ pub struct Ecr {
     pool: ClientPool,
     /// The registries each VM was served a token for (what its `list` may show).
     served: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Each VM's budget of calls for new tokens.
+    upstream: Mutex<HashMap<String, UpstreamBudget>>,
+}
+
+/// New-token calls one VM may make at once; it regains one per [`UPSTREAM_REFILL`]. Tokens
+/// live hours and are cached, so a VM pulling from a handful of registries never meets it; a
+/// VM naming thousands of made-up accounts costs AWS this much and no more.
+pub const UPSTREAM_BURST: u32 = 32;
+/// See [`UPSTREAM_BURST`].
+pub const UPSTREAM_REFILL: Duration = Duration::from_secs(30);
+
+/// A token bucket of new-token calls.
+#[derive(Debug, Clone, Copy)]
+struct UpstreamBudget {
+    left: u32,
+    since: std::time::Instant,
+}
+
+impl UpstreamBudget {
+    fn full() -> Self {
+        UpstreamBudget { left: UPSTREAM_BURST, since: std::time::Instant::now() }
+    }
+
+    /// Takes one call at `now`, or says how long until one is there.
+    fn spend(&mut self, now: std::time::Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.since);
+        let regained = (elapsed.as_secs() / UPSTREAM_REFILL.as_secs()) as u32;
+        if regained > 0 {
+            self.left = self.left.saturating_add(regained).min(UPSTREAM_BURST);
+            self.since += UPSTREAM_REFILL * regained;
+        }
+        if self.left == UPSTREAM_BURST {
+            self.since = now;
+        }
+        if self.left == 0 {
+            return Err(UPSTREAM_REFILL.saturating_sub(now.saturating_duration_since(self.since)));
+        }
+        self.left -= 1;
+        Ok(())
+    }
 }
 
 impl Ecr {
@@ -185,6 +225,7 @@ impl Ecr {
             cache: TokenCache::new(MAX_CACHED),
             pool: ClientPool::new(aws::MAX_CLIENT_SETS),
             served: Mutex::new(HashMap::new()),
+            upstream: Mutex::new(HashMap::new()),
         })
     }
 
@@ -285,8 +326,32 @@ impl Ecr {
             .map_err(|e| e.for_profile(identity.profile.as_deref()))
     }
 
-    /// A servable token for `registry`.
-    pub async fn token(self: &Arc<Self>, registry: &EcrHost) -> Result<cache::Token, EcrError> {
+    /// Takes one of `vm`'s new-token calls, or says when the next one comes.
+    fn spend(&self, vm: &str) -> Result<(), EcrError> {
+        let mut budgets = self.upstream.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if budgets.len() >= MAX_VMS_SERVED && !budgets.contains_key(vm) {
+            budgets.clear();
+        }
+        let bucket = budgets.entry(vm.to_owned()).or_insert_with(UpstreamBudget::full);
+        bucket.spend(std::time::Instant::now()).map_err(|wait| {
+            EcrError::new(
+                "vm-budget",
+                format!(
+                    "VM {vm} asked for more than {UPSTREAM_BURST} new ECR tokens in a short time; \
+                     the next one can be had in {} s (tokens already served stay cached)",
+                    wait.as_secs().max(1)
+                ),
+            )
+        })
+    }
+
+    /// A servable token for `registry`; a token not cached yet costs `vm` one call of its
+    /// budget ([`UPSTREAM_BURST`], then one per [`UPSTREAM_REFILL`]).
+    pub async fn token(
+        self: &Arc<Self>,
+        vm: &str,
+        registry: &EcrHost,
+    ) -> Result<cache::Token, EcrError> {
         let identity = self.settings().identity(registry);
         let key = CacheKey {
             profile: identity.profile.clone(),
@@ -296,7 +361,8 @@ impl Ecr {
         };
         let (token, freshness) = self
             .cache
-            .get(&key, || async {
+            .get(&key, vm, || async {
+                self.spend(vm)?;
                 let clients = self.pool.get(&identity).await;
                 clients.token(registry).await
             })
@@ -305,13 +371,13 @@ impl Ecr {
         if freshness == Freshness::Refresh
             && let Some(flight) = self.cache.try_flight(&key)
         {
-            let (ecr, registry) = (self.clone(), registry.clone());
+            let (ecr, registry, vm) = (self.clone(), registry.clone(), vm.to_owned());
             tokio::spawn(async move {
                 let _flight = flight;
                 let clients = ecr.pool.get(&identity).await;
                 match clients.token(&registry).await {
                     Ok(t) => {
-                        ecr.cache.store(&key, &t);
+                        ecr.cache.store(&key, &vm, &t);
                         tracing::debug!(registry = %registry.host(), "ECR token refreshed ahead of expiry");
                     }
                     Err(e) => {
@@ -324,19 +390,28 @@ impl Ecr {
     }
 }
 
-/// [`Ecr`] behind the credential-source trait.
+/// [`Ecr`] behind the credential-source trait, for one VM (whose budget pays for new tokens).
 #[derive(Debug, Clone)]
-pub struct EcrSource(pub Arc<Ecr>);
+pub struct EcrSource {
+    /// The tokens.
+    pub ecr: Arc<Ecr>,
+    /// The VM asking.
+    pub vm: String,
+}
 
 impl CredentialSource for EcrSource {
     fn name(&self) -> String {
         "ecr".into()
     }
 
+    fn kind(&self) -> crate::source::SourceKind {
+        crate::source::SourceKind::Ecr
+    }
+
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
         Box::pin(async move {
             let Some(registry) = EcrHost::parse(server) else { return Ok(None) };
-            let token = self.0.token(&registry).await.map_err(SourceError::Ecr)?;
+            let token = self.ecr.token(&self.vm, &registry).await.map_err(SourceError::Ecr)?;
             Ok(Some(Credential { username: token.username, secret: token.password }))
         })
     }
@@ -355,7 +430,7 @@ impl CredentialSource for EcrSource {
     fn list(&self) -> SourceFuture<'_, Vec<ListEntry>> {
         Box::pin(async {
             let mut entries: Vec<ListEntry> = self
-                .0
+                .ecr
                 .cache
                 .servable()
                 .into_iter()
@@ -373,6 +448,26 @@ mod tests {
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn a_vm_spends_its_burst_then_one_call_per_refill() {
+        let start = std::time::Instant::now();
+        let mut budget = UpstreamBudget { left: UPSTREAM_BURST, since: start };
+        for _ in 0..UPSTREAM_BURST {
+            budget.spend(start).unwrap();
+        }
+        let wait = budget.spend(start).unwrap_err();
+        assert_eq!(wait, UPSTREAM_REFILL);
+        let later = start + UPSTREAM_REFILL + Duration::from_secs(1);
+        budget.spend(later).unwrap();
+        assert!(budget.spend(later).is_err(), "two calls regained in one refill");
+        // A long quiet spell refills to the burst, never past it.
+        let much_later = later + UPSTREAM_REFILL * 1000;
+        for _ in 0..UPSTREAM_BURST {
+            budget.spend(much_later).unwrap();
+        }
+        assert!(budget.spend(much_later).is_err());
     }
 
     #[test]

@@ -233,6 +233,10 @@ impl<K: SyncKeychain> CredentialSource for Blocking<K> {
         format!("keychain:{}", self.store)
     }
 
+    fn kind(&self) -> crate::source::SourceKind {
+        crate::source::SourceKind::Keychain
+    }
+
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
         let server = server.to_owned();
         Box::pin(self.call(move |k| k.get(&server)))

@@ -223,6 +223,10 @@ impl CredentialSource for SecretService {
         format!("keychain:{STORE}")
     }
 
+    fn kind(&self) -> crate::source::SourceKind {
+        crate::source::SourceKind::Keychain
+    }
+
     fn get<'a>(&'a self, server: &'a str) -> SourceFuture<'a, Option<Credential>> {
         Box::pin(async move { with_service!(self, |s| lookup(s, server)) })
     }
