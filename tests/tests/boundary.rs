@@ -385,15 +385,22 @@ fn a_long_list_is_cut_to_fit_and_says_so() {
     assert!(r.stderr.contains(&format!("{} more", 400 - shown)), "{}", r.stderr);
 }
 
-/// Item 9: a boot id from a guest that holds the key cannot forge a log line.
-#[test]
-fn a_forged_boot_id_is_logged_escaped() {
+/// A bridge whose host agent dials a socket the test answers (a guest holding the key, run
+/// by the test), with the key.
+fn keyed_guest_bridge() -> (Bridge, std::os::unix::net::UnixListener, finch_shared::key::LinkKey) {
     let mut b = Bridge::new("{}");
-    let path = b.path("impostor.sock");
+    let path = b.path("keyed-guest.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
     b.host_dials = Some(path);
     b.start_host();
     let key = finch_shared::key::LinkKey::load(&b.path("link.key")).unwrap();
+    (b, listener, key)
+}
+
+/// Item 9: a boot id from a guest that holds the key cannot forge a log line.
+#[test]
+fn a_forged_boot_id_is_logged_escaped() {
+    let (b, listener, key) = keyed_guest_bridge();
     let mut s = finch_tests::accept_within(&listener, STARTUP);
     let hello: Handshake = codec::decode(&read_frame(&mut s).unwrap()).unwrap();
     let forged = "b\nINFO finch_audit: vm=\"other\" op=\"get\" result=\"ok\"";
@@ -1068,12 +1075,7 @@ fn a_stalled_host_agent_holds_no_call() {
 /// relinked with a growing delay (up to the reconnect cap), not ten times a second.
 #[test]
 fn bad_frames_slow_the_relinks_down() {
-    let mut b = Bridge::new("{}");
-    let path = b.path("bad-guest.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    b.host_dials = Some(path);
-    b.start_host();
-    let key = finch_shared::key::LinkKey::load(&b.path("link.key")).unwrap();
+    let (_b, listener, key) = keyed_guest_bridge();
     let started = Instant::now();
     let mut links = 0;
     listener.set_nonblocking(true).unwrap();

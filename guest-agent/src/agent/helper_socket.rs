@@ -101,15 +101,15 @@ struct Shared {
     failures: Mutex<LogGate>,
 }
 
+/// Whether `gate` lets a line through now; if so, how many it held back before it.
+fn admit(gate: &Mutex<LogGate>) -> Option<u64> {
+    gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner).admit(Instant::now())
+}
+
 impl Shared {
     /// Logs a refusal if the gate lets it through.
     fn refused(&self, uid: u32, what: &str, detail: &str) {
-        let admitted = self
-            .refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(Instant::now());
-        if let Some(suppressed) = admitted {
+        if let Some(suppressed) = admit(&self.refusals) {
             tracing::warn!(uid, detail = ?detail, suppressed, "{what}");
         }
     }
@@ -216,12 +216,7 @@ async fn serve_call(mut stream: UnixStream, uid: u32, _admitted: Admitted, share
     match &outcome {
         Ok(_) => tracing::debug!(uid, op, "helper call answered"),
         Err(e) => {
-            let admitted = shared
-                .failures
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .admit(Instant::now());
-            if let Some(suppressed) = admitted {
+            if let Some(suppressed) = admit(&shared.failures) {
                 tracing::info!(uid, op, result = e.class(), suppressed, "helper call failed");
             }
         }
