@@ -11,6 +11,7 @@ use crate::control;
 use crate::lima::{self, LimaSettings};
 use crate::resolve::Current;
 use crate::source::docker_config::DockerConfig;
+use crate::source::ecr::EcrClass;
 use crate::source::keychain;
 
 /// The findings, in order.
@@ -306,8 +307,8 @@ fn check_ecr(
             }
             Ok(Err(e)) => {
                 let fix = match (e.class, &identity.profile) {
-                    ("sso-expired", Some(p)) => format!("aws sso login --profile {p}"),
-                    ("sso-expired", None) => "aws sso login".to_owned(),
+                    (EcrClass::SsoExpired, Some(p)) => format!("aws sso login --profile {p}"),
+                    (EcrClass::SsoExpired, None) => "aws sso login".to_owned(),
                     (_, Some(p)) => format!(
                         "configure the profile: aws configure --profile {p} (or aws sso login --profile {p})"
                     ),

@@ -7,6 +7,7 @@
 //! is one registry. The defaults (`*` for every operation) keep `finch login`, `finch logout`
 //! and pulls from any registry working; `list` only ever answers names and usernames.
 
+use finch_shared::message::Op;
 pub use finch_shared::registry::Pattern;
 use finch_shared::registry::Registry;
 
@@ -58,14 +59,13 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// The rule of operation `op` (`get`, `store`, `erase`, `list`).
-    pub fn rule(&self, op: &str) -> Option<&Rule> {
+    /// The rule of operation `op`.
+    pub fn rule(&self, op: Op) -> &Rule {
         match op {
-            "get" => Some(&self.get),
-            "store" => Some(&self.store),
-            "erase" => Some(&self.erase),
-            "list" => Some(&self.list),
-            _ => None,
+            Op::Get => &self.get,
+            Op::Store => &self.store,
+            Op::Erase => &self.erase,
+            Op::List => &self.list,
         }
     }
 }
@@ -85,10 +85,9 @@ mod tests {
     #[test]
     fn rules_and_defaults() {
         let policy = Policy::default();
-        for op in ["get", "store", "erase", "list"] {
-            assert!(policy.rule(op).unwrap().allows(&reg("anything")));
+        for op in Op::ALL {
+            assert!(policy.rule(op).allows(&reg("anything")));
         }
-        assert!(policy.rule("version").is_none());
         let empty = Rule(Vec::new());
         assert!(empty.is_empty() && !empty.allows(&reg("x")));
         let r = Rule(vec![p("ghcr.io"), p("*.corp.example")]);

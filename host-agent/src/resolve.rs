@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use finch_shared::limit::{LogGate, cap};
-use finch_shared::message::{ListEntry, MAX_LIST_ENTRIES, Outcome, Request, Response, WireError};
+use finch_shared::message::{
+    ListEntry, MAX_LIST_ENTRIES, Op, Outcome, Request, Response, WireError,
+};
 use finch_shared::registry::Registry;
 
 use crate::budget::StoreBudget;
@@ -258,7 +260,7 @@ impl Resolver {
         tracing::info!(
             target: AUDIT_TARGET,
             vm,
-            op,
+            op = op.as_str(),
             registry = registry.as_deref().unwrap_or("-"),
             source,
             result,
@@ -270,7 +272,7 @@ impl Resolver {
     }
 
     /// The audit line of a refused request, if the VM's log gate lets it through.
-    fn rejected(&self, vm: &str, op: &str, e: &WireError) {
+    fn rejected(&self, vm: &str, op: Op, e: &WireError) {
         if let Some(suppressed) = self.gates.admit(vm) {
             let reason = match e {
                 WireError::BadRequest { reason } | WireError::Denied { reason } => reason.as_str(),
@@ -279,7 +281,7 @@ impl Resolver {
             tracing::info!(
                 target: AUDIT_TARGET,
                 vm,
-                op,
+                op = op.as_str(),
                 registry = "-",
                 source = "-",
                 result = e.class(),
@@ -307,7 +309,7 @@ fn reason_of(outcome: &Outcome) -> &str {
 fn allowed(
     current: &Current,
     vm: &str,
-    op: &str,
+    op: Op,
     registry: Option<&Registry>,
 ) -> Result<Rule, WireError> {
     let denied = |what: String| WireError::Denied {
@@ -316,13 +318,10 @@ fn allowed(
     let Some(vm_settings) = current.settings.vms.get(vm) else {
         return Err(denied(format!("{op} (the VM is no longer configured)")));
     };
-    // Every request's op has a rule; none would mean "nothing allowed".
-    let Some(rule) = vm_settings.policy.rule(op) else {
-        return Err(denied(op.to_owned()));
-    };
+    let rule = vm_settings.policy.rule(op);
     match registry {
         Some(registry) if !rule.allows(registry) => Err(denied(format!("{op} for {registry}"))),
-        None if rule.is_empty() => Err(denied(op.to_owned())),
+        None if rule.is_empty() => Err(denied(op.to_string())),
         _ => Ok(rule.clone()),
     }
 }

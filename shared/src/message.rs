@@ -63,14 +63,48 @@ pub enum Request {
     List,
 }
 
-impl Request {
-    /// The operation's name, for logs and audit lines.
-    pub fn op(&self) -> &'static str {
+/// The credential operations, as policy, routing and audit lines name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `get`.
+    Get,
+    /// `store`.
+    Store,
+    /// `erase`.
+    Erase,
+    /// `list`.
+    List,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 4] = [Op::Get, Op::Store, Op::Erase, Op::List];
+
+    /// Its name in the helper protocol, the config and audit lines.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Request::Get { .. } => "get",
-            Request::Store { .. } => "store",
-            Request::Erase { .. } => "erase",
-            Request::List => "list",
+            Op::Get => "get",
+            Op::Store => "store",
+            Op::Erase => "erase",
+            Op::List => "list",
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Request {
+    /// The operation.
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Get { .. } => Op::Get,
+            Request::Store { .. } => Op::Store,
+            Request::Erase { .. } => Op::Erase,
+            Request::List => Op::List,
         }
     }
 

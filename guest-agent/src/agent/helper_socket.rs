@@ -214,10 +214,16 @@ async fn serve_call(mut stream: UnixStream, uid: u32, _admitted: Admitted, share
             .map(|r| r.for_version(call.version, HELPER_VERSION_LIST_CUT))
     };
     match &outcome {
-        Ok(_) => tracing::debug!(uid, op, "helper call answered"),
+        Ok(_) => tracing::debug!(uid, op = op.as_str(), "helper call answered"),
         Err(e) => {
             if let Some(suppressed) = admit(&shared.failures) {
-                tracing::info!(uid, op, result = e.class(), suppressed, "helper call failed");
+                tracing::info!(
+                    uid,
+                    op = op.as_str(),
+                    result = e.class(),
+                    suppressed,
+                    "helper call failed"
+                );
             }
         }
     }

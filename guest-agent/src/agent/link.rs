@@ -37,6 +37,15 @@ const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 
 type Call = (Request, oneshot::Sender<Outcome>);
 
+/// Why a call sent to the link got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// The link had closed before the call was handed over.
+    Closed,
+    /// The link ended while the call waited for its answer.
+    Lost,
+}
+
 /// The active link's generation and the trigger that closes it.
 type Closer = (u64, oneshot::Sender<()>);
 
@@ -94,13 +103,15 @@ impl LinkSlot {
         };
         let (tx, answer) = oneshot::channel();
         let call = async {
-            handle.calls.send((request, tx)).await.map_err(|_| "closed")?;
-            answer.await.map_err(|_| "lost")
+            handle.calls.send((request, tx)).await.map_err(|_| Unanswered::Closed)?;
+            answer.await.map_err(|_| Unanswered::Lost)
         };
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err("closed")) => Err(WireError::unavailable("the link to the host agent closed")),
-            Ok(Err(_)) => {
+            Ok(Err(Unanswered::Closed)) => {
+                Err(WireError::unavailable("the link to the host agent closed"))
+            }
+            Ok(Err(Unanswered::Lost)) => {
                 Err(WireError::unavailable("the link to the host agent was lost mid-request"))
             }
             Err(_) => Err(WireError::unavailable(format!(

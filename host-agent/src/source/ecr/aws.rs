@@ -24,9 +24,9 @@ use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 
-use super::EcrError;
 use super::cache::Token;
 use super::host::EcrHost;
+use super::{EcrClass, EcrError};
 
 /// Session name of roles the agent assumes.
 pub const ROLE_SESSION_NAME: &str = "finch-host-agent";
@@ -194,7 +194,7 @@ impl Clients {
 }
 
 fn no_token() -> EcrError {
-    EcrError::new("bad-token", "GetAuthorizationToken answered without a token")
+    EcrError::new(EcrClass::BadToken, "GetAuthorizationToken answered without a token")
 }
 
 /// The gist of a credentials failure, with what to do about it.
@@ -203,12 +203,12 @@ fn classify_credentials(e: &CredentialsError) -> EcrError {
     let lower = text.to_ascii_lowercase();
     match e {
         CredentialsError::CredentialsNotLoaded(_) => EcrError::new(
-            "no-credentials",
+            EcrClass::NoCredentials,
             "no AWS credentials on the host: configure them (aws configure, or aws sso login) for the host agent's user",
         ),
         _ if lower.contains("sso") && (lower.contains("expired") || lower.contains("token")) => {
             EcrError::new(
-                "sso-expired",
+                EcrClass::SsoExpired,
                 format!(
                     "the AWS SSO session is missing or expired: run `aws sso login` for the profile ({})",
                     short(&text)
@@ -216,14 +216,14 @@ fn classify_credentials(e: &CredentialsError) -> EcrError {
             )
         }
         CredentialsError::ProviderTimedOut(_) => {
-            EcrError::new("timeout", "loading AWS credentials timed out")
+            EcrError::new(EcrClass::Timeout, "loading AWS credentials timed out")
         }
         CredentialsError::InvalidConfiguration(_) => EcrError::new(
-            "config",
+            EcrClass::Config,
             format!("the host's AWS configuration is invalid: {}", short(&text)),
         ),
         _ => EcrError::new(
-            "no-credentials",
+            EcrClass::NoCredentials,
             format!("cannot load AWS credentials: {}", short(&text)),
         ),
     }
@@ -269,13 +269,14 @@ where
         source = s.source();
     }
     match &e {
-        SdkError::TimeoutError(_) => EcrError::new("timeout", "AWS did not answer in time"),
+        SdkError::TimeoutError(_) => EcrError::new(EcrClass::Timeout, "AWS did not answer in time"),
         SdkError::DispatchFailure(d) if d.is_timeout() => {
-            EcrError::new("timeout", "AWS did not answer in time")
+            EcrError::new(EcrClass::Timeout, "AWS did not answer in time")
         }
-        SdkError::DispatchFailure(_) => {
-            EcrError::new("network", format!("cannot reach AWS: {}", short(&chain_text(&e))))
-        }
+        SdkError::DispatchFailure(_) => EcrError::new(
+            EcrClass::Network,
+            format!("cannot reach AWS: {}", short(&chain_text(&e))),
+        ),
         SdkError::ServiceError(s) => {
             let err = s.err();
             let body_code = s.raw().body().bytes().and_then(xml_code);
@@ -284,22 +285,22 @@ where
             let detail =
                 if message.is_empty() { code.clone() } else { format!("{code}: {message}") };
             let class = match code.as_str() {
-                "AccessDeniedException" | "AccessDenied" => "access-denied",
+                "AccessDeniedException" | "AccessDenied" => EcrClass::AccessDenied,
                 "ThrottlingException"
                 | "Throttling"
                 | "TooManyRequestsException"
-                | "RequestLimitExceeded" => "throttled",
+                | "RequestLimitExceeded" => EcrClass::Throttled,
                 "UnrecognizedClientException"
                 | "InvalidClientTokenId"
                 | "SignatureDoesNotMatch"
                 | "ExpiredTokenException"
                 | "InvalidSignatureException"
-                | "IncompleteSignature" => "credentials-rejected",
-                _ => "aws",
+                | "IncompleteSignature" => EcrClass::CredentialsRejected,
+                _ => EcrClass::Aws,
             };
             EcrError::new(class, short(&detail))
         }
-        _ => EcrError::new("aws", short(&chain_text(&e))),
+        _ => EcrError::new(EcrClass::Aws, short(&chain_text(&e))),
     }
 }
 

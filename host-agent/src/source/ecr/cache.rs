@@ -337,7 +337,9 @@ mod tests {
     async fn failures_are_not_cached_and_past_tokens_are_served_once() {
         let cache = TokenCache::new(16);
         let err = cache
-            .get(&key("r"), "vm", || async { Err(EcrError::new("throttled", "slow down")) })
+            .get(&key("r"), "vm", || async {
+                Err(EcrError::new(super::super::EcrClass::Throttled, "slow down"))
+            })
             .await;
         assert!(err.is_err());
         let past = Token {
@@ -356,7 +358,9 @@ mod tests {
         let cache = TokenCache::new(8);
         for i in 0..100 {
             let _ = cache
-                .get(&key(&format!("fail{i}")), "vm", || async { Err(EcrError::new("aws", "no")) })
+                .get(&key(&format!("fail{i}")), "vm", || async {
+                    Err(EcrError::new(super::super::EcrClass::Aws, "no"))
+                })
                 .await;
             cache
                 .get(&key(&format!("ok{i}")), "vm", || async {

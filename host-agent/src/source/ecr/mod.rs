@@ -41,21 +41,73 @@ pub const MAX_CACHED: usize = 512;
 /// Most VMs whose served registries are remembered apart.
 const MAX_VMS_SERVED: usize = 256;
 
+/// What kind of failure kept a token from being had; the audit line and `doctor` act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EcrClass {
+    /// No AWS credentials for the identity.
+    NoCredentials,
+    /// The identity's SSO session is missing or expired.
+    SsoExpired,
+    /// AWS rejected the credentials.
+    CredentialsRejected,
+    /// The identity may not call GetAuthorizationToken.
+    AccessDenied,
+    /// AWS throttled the call.
+    Throttled,
+    /// AWS, or loading credentials, did not answer in time.
+    Timeout,
+    /// AWS could not be reached.
+    Network,
+    /// The token AWS sent is not one.
+    BadToken,
+    /// The AWS configuration is invalid.
+    Config,
+    /// Any other AWS error.
+    Aws,
+    /// The VM asked for more new tokens than its budget.
+    VmBudget,
+}
+
+impl EcrClass {
+    /// Its name in audit lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EcrClass::NoCredentials => "no-credentials",
+            EcrClass::SsoExpired => "sso-expired",
+            EcrClass::CredentialsRejected => "credentials-rejected",
+            EcrClass::AccessDenied => "access-denied",
+            EcrClass::Throttled => "throttled",
+            EcrClass::Timeout => "timeout",
+            EcrClass::Network => "network",
+            EcrClass::BadToken => "bad-token",
+            EcrClass::Config => "config",
+            EcrClass::Aws => "aws",
+            EcrClass::VmBudget => "vm-budget",
+        }
+    }
+}
+
+impl std::fmt::Display for EcrClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a token could not be had: a class (for the audit line) and a gist (for the user).
 /// Never carries a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("ECR ({class}): {reason}")]
 pub struct EcrError {
-    /// `no-credentials`, `sso-expired`, `credentials-rejected`, `access-denied`, `throttled`,
-    /// `timeout`, `network`, `region`, `bad-token`, `config` or `aws`.
-    pub class: &'static str,
+    /// What kind of failure.
+    pub class: EcrClass,
     /// What happened and what to do.
     pub reason: String,
 }
 
 impl EcrError {
     /// An error of `class`.
-    pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(class: EcrClass, reason: impl Into<String>) -> Self {
         EcrError { class, reason: reason.into() }
     }
 
@@ -64,15 +116,15 @@ impl EcrError {
         let name = profile.unwrap_or("default");
         let flag = profile.map(|p| format!(" --profile {p}")).unwrap_or_default();
         let reason = match self.class {
-            "no-credentials" => format!(
+            EcrClass::NoCredentials => format!(
                 "no AWS credentials for profile {name:?} on the host: configure them (aws configure{flag}, or aws sso login{flag}); {}",
                 self.reason
             ),
-            "sso-expired" => format!(
+            EcrClass::SsoExpired => format!(
                 "the AWS SSO session of profile {name:?} is missing or expired: run `aws sso login{flag}` on the host; {}",
                 self.reason
             ),
-            "credentials-rejected" => format!(
+            EcrClass::CredentialsRejected => format!(
                 "AWS rejected the credentials of profile {name:?}: {}; check them (aws sts get-caller-identity{flag})",
                 self.reason
             ),
@@ -86,7 +138,7 @@ impl EcrError {
 /// colon (the password may hold more).
 pub fn decode_token(encoded: &str) -> Result<(String, Secret), EcrError> {
     let bad = |why: &str| {
-        EcrError::new("bad-token", format!("the authorization token is malformed ({why})"))
+        EcrError::new(EcrClass::BadToken, format!("the authorization token is malformed ({why})"))
     };
     let bytes = zeroize::Zeroizing::new(
         base64::engine::general_purpose::STANDARD
@@ -335,7 +387,7 @@ impl Ecr {
         let bucket = budgets.entry(vm.to_owned()).or_insert_with(UpstreamBudget::full);
         bucket.spend(std::time::Instant::now()).map_err(|wait| {
             EcrError::new(
-                "vm-budget",
+                EcrClass::VmBudget,
                 format!(
                     "VM {vm} asked for more than {UPSTREAM_BURST} new ECR tokens in a short time; \
                      the next one can be had in {} s (tokens already served stay cached)",
@@ -482,7 +534,7 @@ mod tests {
             &base64::engine::general_purpose::STANDARD.encode([0xff, b':', b'x']),
         ] {
             let e = decode_token(bad).unwrap_err();
-            assert_eq!(e.class, "bad-token", "{bad}");
+            assert_eq!(e.class, EcrClass::BadToken, "{bad}");
             assert!(!e.to_string().contains("s3cr3t") && !e.to_string().contains(bad), "{e}");
         }
     }
