@@ -5,7 +5,10 @@
 //!   hung host helpers.
 //! * `auth`: disallowed uids, impostors on either end of the link, replayed handshakes.
 //! * `boundary`: the boundary under attack: names that parse two ways, floods of requests
-//!   and connections, stores that fill a shared file, a forged boot id, concurrent writers.
+//!   and connections, stores that fill a shared file, a forged boot id, concurrent writers;
+//!   round 2: connection churn, a store/erase race, a Lima home the VM can write, a relay on
+//!   the link, ECR name floods, one VM's flood against another's latency, a stopped host
+//!   agent, bad frames, log growth.
 //! * `provision`: the guest install scripts on a scratch root, units and service files, the
 //!   Lima fragment, attach/detach.
 //! * `readme`: the README's bridge command works as written.
