@@ -165,18 +165,9 @@ pub enum KeychainError {
 /// Longest service message kept in an error (they can be long, and are never secrets).
 const MAX_REASON: usize = 200;
 
-/// Shortens a message from a keychain service for an error.
+/// Shortens a message from a keychain service (or AWS) for an error.
 pub fn shorten(reason: impl std::fmt::Display) -> String {
-    let mut text = reason.to_string();
-    if text.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
+    finch_shared::limit::cap(&reason.to_string(), MAX_REASON).into_owned()
 }
 
 /// A keychain whose OS API blocks (macOS Security framework, Windows Credential Manager).
