@@ -282,25 +282,32 @@ impl LimaYaml {
         given.unwrap_or(std::env::consts::ARCH).to_owned()
     }
 
-    /// Every mount Lima would make, in its order (default, instance, override), with
-    /// `writable` as the last one naming the location says.
+    /// Every mount Lima would make, in its order (default, instance, override). As Lima's
+    /// `FillDefault` does, entries are one mount when they share a mount point (`mountPoint`,
+    /// else the location), and `writable` is the last one's that sets it. Mount points are
+    /// compared as written, so two spellings of one path stay two mounts here: a check over
+    /// them can only see more writable mounts than Lima makes, never fewer.
     pub fn mounts(&self) -> Vec<LimaMount> {
-        let mut out: Vec<LimaMount> = Vec::new();
+        let mut out: Vec<(String, LimaMount)> = Vec::new();
         for y in [&self.default, &self.instance, &self.overrides] {
             let Some(list) = field(y, "mounts").and_then(Yaml::as_vec) else { continue };
             for m in list {
                 let Some(location) = text_field(m, "location") else { continue };
+                let point = text_field(m, "mountPoint").unwrap_or(location);
                 let writable = field(m, "writable").and_then(Yaml::as_bool);
-                match out.iter_mut().find(|o| o.location == location) {
-                    Some(o) => o.writable = writable.unwrap_or(o.writable),
-                    None => out.push(LimaMount {
-                        location: location.to_owned(),
-                        writable: writable.unwrap_or(false),
-                    }),
+                match out.iter_mut().find(|(p, _)| p == point) {
+                    Some((_, o)) => o.writable = writable.unwrap_or(o.writable),
+                    None => out.push((
+                        point.to_owned(),
+                        LimaMount {
+                            location: location.to_owned(),
+                            writable: writable.unwrap_or(false),
+                        },
+                    )),
                 }
             }
         }
-        out
+        out.into_iter().map(|(_, m)| m).collect()
     }
 }
 
@@ -825,6 +832,16 @@ mod tests {
         for (m, (loc, w)) in m.iter().zip(want) {
             assert_eq!((m.location.as_str(), m.writable), (loc, w));
         }
+        // One location on two mount points is two mounts: the writable `~` stays writable
+        // (merged by location, it read as read-only); one mount point is one mount.
+        let y = LimaYaml {
+            default: Yaml::Null,
+            instance: parse_yaml("mounts:\n- location: \"~\"\n  writable: true\n").unwrap(),
+            overrides: parse_yaml("mounts:\n- location: \"~\"\n  mountPoint: /mnt/h\n  writable: false\n- location: /y\n  mountPoint: /mnt/h\n").unwrap(),
+        };
+        let m = y.mounts();
+        let got: Vec<_> = m.iter().map(|m| (m.location.as_str(), m.writable)).collect();
+        assert_eq!(got, [("~", true), ("~", false)]);
     }
 
     #[test]

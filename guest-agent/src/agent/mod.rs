@@ -153,13 +153,19 @@ impl Listening {
         let addr = UnixAddr::new(path).with_context(|| format!("{}", path.display()))?;
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
             .with_context(|| format!("cannot listen on the {what} {}", path.display()))?;
-        // From here on, dropping `this` removes the socket file, whatever fails next.
-        let remove = RemoveOnDrop(path);
-        listen(&fd, Backlog::new(BACKLOG)?)
-            .with_context(|| format!("cannot listen on the {what} {}", path.display()))?;
-        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
-            .with_context(|| format!("cannot watch the {what}"))?;
-        std::mem::forget(remove);
+        // The socket file exists from here on: removed if what follows fails, and by `this`
+        // when it is dropped.
+        let listening = listen(&fd, Backlog::new(BACKLOG)?)
+            .map_err(std::io::Error::from)
+            .and_then(|()| UnixListener::from_std(std::os::unix::net::UnixListener::from(fd)));
+        let listener = match listening {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e)
+                    .with_context(|| format!("cannot listen on the {what} {}", path.display()));
+            }
+        };
         let this = Listening { listener, path: path.to_owned(), what };
         if access.owner.is_some() || access.group.is_some() {
             std::os::unix::fs::chown(path, access.owner, access.group)
@@ -187,15 +193,6 @@ pub(crate) fn send_now(stream: &UnixStream, bytes: &[u8]) {
     use nix::sys::socket::{MsgFlags, send};
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     let _ = send(std::os::fd::AsRawFd::as_raw_fd(stream), bytes, flags);
-}
-
-/// Removes a socket file that was bound but never became a [`Listening`].
-struct RemoveOnDrop<'a>(&'a Path);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0);
-    }
 }
 
 impl Drop for Listening {
