@@ -47,21 +47,11 @@ fn read(path: &Path) -> anyhow::Result<Option<Map<String, Value>>> {
 }
 
 fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("finch-tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    finch_shared::private::write_atomic(path, bytes, mode)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Rewrites the config keeping its mode and owner (a user's config stays the user's); a new

@@ -178,20 +178,8 @@ fn read(path: &Path) -> Ledger {
 }
 
 fn write(path: &Path, ledger: &Ledger) -> std::io::Result<()> {
-    use std::io::Write;
     let text = serde_json::to_vec_pretty(ledger).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = finch_shared::private::create_new(&tmp)?;
-    let written = file.write_all(&text).and_then(|()| file.sync_all());
-    drop(file);
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    finch_shared::private::write_atomic(path, &text, 0o600)
 }
 
 #[cfg(test)]

@@ -930,14 +930,8 @@ pub fn write_attached(path: &Path, vms: &BTreeMap<String, AttachedVm>) -> anyhow
 /// Writes `text` to `path` atomically (a sibling temporary file, synced, renamed), private
 /// (mode 0600, or an owner-only DACL).
 pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("finch-tmp");
-    let mut f = finch_shared::private::create_or_truncate(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    finch_shared::private::write_atomic(path, bytes, 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The directory of VM keys (and their markers) in the state directory.

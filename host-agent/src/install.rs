@@ -156,9 +156,7 @@ pub fn install(platform: Platform, file: &ServiceFile, no_start: bool) -> anyhow
     if let Some(dir) = file.path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = file.path.with_extension("tmp");
-    std::fs::write(&tmp, &file.text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &file.path)
+    finch_shared::private::write_atomic(&file.path, file.text.as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", file.path.display()))?;
     if no_start {
         return Ok(());

@@ -388,23 +388,8 @@ fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> anyhow::Res
     if regular && std::fs::read(path).is_ok_and(|old| old == bytes) {
         return Ok(());
     }
-    let tmp = path.with_extension("finch-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = finch_shared::private::create_new(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::io::Write::write_all(&mut file, bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(file);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    finch_shared::private::write_atomic(path, bytes, mode)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     filled.written += 1;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! and the plaintext `auths` fallback, read and written the way docker/cli does.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -203,12 +202,7 @@ impl PlainAuths {
                 "the file would grow past {limit} bytes, the most a VM's store may make it; nothing was written"
             )));
         }
-        let mut tmp = tempfile_in(&self.dir).map_err(|e| err(e.to_string()))?;
-        tmp.1.write_all(&text).and_then(|()| tmp.1.sync_all()).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp.0, &path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp.0);
-            err(e.to_string())
-        })
+        finch_shared::private::write_atomic(&path, &text, 0o600).map_err(|e| err(e.to_string()))
     }
 }
 
@@ -224,18 +218,6 @@ fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
 
 /// A new private file (mode 0600, or an owner-only DACL) next to the config, for an atomic
 /// replace.
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    for attempt in 0..16u32 {
-        let path = dir.join(format!(".{CONFIG_FILE}.{}.{attempt}.tmp", std::process::id()));
-        match finch_shared::private::create_new(&path) {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("no free temporary file name"))
-}
-
 /// Decodes one `auths` entry as docker/cli does.
 fn decode_entry(entry: &Value) -> Option<Credential> {
     finch_shared::docker_config::decode_entry(entry)

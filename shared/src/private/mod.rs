@@ -62,6 +62,72 @@ pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
     imp::create_dir_all(dir)
 }
 
+/// Replaces `path` with `bytes` atomically and durably: a sibling temporary file, born
+/// private, is written, synced, given `unix_mode` (unix only; Windows keeps the owner-only
+/// DACL), and renamed over `path`; on unix the directory is synced too, so a success
+/// survives a crash. A reader sees the old file or the new one, never a part. On failure the
+/// temporary file is removed and `path` is untouched. Each call has its own temporary name,
+/// so concurrent writers never write into one file (the last rename wins).
+pub fn write_atomic(path: &Path, bytes: &[u8], unix_mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (tmp, mut file) = temporary_beside(dir, &name)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| set_mode(&file, unix_mode))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            drop(file);
+            std::fs::rename(&tmp, path)
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
+}
+
+/// A new private file `.NAME.PID.N.finch-tmp` in `dir`.
+fn temporary_beside(dir: &Path, name: &str) -> std::io::Result<(std::path::PathBuf, File)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..64 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.finch-tmp", std::process::id()));
+        match create_new(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
+}
+
+#[cfg(unix)]
+fn set_mode(file: &File, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &File, _: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// The command that makes `path` private, for a `fix:` line.
 pub fn fix_command(path: &Path, dir: bool) -> String {
     if cfg!(windows) {
@@ -99,6 +165,28 @@ mod tests {
             drop(create_or_truncate(&file).unwrap());
             assert_eq!(path_exposure(&file).unwrap(), None, "made private again");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_and_leave_nothing_behind() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile_dir();
+        let file = dir.join("attached.toml");
+        write_atomic(&file, b"one", 0o600).unwrap();
+        write_atomic(&file, b"two", 0o755).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"two");
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o755);
+        // A failed rename (the target is a directory) leaves the target and no temporary.
+        let blocked = dir.join("blocked");
+        std::fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(write_atomic(&blocked, b"x", 0o600).is_err());
+        assert!(blocked.join("inside").is_dir());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.iter().all(|n| !n.contains("finch-tmp")), "{left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
