@@ -14,9 +14,11 @@ use finch_shared::key::LinkKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{self, Overrides, Settings};
+use crate::lima::{Adopted, Instance};
 use crate::link::{self, VmLink};
+use crate::platform::paths;
 use crate::resolve::{Current, Resolver};
+use crate::settings::{LimaSettings, Overrides, Settings, VmName};
 use crate::status::{AgentStatus, StatusBoard};
 
 struct Running {
@@ -45,14 +47,29 @@ impl std::fmt::Display for Applied {
 /// Settings with every VM's key loaded: ready to apply.
 pub struct Prepared {
     settings: Settings,
-    keys: BTreeMap<String, LinkKey>,
+    keys: BTreeMap<VmName, LinkKey>,
     lima_stamp: LimaStamp,
+}
+
+/// Loads the settings for `overrides` and adopts the Lima instances they serve, saying what
+/// discovery left out.
+pub fn load(overrides: &Overrides) -> anyhow::Result<(Settings, Adopted)> {
+    let mut settings = Settings::load(overrides)?;
+    let adopted = crate::lima::adopt(&mut settings, &paths::home().unwrap_or_default());
+    if adopted.left_out > 0 {
+        tracing::warn!(
+            left_out = adopted.left_out,
+            max = crate::lima::MAX_INSTANCES,
+            "Lima home: instances or entries past the bound are not served"
+        );
+    }
+    Ok((settings, adopted))
 }
 
 /// Loads settings and keys for `overrides`; creates the state directory and missing keys.
 pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
-    let settings = Settings::load(overrides)?;
-    config::private_dir(&settings.state_dir)?;
+    let (settings, adopted) = load(overrides)?;
+    paths::private_dir(&settings.state_dir)?;
     let mut keys = BTreeMap::new();
     for name in settings.vms.keys() {
         let (key, home) = crate::vm_keys::load_key(&settings, name)?;
@@ -60,9 +77,9 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
         keys.insert(name.clone(), key);
     }
     if let Some(lima) = &settings.lima {
-        trust_lima(&settings);
-        wire_lima(lima, &settings.lima_instances, &keys);
-        crate::vm_keys::forget_vanished_lima(&settings, || {
+        trust_lima(&settings, &adopted);
+        wire_lima(lima, &adopted.instances, &keys);
+        crate::vm_keys::forget_vanished_lima(&settings, &adopted.instances, || {
             crate::vm_keys::os_vault(settings.keychain_timeout)
         });
     }
@@ -72,8 +89,8 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
 
 /// Says when `"*"` adopted nothing because a VM can write the Lima home, and records it (the
 /// marker keeps it so when the VM later hides its mount).
-fn trust_lima(settings: &Settings) {
-    let Some(untrusted) = &settings.lima_untrusted else { return };
+fn trust_lima(settings: &Settings, adopted: &Adopted) {
+    let Some(untrusted) = &adopted.untrusted else { return };
     let marker = settings.state_dir.join(crate::lima::HOME_WRITABLE_MARKER);
     tracing::warn!(
         reason = %untrusted.reason,
@@ -84,7 +101,7 @@ fn trust_lima(settings: &Settings) {
     );
     if !untrusted.from_marker {
         let text = format!("{}\n", untrusted.reason);
-        if let Err(e) = config::write_private(&marker, text.as_bytes()) {
+        if let Err(e) = paths::write_private(&marker, text.as_bytes()) {
             tracing::warn!(error = %format!("{e:#}"), "cannot record that the Lima home is writable from a VM");
         }
     }
@@ -93,9 +110,9 @@ fn trust_lima(settings: &Settings) {
 /// Fills each discovered Lima instance's bundle and, with `keep_fragment`, puts the fragment
 /// back into `_config/default.yaml`. One instance's trouble is logged and leaves the others.
 fn wire_lima(
-    lima: &crate::lima::LimaSettings,
-    instances: &BTreeMap<String, crate::lima::Instance>,
-    keys: &BTreeMap<String, LinkKey>,
+    lima: &LimaSettings,
+    instances: &BTreeMap<VmName, Instance>,
+    keys: &BTreeMap<VmName, LinkKey>,
 ) {
     use crate::lima;
     if lima.keep_fragment {
@@ -130,7 +147,7 @@ fn wire_lima(
 
 /// What, of the Lima side, makes a reload due: the instances there and `default.yaml`'s
 /// stamp (Finch's `vm init` rewrites it).
-pub type LimaStamp = Option<(Vec<String>, Option<FileStamp>)>;
+pub type LimaStamp = Option<(Vec<VmName>, Option<FileStamp>)>;
 
 /// The [`LimaStamp`] for `settings` now (reads the Lima home: call it off the runtime).
 pub fn lima_stamp(settings: &Settings) -> LimaStamp {
@@ -144,7 +161,7 @@ pub struct Agent {
     overrides: Overrides,
     resolver: Arc<Resolver>,
     board: Arc<StatusBoard>,
-    links: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    links: tokio::sync::Mutex<BTreeMap<VmName, Running>>,
     started: Instant,
     config_error: Mutex<Option<String>>,
     config_stamp: Mutex<Option<FileStamp>>,
@@ -213,7 +230,7 @@ impl Agent {
             .configure(settings.vms.iter().map(|(n, v)| (n.as_str(), v.endpoint.to_string())));
         self.resolver.replace(Current::new(settings, Some(&previous)));
         let mut applied = Applied::default();
-        let names: Vec<String> = links.keys().cloned().collect();
+        let names: Vec<VmName> = links.keys().cloned().collect();
         for name in names {
             let keep = wanted
                 .get(&name)

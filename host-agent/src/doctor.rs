@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{self, Overrides, Settings};
 use crate::control;
-use crate::lima::{self, LimaSettings};
+use crate::lima::{self, Adopted};
+use crate::platform::paths;
 use crate::resolve::Current;
+use crate::settings::{self, LimaSettings, Overrides, Settings};
 use crate::source::docker_config::DockerConfig;
 use crate::source::ecr::EcrClass;
 use crate::source::keychain;
@@ -45,17 +46,17 @@ impl Report {
 /// Runs every check.
 pub fn run(overrides: &Overrides) -> Report {
     let mut r = Report::default();
-    let settings = match Settings::load(overrides) {
-        Ok(s) => {
+    let (settings, adopted) = match crate::agent::load(overrides) {
+        Ok((s, adopted)) => {
             let found =
                 if s.config_file_found { "parses" } else { "not present (defaults in use)" };
             r.ok("config", format!("{} {found}", s.config_file.display()));
-            s
+            (s, adopted)
         }
         Err(e) => {
             r.fail(
                 "config",
-                &e,
+                format!("{e:#}"),
                 "correct the file at the line and key named, then `finch-host-agent reload`",
             );
             return r;
@@ -95,7 +96,7 @@ pub fn run(overrides: &Overrides) -> Report {
         );
     }
     if let Some(lima) = &settings.lima {
-        check_lima(&mut r, &settings, lima);
+        check_lima(&mut r, &settings, lima, &adopted);
     }
     check_agent(&mut r, &settings);
     r
@@ -109,7 +110,7 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
         (lima.config_dir(), "Lima's config and ssh key"),
     ];
     let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Ok(home) = config::home() {
+    if let Ok(home) = paths::home() {
         out.push((
             env("AWS_CONFIG_FILE").unwrap_or_else(|| home.join(".aws/config")),
             "AWS config",
@@ -130,8 +131,8 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
 
 /// Each Lima instance: its Lima config readable, the fragment in it, its bundle filled, and
 /// no mount that hands the VM what the bridge keeps on the host.
-fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings) {
-    if let Some(untrusted) = &settings.lima_untrusted {
+fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted: &Adopted) {
+    if let Some(untrusted) = &adopted.untrusted {
         r.fail(
             "lima home",
             format!(
@@ -146,7 +147,7 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings) {
             ),
         );
     }
-    if settings.lima_instances.is_empty() {
+    if adopted.instances.is_empty() {
         r.fail(
             "lima",
             format!("no instance {:?} under {}", lima.instances, lima.home.display()),
@@ -154,9 +155,9 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings) {
         );
         return;
     }
-    let home = config::home().unwrap_or_default();
+    let home = paths::home().unwrap_or_default();
     let protected = protected(settings, lima);
-    for (name, instance) in &settings.lima_instances {
+    for (name, instance) in &adopted.instances {
         let what = format!("vm {name} lima");
         let yaml = match lima::LimaYaml::read(lima, instance) {
             Ok(y) => y,
@@ -371,7 +372,7 @@ fn check_key(r: &mut Report, settings: &Settings, name: &str) {
             let fix = format!(
                 "unlock the keychain; or keep the key in a file: `finch-host-agent key-export {name} \
                  --key-store auto --out {}` and key_store = \"file\"",
-                config::key_path(&settings.state_dir, name).display()
+                paths::key_path(&settings.state_dir, name).display()
             );
             r.fail(&what, format!("{e:#}"), fix);
             return;
@@ -426,11 +427,6 @@ fn check_agent(r: &mut Report, settings: &Settings) {
 pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<PathBuf> {
     match Settings::load(overrides) {
         Ok(s) => Ok(s.state_dir),
-        Err(_) => match overrides.state_dir.clone().or_else(|| {
-            std::env::var_os(config::STATE_DIR_ENV).filter(|v| !v.is_empty()).map(Into::into)
-        }) {
-            Some(d) => Ok(d),
-            None => Ok(config::finch_root()?.join(config::DEFAULT_STATE_SUBDIR)),
-        },
+        Err(_) => Ok(settings::state_dir_without_file(overrides)?),
     }
 }

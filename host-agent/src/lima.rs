@@ -29,6 +29,8 @@ use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
 use finch_shared::key::LinkKey;
 use sha2::Digest;
+
+use crate::settings::{LimaSettings, Settings, VmName, VmSettings, toml_string};
 use yaml_rust2::Yaml;
 use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::yaml::Hash;
@@ -49,36 +51,11 @@ pub const GUEST_BINARIES: [&str; 2] = ["finch-guest-agent", "docker-credential-f
 /// Finch's Lima home on macOS (runfinch/finch `pkg/path`: `<install>/lima/data`).
 pub const FINCH_LIMA_HOME_MACOS: &str = "/Applications/Finch/lima/data";
 
-/// The `[lima]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimaSettings {
-    /// `$LIMA_HOME`: where the instances live.
-    pub home: PathBuf,
-    /// Names of the instances to serve; `"*"` for every one.
-    pub instances: Vec<String>,
-    /// Holds `linux-x86_64/` and `linux-aarch64/`, each with the guest binaries.
-    pub guest_dir: PathBuf,
-    /// Whether the agent puts the fragment back into `_config/default.yaml` when it is gone.
-    pub keep_fragment: bool,
-}
-
-impl LimaSettings {
-    /// Whether instance `name` is one to serve.
-    pub fn wants(&self, name: &str) -> bool {
-        self.instances.iter().any(|i| i == "*" || i == name)
-    }
-
-    /// Lima's config directory, `home/_config`.
-    pub fn config_dir(&self) -> PathBuf {
-        self.home.join("_config")
-    }
-}
-
 /// A Lima instance found under the home.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
     /// Its name (the directory's).
-    pub name: String,
+    pub name: VmName,
     /// Its directory.
     pub dir: PathBuf,
 }
@@ -113,15 +90,13 @@ pub const MAX_SCANNED: usize = 4096;
 /// a real directory holding a real `lima.yaml` is an instance: a symbolic link in either
 /// place is not, so the agent never writes a bundle or dials a socket outside the home
 /// through one.
-pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
+pub fn discover(lima: &LimaSettings) -> (BTreeMap<VmName, Instance>, usize) {
     let mut out = BTreeMap::new();
     let mut left_out = 0;
-    for name in lima.instances.iter().filter(|n| *n != "*") {
-        if usable_name(name) {
-            let dir = lima.home.join(name);
-            if is_instance(&dir) {
-                out.insert(name.clone(), Instance { name: name.clone(), dir });
-            }
+    for name in lima.instances.iter().filter_map(|n| instance_name(n)) {
+        let dir = lima.home.join(name.as_str());
+        if is_instance(&dir) {
+            out.insert(name.clone(), Instance { name, dir });
         }
     }
     if !lima.instances.iter().any(|i| i == "*") {
@@ -134,8 +109,8 @@ pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
             left_out += 1;
             continue;
         }
-        let Ok(name) = entry.file_name().into_string() else { continue };
-        if !usable_name(&name) || out.contains_key(&name) {
+        let Some(name) = entry.file_name().to_str().and_then(instance_name) else { continue };
+        if out.contains_key(&name) {
             continue;
         }
         let dir = entry.path();
@@ -144,7 +119,11 @@ pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
             out.insert(name.clone(), Instance { name, dir });
             if found > MAX_INSTANCES {
                 // Drop the last name found by the scan (never a named one).
-                let last = out.keys().rev().find(|n| !lima.instances.contains(n)).cloned();
+                let last = out
+                    .keys()
+                    .rev()
+                    .find(|n| !lima.instances.iter().any(|i| i == n.as_str()))
+                    .cloned();
                 if let Some(last) = last {
                     out.remove(&last);
                 }
@@ -156,9 +135,9 @@ pub fn discover(lima: &LimaSettings) -> (BTreeMap<String, Instance>, usize) {
     (out, left_out)
 }
 
-/// Whether `name` can be an instance's: not one Lima reserves, and a usable VM name.
-fn usable_name(name: &str) -> bool {
-    !name.starts_with('_') && crate::config::valid_vm_name(name)
+/// `name` as an instance's name: not one Lima reserves, and a usable VM name.
+fn instance_name(name: &str) -> Option<VmName> {
+    if name.starts_with('_') { None } else { name.parse().ok() }
 }
 
 /// Whether `dir` is a Lima instance: a directory (not a link to one) with a `lima.yaml` file
@@ -179,9 +158,9 @@ pub const HOME_WRITABLE_MARKER: &str = "lima-home-writable";
 /// read are skipped (Lima cannot start them either).
 pub fn home_writable_from(
     lima: &LimaSettings,
-    instances: &BTreeMap<String, Instance>,
+    instances: &BTreeMap<VmName, Instance>,
     user_home: &Path,
-) -> Option<(String, PathBuf)> {
+) -> Option<(VmName, PathBuf)> {
     let home = clean(&lima.home);
     for (name, instance) in instances {
         let Ok(yaml) = LimaYaml::read(lima, instance) else { continue };
@@ -195,6 +174,78 @@ pub fn home_writable_from(
         }
     }
     None
+}
+
+/// A Lima home that a VM can write, so `"*"` adopts nothing from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimaUntrusted {
+    /// Which VM's mount reaches the home, and where.
+    pub reason: String,
+    /// Whether this was read from the marker (seen before) rather than found now.
+    pub from_marker: bool,
+}
+
+/// What [`adopt`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Adopted {
+    /// The instances served (each is also in the settings' VMs).
+    pub instances: BTreeMap<VmName, Instance>,
+    /// Why `"*"` adopted no instance: a VM can write the Lima home.
+    pub untrusted: Option<LimaUntrusted>,
+    /// Instances or entries past [`MAX_INSTANCES`] or [`MAX_SCANNED`], not served.
+    pub left_out: usize,
+}
+
+/// Finds the instances `settings.lima` serves and adds each to `settings.vms`, with the
+/// policy and key of its endpoint-less `[vm.NAME]` table if there is one; an endpoint
+/// given anywhere else (the file, `attach`, `--vm`) wins. Reads the Lima home and the
+/// marker in the state directory; `user_home` expands `~` in mounts.
+pub fn adopt(settings: &mut Settings, user_home: &Path) -> Adopted {
+    let Some(lima) = &settings.lima else { return Adopted::default() };
+    let (mut instances, left_out) = discover(lima);
+    let untrusted = trust(lima, &instances, &settings.state_dir, user_home);
+    if untrusted.is_some() {
+        instances.retain(|name, _| lima.instances.iter().any(|i| i == name.as_str()));
+    }
+    for (name, instance) in &instances {
+        if settings.vms.contains_key(name) {
+            continue;
+        }
+        let (key_file, policy) = match settings.awaiting_lima.get(name) {
+            Some(a) => (a.key_file.clone(), a.policy.clone()),
+            None => (None, Default::default()),
+        };
+        settings
+            .vms
+            .insert(name.clone(), VmSettings { endpoint: instance.endpoint(), key_file, policy });
+    }
+    Adopted { instances, untrusted, left_out }
+}
+
+/// Whether `"*"` may adopt instances from `lima`'s home: not when a VM can write it, now
+/// (one of `instances` mounts it writable) or before (the marker in `state_dir` says so: a VM
+/// could since have rewritten its own `lima.yaml` to hide the mount it still has).
+fn trust(
+    lima: &LimaSettings,
+    instances: &BTreeMap<VmName, Instance>,
+    state_dir: &Path,
+    user_home: &Path,
+) -> Option<LimaUntrusted> {
+    if !lima.instances.iter().any(|i| i == "*") {
+        return None;
+    }
+    let marker = state_dir.join(HOME_WRITABLE_MARKER);
+    let mut text = String::new();
+    if std::fs::File::open(&marker).and_then(|f| f.take(4096).read_to_string(&mut text)).is_ok() {
+        return Some(LimaUntrusted { reason: text.trim().to_owned(), from_marker: true });
+    }
+    let (vm, location) = home_writable_from(lima, instances, user_home)?;
+    let reason = format!(
+        "VM {vm} mounts {} writable, which holds the Lima home {}",
+        location.display(),
+        lima.home.display()
+    );
+    Some(LimaUntrusted { reason, from_marker: false })
 }
 
 // ---- YAML, bounded ---------------------------------------------------------------------
@@ -330,7 +381,7 @@ pub fn expand_location(location: &str, instance: &Instance, home: &Path) -> Opti
         let end = rest[start..].find("}}")? + start;
         let value = match rest[start + 2..end].trim() {
             ".Dir" => instance.dir.display().to_string(),
-            ".Name" | ".Instance" => instance.name.clone(),
+            ".Name" | ".Instance" => instance.name.to_string(),
             ".Home" => home.display().to_string(),
             ".LimaHome" => instance.dir.parent()?.display().to_string(),
             ".GlobalTempDir" => "/tmp".to_owned(),
@@ -596,13 +647,12 @@ pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Res
         if !out.is_empty() {
             out.push('\n');
         }
-        let instances: Vec<String> =
-            l.instances.iter().map(|i| crate::config::toml_string(i)).collect();
+        let instances: Vec<String> = l.instances.iter().map(|i| toml_string(i)).collect();
         out.push_str(&format!(
             "{SETUP_MARK}\n[lima]\nhome = {}\ninstances = [{}]\nguest_dir = {}\nkeep_fragment = {}\n",
-            crate::config::toml_string(&l.home.display().to_string()),
+            toml_string(&l.home.display().to_string()),
             instances.join(", "),
-            crate::config::toml_string(&l.guest_dir.display().to_string()),
+            toml_string(&l.guest_dir.display().to_string()),
             l.keep_fragment
         ));
     }
@@ -660,7 +710,7 @@ mod tests {
 
     #[cfg(unix)]
     fn inst() -> Instance {
-        Instance { name: "finch".into(), dir: PathBuf::from("/L/finch") }
+        Instance { name: "finch".parse().unwrap(), dir: PathBuf::from("/L/finch") }
     }
 
     // Unix paths: Lima's mounts are for macOS and Linux hosts (on Windows, Lima's WSL2 driver
@@ -704,7 +754,7 @@ mod tests {
         };
         let (found, left_out) = discover(&lima);
         assert_eq!((found.len(), left_out), (MAX_INSTANCES, 6));
-        assert_eq!(found.keys().next_back().map(String::as_str), Some("vm063"));
+        assert_eq!(found.keys().next_back().map(VmName::as_str), Some("vm063"));
         for i in 0..MAX_SCANNED {
             std::fs::write(home.path().join(format!("junk{i}")), "").unwrap();
         }
@@ -754,7 +804,10 @@ mod tests {
         let lima = settings(&user.join(".lima"), &["*"]);
         let dir = lima.home.join("vm");
         std::fs::create_dir_all(&dir).unwrap();
-        let inst = BTreeMap::from([("vm".to_owned(), Instance { name: "vm".into(), dir })]);
+        let inst = BTreeMap::from([(
+            "vm".parse().unwrap(),
+            Instance { name: "vm".parse().unwrap(), dir },
+        )]);
         let cases = [
             ("mounts:\n- location: \"~\"\n  writable: true\n", true),
             ("mounts:\n- location: \"~\"\n", false),
@@ -784,7 +837,7 @@ mod tests {
         let outside = t.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, dir.join(BUNDLE_DIR)).unwrap();
-        let instance = Instance { name: "vm".into(), dir: dir.clone() };
+        let instance = Instance { name: "vm".parse().unwrap(), dir: dir.clone() };
         let key = LinkKey::generate().unwrap();
         fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
         assert!(std::fs::symlink_metadata(dir.join(BUNDLE_DIR)).unwrap().is_dir());

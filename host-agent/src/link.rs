@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::resolve::Resolver;
+use crate::settings::VmName;
 use crate::status::StatusBoard;
 
 /// Longest a dial or a handshake may take.
@@ -82,7 +83,7 @@ const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 #[derive(Debug, Clone)]
 pub struct VmLink {
     /// The VM's name (in audit lines and the handshake).
-    pub name: String,
+    pub name: VmName,
     /// Where to dial.
     pub endpoint: Endpoint,
     /// The VM's link key.

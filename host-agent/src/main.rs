@@ -15,7 +15,6 @@
 
 mod agent;
 mod budget;
-mod config;
 mod control;
 mod doctor;
 mod fair;
@@ -25,6 +24,7 @@ mod link;
 mod platform;
 mod policy;
 mod resolve;
+mod settings;
 mod source;
 mod status;
 mod transport;
@@ -36,6 +36,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+use crate::platform::paths;
+use crate::settings::{Overrides, VmName};
 
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
@@ -50,56 +53,56 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Dial every VM and answer its credential requests until stopped.
-    Run(SettingsArgs),
+    Run(Overrides),
     /// Show the running agent's links, requests and cache.
     Status {
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Overrides,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Check the config, the credential sources, each VM's key and endpoint, and the agent.
-    Doctor(SettingsArgs),
+    Doctor(Overrides),
     /// Make the running agent re-read its config file (as SIGHUP does).
-    Reload(SettingsArgs),
+    Reload(Overrides),
     /// Add a VM (or change its endpoint) at run time; kept in STATE/attached.toml.
     Attach {
         /// The VM's name.
-        name: String,
+        name: VmName,
         /// Where to dial it (unix:///…, vsock://CID:PORT, hybrid:///vmm.sock:PORT, hvsock://…).
         endpoint: finch_shared::endpoint::Endpoint,
         /// Its key file [default: STATE/vms/NAME.key, created when missing].
         #[arg(long, value_name = "PATH")]
         key: Option<PathBuf>,
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Overrides,
     },
     /// Remove a VM attached with `attach`.
     Detach {
         /// The VM's name.
-        name: String,
+        name: VmName,
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Overrides,
     },
     /// Print the path of a VM's key file (creating the key, 0600, when missing); a key kept
     /// in the OS keychain has no path: see key-export.
     KeyPath {
         /// The VM's name.
-        name: String,
+        name: VmName,
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Overrides,
     },
     /// Write a copy of a VM's key to a file (mode 0600), wherever the key is kept (creating
     /// the key when missing): for wiring a VM by hand.
     KeyExport {
         /// The VM's name.
-        name: String,
+        name: VmName,
         /// The file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Overrides,
     },
     /// Run the agent at login: a systemd user unit, a LaunchAgent or a logon task.
     Install {
@@ -164,83 +167,26 @@ struct SetupFinch {
     #[arg(long, value_enum)]
     platform: Option<install::Platform>,
     #[command(flatten)]
-    settings: SettingsArgs,
-}
-
-/// Settings every command takes; unset ones come from the environment, the file, defaults.
-#[derive(Debug, Clone, clap::Args)]
-struct SettingsArgs {
-    /// Config file [env: FINCH_HOST_AGENT_CONFIG; default: ~/.finch/host-agent.toml].
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// A VM to serve: NAME=ENDPOINT[,key=PATH], e.g. default=unix:///path/to/link.sock.
-    /// Repeatable; adds to (or sets the endpoint of) the config file's [vm.NAME] tables.
-    #[arg(long = "vm", value_name = "NAME=ENDPOINT[,key=PATH]")]
-    vms: Vec<config::VmSpec>,
-    /// The host's docker config directory [env: FINCH_HOST_AGENT_DOCKER_CONFIG; default: ~/.finch].
-    #[arg(long, value_name = "DIR")]
-    docker_config: Option<PathBuf>,
-    /// Where VM keys and the control socket live [env: FINCH_HOST_AGENT_STATE_DIR; default: ~/.finch/host-agent].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Time a host credential helper may take, in seconds [default: 10].
-    #[arg(long, value_name = "SECS")]
-    helper_timeout_secs: Option<u64>,
-    /// Time one native keychain call may take, in seconds [default: 10].
-    #[arg(long, value_name = "SECS")]
-    keychain_timeout_secs: Option<u64>,
-    /// Serve secretservice/osxkeychain/wincred natively (false: run the helper binary) [default: true].
-    #[arg(long, value_name = "BOOL")]
-    native_keychain: Option<bool>,
-    /// Where keys of VMs without a key file of their own are kept: the OS keychain when it
-    /// answers (auto), the keychain or an error (keychain), files in the state directory (file)
-    /// [default: auto].
-    #[arg(long, value_name = "STORE")]
-    key_store: Option<vm_keys::KeyStore>,
-    /// Heartbeat interval on each link, in milliseconds [default: 5000].
-    #[arg(long, value_name = "MS")]
-    heartbeat_ms: Option<u64>,
-    /// Cap of the reconnect delay, in milliseconds [default: 3000].
-    #[arg(long, value_name = "MS")]
-    reconnect_max_ms: Option<u64>,
-}
-
-impl SettingsArgs {
-    fn overrides(self) -> config::Overrides {
-        config::Overrides {
-            config: self.config,
-            vms: self.vms,
-            docker_config: self.docker_config,
-            state_dir: self.state_dir,
-            helper_timeout_secs: self.helper_timeout_secs,
-            keychain_timeout_secs: self.keychain_timeout_secs,
-            native_keychain: self.native_keychain,
-            key_store: self.key_store,
-            heartbeat_ms: self.heartbeat_ms,
-            reconnect_max_ms: self.reconnect_max_ms,
-        }
-    }
+    settings: Overrides,
 }
 
 fn main() -> ExitCode {
     init_tracing();
     let result = match Cli::parse().command {
-        Command::Run(args) => run(args.overrides()),
-        Command::Status { settings, json } => status(&settings.overrides(), json),
+        Command::Run(args) => run(args),
+        Command::Status { settings, json } => status(&settings, json),
         Command::Doctor(args) => {
-            let report = doctor::run(&args.overrides());
+            let report = doctor::run(&args);
             print(report.text());
             return if report.failures() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
-        Command::Reload(args) => reload(&args.overrides()),
+        Command::Reload(args) => reload(&args),
         Command::Attach { name, endpoint, key, settings } => {
-            attach(&settings.overrides(), &name, Some((endpoint, key)))
+            attach(&settings, &name, Some((endpoint, key)))
         }
-        Command::Detach { name, settings } => attach(&settings.overrides(), &name, None),
-        Command::KeyPath { name, settings } => key_path(&settings.overrides(), &name),
-        Command::KeyExport { name, out, settings } => {
-            key_export(&settings.overrides(), &name, &out)
-        }
+        Command::Detach { name, settings } => attach(&settings, &name, None),
+        Command::KeyPath { name, settings } => key_path(&settings, &name),
+        Command::KeyExport { name, out, settings } => key_export(&settings, &name, &out),
         Command::Install { print: only_print, platform, no_start, run_args } => install_service(
             platform.unwrap_or_else(install::Platform::current),
             only_print,
@@ -324,7 +270,7 @@ fn init_tracing() {
     tracing::trace!(capped = ?CAPPED_TARGETS, level = %LIBRARY_LOG_CAP, "library events capped");
 }
 
-fn status(overrides: &config::Overrides, json: bool) -> anyhow::Result<()> {
+fn status(overrides: &Overrides, json: bool) -> anyhow::Result<()> {
     let state_dir = doctor::state_dir_fallback(overrides)?;
     let reply = control::call(&state_dir, "status")?;
     let status = reply.status.context("the agent gave no status")?;
@@ -336,7 +282,7 @@ fn status(overrides: &config::Overrides, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(overrides: &config::Overrides) -> anyhow::Result<()> {
+fn reload(overrides: &Overrides) -> anyhow::Result<()> {
     let state_dir = doctor::state_dir_fallback(overrides)?;
     let reply = control::call(&state_dir, "reload")?;
     let message = reply.message.unwrap_or_default();
@@ -348,31 +294,27 @@ fn reload(overrides: &config::Overrides) -> anyhow::Result<()> {
 /// Adds, changes (`Some`) or removes (`None`) an attached VM, then asks a running agent to
 /// reload (links of other VMs are kept).
 fn attach(
-    overrides: &config::Overrides,
-    name: &str,
+    overrides: &Overrides,
+    name: &VmName,
     what: Option<(finch_shared::endpoint::Endpoint, Option<PathBuf>)>,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        config::valid_vm_name(name),
-        "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
-    );
     let state_dir = doctor::state_dir_fallback(overrides)?;
-    config::private_dir(&state_dir)?;
-    let path = state_dir.join(config::ATTACHED_FILE);
-    let mut vms = config::read_attached(&path)?;
+    paths::private_dir(&state_dir)?;
+    let path = state_dir.join(settings::ATTACHED_FILE);
+    let mut vms = settings::read_attached(&path)?;
     let changed = match what {
         Some((endpoint, key)) => {
             if let Some(k) = &key {
                 anyhow::ensure!(k.is_absolute(), "--key must be an absolute path");
                 finch_shared::key::LinkKey::load(k)?;
             }
-            let vm = config::AttachedVm { endpoint, key };
-            vms.insert(name.to_owned(), vm.clone()) != Some(vm)
+            let vm = settings::AttachedVm { endpoint, key };
+            vms.insert(name.clone(), vm.clone()) != Some(vm)
         }
         None => vms.remove(name).is_some(),
     };
     if changed {
-        config::write_attached(&path, &vms)?;
+        settings::write_attached(&path, &vms)?;
     }
     let verb = if vms.contains_key(name) { "attached" } else { "detached" };
     match control::call(&state_dir, "reload") {
@@ -390,17 +332,8 @@ fn attach(
     Ok(())
 }
 
-fn checked_vm_name(name: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        config::valid_vm_name(name),
-        "{name:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64)"
-    );
-    Ok(())
-}
-
-fn key_path(overrides: &config::Overrides, name: &str) -> anyhow::Result<()> {
-    checked_vm_name(name)?;
-    let settings = config::Settings::load(overrides)?;
+fn key_path(overrides: &Overrides, name: &VmName) -> anyhow::Result<()> {
+    let settings = settings::Settings::load(overrides)?;
     match vm_keys::load_key(&settings, name)?.1 {
         vm_keys::KeyHome::File(path) => print(&format!("{}\n", path.display())),
         home @ vm_keys::KeyHome::Keychain(_) => anyhow::bail!(
@@ -411,9 +344,8 @@ fn key_path(overrides: &config::Overrides, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn key_export(overrides: &config::Overrides, name: &str, out: &Path) -> anyhow::Result<()> {
-    checked_vm_name(name)?;
-    let settings = config::Settings::load(overrides)?;
+fn key_export(overrides: &Overrides, name: &VmName, out: &Path) -> anyhow::Result<()> {
+    let settings = settings::Settings::load(overrides)?;
     let home = vm_keys::export(&settings, name, out)?;
     print(&format!("wrote the key of VM {name} (kept in {home}) to {}\n", out.display()));
     Ok(())
@@ -427,7 +359,7 @@ fn install_service(
 ) -> anyhow::Result<()> {
     let binary = std::env::current_exe().context("cannot tell where this binary is")?;
     let binary = binary.canonicalize().unwrap_or(binary);
-    let file = install::service_file(platform, &config::home()?, &binary, run_args);
+    let file = install::service_file(platform, &paths::home()?, &binary, run_args);
     if only_print {
         print(&file.text);
         return Ok(());
@@ -445,14 +377,14 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
          (lima/README.md, Windows)"
     );
     let platform = args.platform.unwrap_or_else(install::Platform::current);
-    let overrides = args.settings.clone().overrides();
-    let (config_path, named) = config::config_file(overrides.config.as_deref())?;
+    let overrides = args.settings.clone();
+    let (config_path, named) = settings::config_file(overrides.config.as_deref())?;
     let home = match args.lima_home {
         Some(h) => h,
         None if cfg!(target_os = "macos") => PathBuf::from(lima::FINCH_LIMA_HOME_MACOS),
         None => match std::env::var_os("LIMA_HOME").filter(|v| !v.is_empty()) {
             Some(h) => PathBuf::from(h),
-            None => config::home()?.join(".lima"),
+            None => paths::home()?.join(".lima"),
         },
     };
     anyhow::ensure!(home.is_absolute(), "--lima-home {} must be absolute", home.display());
@@ -462,17 +394,17 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
     }
     for i in &instances {
         anyhow::ensure!(
-            i == "*" || config::valid_vm_name(i),
+            i == "*" || VmName::is_valid(i),
             "--instance {i:?}: a VM name uses letters, digits, '.', '_' or '-' (at most 64), or \"*\""
         );
     }
-    let guest_dir = args.guest_dir.unwrap_or_else(config::default_guest_dir);
+    let guest_dir = args.guest_dir.unwrap_or_else(paths::default_guest_dir);
     anyhow::ensure!(
         guest_dir.is_absolute(),
         "--guest-dir {} must be absolute",
         guest_dir.display()
     );
-    let settings = lima::LimaSettings { home, instances, guest_dir, keep_fragment: true };
+    let settings = settings::LimaSettings { home, instances, guest_dir, keep_fragment: true };
 
     let text = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,
@@ -486,7 +418,7 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        config::write_private(&config_path, new.as_bytes())?;
+        paths::write_private(&config_path, new.as_bytes())?;
         print(&format!(
             "{} {}\n",
             if args.remove { "updated" } else { "wrote [lima] to" },
@@ -534,13 +466,13 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
 }
 
 fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {
-    let file = install::service_file(platform, &config::home()?, Path::new("/"), &[]);
+    let file = install::service_file(platform, &paths::home()?, Path::new("/"), &[]);
     install::uninstall(platform, &file.path, no_stop)?;
     print(&format!("removed {}\n", file.path.display()));
     Ok(())
 }
 
-fn run(overrides: config::Overrides) -> anyhow::Result<()> {
+fn run(overrides: Overrides) -> anyhow::Result<()> {
     let prepared = agent::prepare(&overrides)?;
     let agent = agent::Agent::new(overrides, &prepared);
     let settings = agent.settings();

@@ -13,9 +13,9 @@ use finch_shared::message::{
 use finch_shared::registry::Registry;
 
 use crate::budget::StoreBudget;
-use crate::config::Settings;
 use crate::fair::Shares;
 use crate::policy::Rule;
+use crate::settings::Settings;
 use crate::source::docker_config::{ConfigCache, DockerConfig, PlainAuths};
 use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;

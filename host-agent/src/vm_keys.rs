@@ -25,14 +25,16 @@
 //! Each OS compiles its own vault (Linux, macOS, Windows); any other has `OtherOs`, which
 //! refuses, so `auto` there means files.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use finch_shared::key::LinkKey;
-use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::config::{self, Settings};
+use crate::lima::Instance;
+use crate::platform::paths;
+use crate::settings::{KeyStore, Settings, VmName};
 use crate::source::keychain::KeychainError;
 
 /// Secret Service schema of a link key item.
@@ -44,19 +46,6 @@ pub const SERVICE: &str = "dev.finch.credential-bridge.link-key";
 /// Windows target name prefix of a link key item.
 #[cfg_attr(not(windows), allow(dead_code))]
 pub const TARGET_PREFIX: &str = "finch-credential-bridge:link-key/";
-
-/// `key_store`: where keys of VMs without a `key` file of their own are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyStore {
-    /// The OS keychain when it answers, else files.
-    #[default]
-    Auto,
-    /// The OS keychain; an error when it does not answer.
-    Keychain,
-    /// Files in the state directory.
-    File,
-}
 
 /// Where a VM's key was found or made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +132,7 @@ pub fn load_key_with(
         let key = LinkKey::load(path).with_context(|| format!("VM {name}"))?;
         return Ok((key, KeyHome::File(path.clone())));
     }
-    let file = config::key_path(&settings.state_dir, name);
+    let file = paths::key_path(&settings.state_dir, name);
     let in_keychain = marker(&file);
     if settings.key_store == KeyStore::File {
         anyhow::ensure!(
@@ -187,16 +176,16 @@ fn write_marker(settings: &Settings, file: &Path, store: &str) -> anyhow::Result
     let m = marker(file);
     if !m.exists() {
         let note = format!("this VM's link key is kept in the {store} keychain\n");
-        config::write_private(&m, note.as_bytes())?;
+        paths::write_private(&m, note.as_bytes())?;
     }
     Ok(())
 }
 
 /// The state directory and its `vms/`, private, made when missing.
 fn key_dirs(settings: &Settings, file: &Path) -> anyhow::Result<()> {
-    config::private_dir(&settings.state_dir)?;
+    paths::private_dir(&settings.state_dir)?;
     if let Some(dir) = file.parent() {
-        config::private_dir(dir)?;
+        paths::private_dir(dir)?;
     }
     Ok(())
 }
@@ -276,26 +265,27 @@ const MAX_KEY_ENTRIES: usize = 4096;
 /// whose keys were removed. A key that cannot be removed is said and tried again next time.
 pub fn forget_vanished_lima(
     settings: &Settings,
+    instances: &BTreeMap<VmName, Instance>,
     vault: impl FnOnce() -> Box<dyn Vault>,
 ) -> Vec<String> {
     let own_key = |name: &str| settings.vms.get(name).is_some_and(|vm| vm.key_file.is_none());
-    for name in settings.lima_instances.keys().filter(|n| own_key(n)) {
-        let m = lima_marker(&config::key_path(&settings.state_dir, name));
+    for name in instances.keys().filter(|n| own_key(n)) {
+        let m = lima_marker(&paths::key_path(&settings.state_dir, name));
         if !m.exists() && key_dirs(settings, &m).is_ok() {
             let note = b"a Lima instance adopted by discovery: its key goes when it does\n";
-            if let Err(e) = config::write_private(&m, note) {
+            if let Err(e) = paths::write_private(&m, note) {
                 tracing::warn!(vm = %name, error = %format!("{e:#}"), "cannot mark an adopted Lima instance");
             }
         }
     }
-    let Ok(entries) = std::fs::read_dir(config::keys_dir(&settings.state_dir)) else {
+    let Ok(entries) = std::fs::read_dir(paths::keys_dir(&settings.state_dir)) else {
         return Vec::new();
     };
     let gone: Vec<String> = entries
         .flatten()
         .take(MAX_KEY_ENTRIES)
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".lima").map(str::to_owned))
-        .filter(|name| !settings.vms.contains_key(name) && config::valid_vm_name(name))
+        .filter(|name| VmName::is_valid(name) && !settings.vms.contains_key(name.as_str()))
         .collect();
     if gone.is_empty() {
         return gone;
@@ -303,7 +293,7 @@ pub fn forget_vanished_lima(
     let vault = vault();
     let mut removed = Vec::new();
     for name in gone {
-        let file = config::key_path(&settings.state_dir, &name);
+        let file = paths::key_path(&settings.state_dir, &name);
         if marker(&file).exists()
             && let Err(e) = vault.remove(&name)
         {
@@ -347,7 +337,7 @@ pub fn find(settings: &Settings, name: &str) -> anyhow::Result<Found> {
     if let Some(path) = settings.vms.get(name).and_then(|vm| vm.key_file.as_ref()) {
         return Ok(Found::File { path: path.clone(), keychain_said: None });
     }
-    let file = config::key_path(&settings.state_dir, name);
+    let file = paths::key_path(&settings.state_dir, name);
     let mut keychain_said = None;
     if settings.key_store != KeyStore::File {
         let vault = os_vault(settings.keychain_timeout);
@@ -377,7 +367,7 @@ pub fn find(settings: &Settings, name: &str) -> anyhow::Result<Found> {
 /// hand: `finch-host-agent key-export NAME --out FILE`.
 pub fn export(settings: &Settings, name: &str, out: &Path) -> anyhow::Result<KeyHome> {
     let (key, home) = load_key(settings, name)?;
-    config::write_private(out, key.file_bytes())?;
+    paths::write_private(out, key.file_bytes())?;
     Ok(home)
 }
 
@@ -434,11 +424,12 @@ mod tests {
             &file,
             format!(
                 "state_dir = {}\nkey_store = \"{store}\"\n[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n",
-                config::toml_string(&dir.join("state").display().to_string())
+                crate::settings::toml_string(&dir.join("state").display().to_string())
             ),
         )
         .unwrap();
-        Settings::load(&config::Overrides { config: Some(file), ..Default::default() }).unwrap()
+        Settings::load(&crate::settings::Overrides { config: Some(file), ..Default::default() })
+            .unwrap()
     }
 
     /// Keys of Lima instances adopted by discovery go when the instance does, from the
@@ -454,40 +445,45 @@ mod tests {
         let file = dir.path().join("host-agent.toml");
         let load = |config: &str| {
             std::fs::write(&file, config).unwrap();
-            Settings::load(&config::Overrides { config: Some(file.clone()), ..Default::default() })
-                .unwrap()
+            let mut s = Settings::load(&crate::settings::Overrides {
+                config: Some(file.clone()),
+                ..Default::default()
+            })
+            .unwrap();
+            let adopted = crate::lima::adopt(&mut s, Path::new("/nonexistent"));
+            (s, adopted.instances)
         };
-        let state = config::toml_string(&dir.path().join("state").display().to_string());
+        let state = crate::settings::toml_string(&dir.path().join("state").display().to_string());
         let lima_table = format!(
             "[lima]\nhome = {}\ninstances = [\"*\"]\n",
-            config::toml_string(&lima.display().to_string())
+            crate::settings::toml_string(&lima.display().to_string())
         );
         let both = format!("state_dir = {state}\nkey_store = \"auto\"\n{lima_table}");
-        let s = load(&both);
+        let (s, found) = load(&both);
         let vault = Memory::default();
         for vm in ["vm1", "vm2", "a"] {
             let v = vault.clone();
             load_key_with(&s, vm, move || Box::new(v)).unwrap();
         }
         let v = vault.clone();
-        assert!(forget_vanished_lima(&s, move || Box::new(v)).is_empty());
+        assert!(forget_vanished_lima(&s, &found, move || Box::new(v)).is_empty());
         // vm1 is deleted; `a` is no longer an instance but is configured by hand.
         std::fs::remove_dir_all(lima.join("vm1")).unwrap();
         std::fs::remove_dir_all(lima.join("a")).unwrap();
-        let s = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
+        let (s, found) = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
         let v = vault.clone();
-        assert_eq!(forget_vanished_lima(&s, move || Box::new(v)), ["vm1"]);
+        assert_eq!(forget_vanished_lima(&s, &found, move || Box::new(v)), ["vm1"]);
         let kept: Vec<String> = vault.items.lock().unwrap().keys().cloned().collect();
         assert_eq!(kept, ["a", "vm2"]);
-        let marker = config::key_path(&s.state_dir, "vm1").with_extension("in-keychain");
+        let marker = paths::key_path(&s.state_dir, "vm1").with_extension("in-keychain");
         assert!(!marker.exists() && !marker.with_extension("lima").exists());
         // A keychain that does not answer keeps the marker, to try again.
         std::fs::remove_dir_all(lima.join("vm2")).unwrap();
-        let s = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
+        let (s, found) = load(&format!("{both}[vm.a]\nendpoint = \"tcp://127.0.0.1:1\"\n"));
         let down = Memory { down: true, ..vault.clone() };
-        assert!(forget_vanished_lima(&s, move || Box::new(down)).is_empty());
+        assert!(forget_vanished_lima(&s, &found, move || Box::new(down)).is_empty());
         let v = vault.clone();
-        assert_eq!(forget_vanished_lima(&s, move || Box::new(v)), ["vm2"]);
+        assert_eq!(forget_vanished_lima(&s, &found, move || Box::new(v)), ["vm2"]);
     }
 
     #[test]
@@ -495,7 +491,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path(), "file");
         let (from_file, home) = load_key_with(&s, "a", || Box::new(Memory::default())).unwrap();
-        let file = config::key_path(&s.state_dir, "a");
+        let file = paths::key_path(&s.state_dir, "a");
         assert_eq!(home, KeyHome::File(file.clone()));
 
         let s = settings(dir.path(), "auto");
@@ -518,7 +514,7 @@ mod tests {
         let s = settings(dir.path(), "auto");
         let d = down.clone();
         let (_, home) = load_key_with(&s, "a", move || Box::new(d)).unwrap();
-        assert_eq!(home, KeyHome::File(config::key_path(&s.state_dir, "a")));
+        assert_eq!(home, KeyHome::File(paths::key_path(&s.state_dir, "a")));
 
         let s = settings(dir.path(), "keychain");
         let err = load_key_with(&s, "a", move || Box::new(down)).unwrap_err();
@@ -535,7 +531,7 @@ mod tests {
         let forgetful = Memory { forgetful: true, ..Memory::default() };
         let err = load_key_with(&s, "a", move || Box::new(forgetful)).unwrap_err();
         assert!(format!("{err:#}").contains("did not keep the key of VM a"), "{err:#}");
-        assert!(config::key_path(&s.state_dir, "a").exists(), "the only copy was removed");
+        assert!(paths::key_path(&s.state_dir, "a").exists(), "the only copy was removed");
     }
 
     #[test]
@@ -545,7 +541,7 @@ mod tests {
         let vault = Memory::default();
         let v = vault.clone();
         let (key, _) = load_key_with(&s, "a", move || Box::new(v)).unwrap();
-        let file = config::key_path(&s.state_dir, "a");
+        let file = paths::key_path(&s.state_dir, "a");
         assert!(!file.exists() && marker(&file).exists());
         // Locked today: an error, not a new file key.
         let down = Memory { down: true, ..vault.clone() };

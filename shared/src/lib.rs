@@ -12,6 +12,7 @@
 //! * [`private`]: owner-only files and directories (mode bits on unix, a DACL on Windows).
 //! * [`registry`]: the one parser of server names, their spellings, and policy patterns.
 //! * [`Secret`]: a credential that never prints.
+//! * [`vm_name`]: the one parser of VM names.
 
 pub mod codec;
 pub mod docker_config;
@@ -25,6 +26,7 @@ pub mod private;
 pub mod registry;
 pub mod seal;
 mod secret;
+pub mod vm_name;
 
 pub use secret::Secret;
 

@@ -11,7 +11,11 @@
 //!   ([`Signals`]);
 //! * small facts: which files are executable helpers, the helper environment, file identity.
 //!
+//! * where things are: the home, Finch's root, key paths, private directories ([`paths`]).
+//!
 //! Private files and directories are `finch_shared::private`, shared with the guest side.
+
+pub mod paths;
 
 #[cfg(unix)]
 mod unix;
