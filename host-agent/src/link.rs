@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{
-    FrameQueue, QueueError, read_msg, spawn_reader, spawn_writer, write_msg,
-};
 use finch_shared::handshake::{Established, HostHandshake};
+use finch_shared::io::{FrameQueue, QueueError, read_msg, spawn_reader, spawn_writer, write_msg};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, Request, WireError};
 use finch_shared::seal::Session;

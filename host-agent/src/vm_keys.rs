@@ -30,22 +30,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use finch_shared::key::LinkKey;
-use zeroize::Zeroizing;
 
 use crate::lima::Instance;
 use crate::platform::paths;
 use crate::settings::{KeyStore, Settings, VmName};
-use crate::source::keychain::KeychainError;
-
-/// Secret Service schema of a link key item.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-pub const SCHEMA: &str = "dev.finch.credential-bridge.LinkKey";
-/// macOS generic-password service of a link key item.
-#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
-pub const SERVICE: &str = "dev.finch.credential-bridge.link-key";
-/// Windows target name prefix of a link key item.
-#[cfg_attr(not(windows), allow(dead_code))]
-pub const TARGET_PREFIX: &str = "finch-credential-bridge:link-key/";
+use crate::source::keychain::vault::Vault;
 
 /// Where a VM's key was found or made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,55 +54,9 @@ impl std::fmt::Display for KeyHome {
     }
 }
 
-/// An OS keychain holding link keys. Calls block (bounded by the keychain timeout).
-pub trait Vault: Send + Sync {
-    /// The keychain's helper name (`secretservice`, `osxkeychain`, `wincred`).
-    fn name(&self) -> &'static str;
-    /// VM `vm`'s key bytes, if the keychain has them.
-    fn get(&self, vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError>;
-    /// Stores VM `vm`'s key bytes, replacing any.
-    fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError>;
-    /// Removes VM `vm`'s key; none there is not an error.
-    fn remove(&self, vm: &str) -> Result<(), KeychainError>;
-}
-
-/// Item label, the same on every OS.
-pub fn label(vm: &str) -> String {
-    format!("finch credential bridge: link key of VM {vm}")
-}
-
 /// This OS's keychain.
 pub fn os_vault(timeout: std::time::Duration) -> Box<dyn Vault> {
     crate::source::keychain::key_vault(timeout)
-}
-
-/// The vault of an OS without a keychain this project knows.
-#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
-#[derive(Debug)]
-pub struct OtherOs;
-
-#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
-impl Vault for OtherOs {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-    fn get(&self, _vm: &str) -> Result<Option<Zeroizing<Vec<u8>>>, KeychainError> {
-        Err(no_keychain())
-    }
-    fn put(&self, _vm: &str, _key: &[u8]) -> Result<(), KeychainError> {
-        Err(no_keychain())
-    }
-    fn remove(&self, _vm: &str) -> Result<(), KeychainError> {
-        Err(no_keychain())
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
-fn no_keychain() -> KeychainError {
-    KeychainError::KeychainUnreachable {
-        store: "none",
-        reason: "this OS has no keychain the host agent uses".into(),
-    }
 }
 
 /// Loads VM `name`'s key from where `settings` keep it, creating it when missing (a VM not
@@ -372,7 +315,7 @@ pub fn export(settings: &Settings, name: &str, out: &Path) -> anyhow::Result<Key
 }
 
 // The file side needs a private state directory, which Wine's ACLs do not give in its temp
-// directory (config.rs's key test is unix-only for the same reason); the Windows vault itself
+// directory (so is the file key test below); the Windows vault itself
 // is tested against Wine's Credential Manager in `source/keychain/wincred.rs`.
 #[cfg(test)]
 #[cfg(unix)]
@@ -381,6 +324,36 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::settings::{Layer, Overrides};
+    use crate::source::keychain::KeychainError;
+    use zeroize::Zeroizing;
+
+    #[test]
+    fn a_file_key_is_created_private_in_a_private_state_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let o = Overrides {
+            config: Some(dir.path().join("none.toml")),
+            vms: vec!["vm1=unix:///x".parse().unwrap()],
+            layer: Layer {
+                state_dir: Some(state.clone()),
+                key_store: Some(KeyStore::File),
+                ..Layer::default()
+            },
+        };
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
+        let s = Settings::load(&o).unwrap();
+        load_key(&s, "vm1").unwrap();
+        let path = paths::key_path(&state, "vm1");
+        assert_eq!(s.key_file("vm1"), Some(path.clone()));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read(&path).unwrap().len(), 32);
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = paths::private_dir(&state).unwrap_err().to_string();
+        assert!(e.contains("open to other users"), "{e}");
+    }
 
     /// A keychain in memory; `down` makes every call fail as an unreachable one would.
     #[derive(Default, Clone)]
@@ -428,8 +401,7 @@ mod tests {
             ),
         )
         .unwrap();
-        Settings::load(&crate::settings::Overrides { config: Some(file), ..Default::default() })
-            .unwrap()
+        Settings::load(&Overrides { config: Some(file), ..Default::default() }).unwrap()
     }
 
     /// Keys of Lima instances adopted by discovery go when the instance does, from the
@@ -445,11 +417,9 @@ mod tests {
         let file = dir.path().join("host-agent.toml");
         let load = |config: &str| {
             std::fs::write(&file, config).unwrap();
-            let mut s = Settings::load(&crate::settings::Overrides {
-                config: Some(file.clone()),
-                ..Default::default()
-            })
-            .unwrap();
+            let mut s =
+                Settings::load(&Overrides { config: Some(file.clone()), ..Default::default() })
+                    .unwrap();
             let adopted = crate::lima::adopt(&mut s, Path::new("/nonexistent"));
             (s, adopted.instances)
         };

@@ -2,9 +2,11 @@
 //! the host agent. It knows nothing of async runtimes, keychains or AWS.
 //!
 //! * [`frame`]: length-prefixed frames with a hard size limit.
+//! * `io` (feature `tokio`): frames, sealed frames and typed messages over async streams.
 //! * [`endpoint`]: endpoint strings such as `unix:///run/x.sock`.
 //! * [`codec`]: payload encoding (postcard) behind two functions.
 //! * [`docker_config`]: the docker config's JSON, decoded as docker/cli reads it.
+//! * [`gojson`]: the credential-helper protocol's JSON as Go reads and writes it.
 //! * [`message`]: link and helper-socket messages, typed errors that cross the link.
 //! * [`handshake`]: the mutually authenticated, versioned link handshake (sans I/O).
 //! * [`key`]: the per-VM link key and its file checks.
@@ -18,7 +20,10 @@ pub mod codec;
 pub mod docker_config;
 pub mod endpoint;
 pub mod frame;
+pub mod gojson;
 pub mod handshake;
+#[cfg(feature = "tokio")]
+pub mod io;
 pub mod key;
 pub mod limit;
 pub mod message;

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use finch_shared::frame::async_io::{read_msg, write_msg};
+use finch_shared::io::{read_msg, write_msg};
 use finch_shared::limit::LogGate;
 use finch_shared::message::{HELPER_VERSIONS, HelperCall, HelperReply, Outcome, WireError};
 use tokio::net::UnixStream;

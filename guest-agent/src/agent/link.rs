@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::frame::async_io::{QueueError, spawn_reader, spawn_writer};
+use finch_shared::io::{QueueError, spawn_reader, spawn_writer};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};

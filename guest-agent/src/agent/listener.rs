@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::frame::async_io::{read_msg, write_msg};
 use finch_shared::handshake::GuestHandshake;
+use finch_shared::io::{read_msg, write_msg};
 use finch_shared::key::LinkKey;
 use finch_shared::limit::LogGate;
 use finch_shared::message::Handshake;

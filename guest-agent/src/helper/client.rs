@@ -8,7 +8,7 @@ use finch_shared::codec;
 use finch_shared::frame::{read_frame, write_frame};
 use finch_shared::message::{HELPER_VERSION, HelperCall, HelperReply, Outcome, Request};
 
-use super::{Agent, NAME};
+use super::{Agent, AgentError};
 
 /// Where the guest agent listens for helper calls unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/finch-guest-agent/helper.sock";
@@ -40,32 +40,26 @@ impl SocketAgent {
 }
 
 impl Agent for SocketAgent {
-    fn call(&self, request: Request) -> Result<Outcome, String> {
-        let shown = self.path.display();
+    fn call(&self, request: Request) -> Result<Outcome, AgentError> {
+        let path = self.path.display().to_string();
         let mut stream = UnixStream::connect(&self.path)
-            .map_err(|e| format!("{NAME}: cannot reach the guest agent at {shown}: {e}"))?;
-        let io_err = |e: std::io::Error| format!("{NAME}: guest agent socket {shown}: {e}");
-        stream.set_write_timeout(Some(SEND_TIMEOUT)).map_err(io_err)?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io_err)?;
+            .map_err(|e| AgentError::Unreachable { path: path.clone(), reason: e.to_string() })?;
+        let socket =
+            |e: std::io::Error| AgentError::Socket { path: path.clone(), reason: e.to_string() };
+        stream.set_write_timeout(Some(SEND_TIMEOUT)).map_err(socket)?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(socket)?;
         let payload = codec::encode(&HelperCall { version: HELPER_VERSION, request })
-            .map_err(|e| format!("{NAME}: {e}"))?;
+            .map_err(|e| AgentError::Codec(e.to_string()))?;
         // The agent may answer before reading (a refused uid, or busy) and close: its answer
         // is still there to read when our write fails.
         let sent = write_frame(&mut stream, &payload);
         let reply = match (read_frame(&mut stream), sent) {
             (Ok(reply), _) => reply,
-            (Err(_), Err(e)) => {
-                return Err(format!("{NAME}: cannot send to the guest agent at {shown}: {e}"));
-            }
-            (Err(e), Ok(())) => {
-                return Err(format!(
-                    "{NAME}: no answer from the guest agent at {shown}: {}",
-                    describe(&e)
-                ));
-            }
+            (Err(_), Err(e)) => return Err(AgentError::Send { path, reason: e.to_string() }),
+            (Err(e), Ok(())) => return Err(AgentError::NoAnswer { path, reason: describe(&e) }),
         };
         let reply: HelperReply = codec::decode(&reply)
-            .map_err(|e| format!("{NAME}: bad answer from the guest agent: {e}"))?;
+            .map_err(|e| AgentError::Codec(format!("bad answer from the guest agent: {e}")))?;
         Ok(reply.outcome)
     }
 }

@@ -5,11 +5,11 @@
 //! reason behind a not-found answer that is not a plain "no such credential" goes to stderr.
 
 pub mod client;
-pub mod gojson;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
+use finch_shared::gojson::{self, GoJsonError};
 use finch_shared::message::{Outcome, Request, Response, WireError};
 use finch_shared::{NOT_FOUND_TEXT, Secret};
 use zeroize::Zeroizing;
@@ -29,8 +29,72 @@ const MAX_LINE: usize = 64 * 1024 - 1;
 /// Something that can answer a request: the guest agent over its socket, or a test fake.
 pub trait Agent {
     /// Sends one request and waits (bounded) for its outcome. `Err` is a local failure to
-    /// reach the agent, described for a person.
-    fn call(&self, request: Request) -> Result<Outcome, String>;
+    /// reach the agent.
+    fn call(&self, request: Request) -> Result<Outcome, AgentError>;
+}
+
+/// Why the guest agent gave no answer. Each is one line naming the helper and the socket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// Connecting failed.
+    #[error("{NAME}: cannot reach the guest agent at {path}: {reason}")]
+    Unreachable {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Setting up the connection failed.
+    #[error("{NAME}: guest agent socket {path}: {reason}")]
+    Socket {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request could not be sent, and no answer came.
+    #[error("{NAME}: cannot send to the guest agent at {path}: {reason}")]
+    Send {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request went out, and no answer came.
+    #[error("{NAME}: no answer from the guest agent at {path}: {reason}")]
+    NoAnswer {
+        /// The socket.
+        path: String,
+        /// Why (a timeout names its limit).
+        reason: String,
+    },
+    /// The request or the answer did not encode or decode.
+    #[error("{NAME}: {0}")]
+    Codec(String),
+}
+
+/// Why the helper refuses its input, before asking anyone. Each displays as the line the
+/// reference helpers print (Go's texts where they come from Go).
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// Reading stdin failed.
+    #[error("{NAME}: cannot read stdin: {0}")]
+    Stdin(std::io::Error),
+    /// More than [`MAX_STDIN`] bytes.
+    #[error("{NAME}: input larger than {MAX_STDIN} bytes")]
+    TooLarge,
+    /// A line longer than Go's scanner takes.
+    #[error("bufio.Scanner: token too long")]
+    LineTooLong,
+    /// No server, or `ServerURL` empty.
+    #[error("no credentials server URL")]
+    NoServerUrl,
+    /// `Username` empty.
+    #[error("no credentials username")]
+    NoUsername,
+    /// The `store` payload is not the JSON Go would decode.
+    #[error(transparent)]
+    Json(#[from] GoJsonError),
 }
 
 /// A finished run: what to print and the exit code.
@@ -75,15 +139,15 @@ pub fn run(args: &[std::ffi::OsString], stdin: &mut dyn Read, agent: &dyn Agent)
         "--help" | "-h" => Run::ok(format!("{}\n", usage()).into_bytes()),
         "get" => match read_server(stdin) {
             Ok(server) => get(server, agent),
-            Err(e) => Run::fail(&e),
+            Err(e) => Run::fail(&e.to_string()),
         },
         "erase" => match read_server(stdin) {
             Ok(server) => expect_done(agent.call(Request::Erase { server })),
-            Err(e) => Run::fail(&e),
+            Err(e) => Run::fail(&e.to_string()),
         },
         "store" => match read_store(stdin) {
             Ok(request) => expect_done(agent.call(request)),
-            Err(e) => Run::fail(&e),
+            Err(e) => Run::fail(&e.to_string()),
         },
         "list" => list(agent),
         other => Run::fail(&format!("{NAME}: unknown action: {other}")),
@@ -96,14 +160,11 @@ fn version_line() -> String {
 
 /// Reads stdin like the reference: all lines joined with no separator (a `\r` before each
 /// `\n` dropped), bounded.
-fn read_joined(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
+fn read_joined(stdin: &mut dyn Read) -> Result<Vec<u8>, InputError> {
     let mut raw = Vec::new();
-    stdin
-        .take(MAX_STDIN as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("{NAME}: cannot read stdin: {e}"))?;
+    stdin.take(MAX_STDIN as u64 + 1).read_to_end(&mut raw).map_err(InputError::Stdin)?;
     if raw.len() > MAX_STDIN {
-        return Err(format!("{NAME}: input larger than {MAX_STDIN} bytes"));
+        return Err(InputError::TooLarge);
     }
     let mut joined = Vec::with_capacity(raw.len());
     let mut lines = raw.split(|&b| b == b'\n').peekable();
@@ -113,7 +174,7 @@ fn read_joined(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
         }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.len() > MAX_LINE {
-            return Err("bufio.Scanner: token too long".to_owned());
+            return Err(InputError::LineTooLong);
         }
         joined.extend_from_slice(line);
     }
@@ -121,24 +182,24 @@ fn read_joined(stdin: &mut dyn Read) -> Result<Vec<u8>, String> {
 }
 
 /// The server string for `get` and `erase`: joined lines, trimmed; empty is an error.
-fn read_server(stdin: &mut dyn Read) -> Result<String, String> {
+fn read_server(stdin: &mut dyn Read) -> Result<String, InputError> {
     let joined = read_joined(stdin)?;
     let server = String::from_utf8_lossy(&joined).trim().to_owned();
     if server.is_empty() {
-        return Err("no credentials server URL".to_owned());
+        return Err(InputError::NoServerUrl);
     }
     Ok(server)
 }
 
-fn read_store(stdin: &mut dyn Read) -> Result<Request, String> {
+fn read_store(stdin: &mut dyn Read) -> Result<Request, InputError> {
     // Stdin of `store` holds the secret: wipe the buffer when done.
     let joined = Zeroizing::new(read_joined(stdin)?);
     let creds = gojson::decode_credentials(&joined)?;
     if creds.server_url.is_empty() {
-        return Err("no credentials server URL".to_owned());
+        return Err(InputError::NoServerUrl);
     }
     if creds.username.is_empty() {
-        return Err("no credentials username".to_owned());
+        return Err(InputError::NoUsername);
     }
     Ok(Request::Store {
         server: creds.server_url,
@@ -163,16 +224,16 @@ fn get(server: String, agent: &dyn Agent) -> Run {
         Ok(Ok(other)) => Run::not_found(Some(unexpected(&other))),
         Ok(Err(WireError::NotFound)) => Run::not_found(None),
         Ok(Err(e)) => Run::not_found(Some(format!("{NAME}: {e}"))),
-        Err(e) => Run::not_found(Some(e)),
+        Err(e) => Run::not_found(Some(e.to_string())),
     }
 }
 
-fn expect_done(answer: Result<Outcome, String>) -> Run {
+fn expect_done(answer: Result<Outcome, AgentError>) -> Run {
     match answer {
         Ok(Ok(Response::Done)) => Run::ok(Vec::new()),
         Ok(Ok(other)) => Run::fail(&unexpected(&other)),
         Ok(Err(e)) => Run::fail(&format!("{NAME}: {e}")),
-        Err(e) => Run::fail(&e),
+        Err(e) => Run::fail(&e.to_string()),
     }
 }
 
@@ -182,7 +243,7 @@ fn list(agent: &dyn Agent) -> Run {
         Ok(Ok(Response::ListCut { entries, omitted })) => (entries, omitted),
         Ok(Ok(other)) => return Run::fail(&unexpected(&other)),
         Ok(Err(e)) => return Run::fail(&format!("{NAME}: {e}")),
-        Err(e) => return Run::fail(&e),
+        Err(e) => return Run::fail(&e.to_string()),
     };
     let map: BTreeMap<String, String> =
         entries.into_iter().map(|e| (e.server, e.username)).collect();

@@ -10,18 +10,18 @@ use super::*;
 
 /// A fake agent that records the request and answers with a canned outcome.
 struct Fake {
-    answer: Result<Outcome, String>,
+    answer: Result<Outcome, AgentError>,
     seen: RefCell<Vec<Request>>,
 }
 
 impl Fake {
-    fn new(answer: Result<Outcome, String>) -> Self {
+    fn new(answer: Result<Outcome, AgentError>) -> Self {
         Fake { answer, seen: RefCell::new(Vec::new()) }
     }
 }
 
 impl Agent for Fake {
-    fn call(&self, request: Request) -> Result<Outcome, String> {
+    fn call(&self, request: Request) -> Result<Outcome, AgentError> {
         self.seen.borrow_mut().push(request);
         self.answer.clone()
     }
@@ -32,7 +32,7 @@ fn go(args: &[&str], stdin: &[u8], agent: &Fake) -> Run {
     run(&args, &mut &stdin[..], agent)
 }
 
-fn cred(user: &str, secret: &str) -> Result<Outcome, String> {
+fn cred(user: &str, secret: &str) -> Result<Outcome, AgentError> {
     Ok(Ok(Response::Credential { username: user.into(), secret: Secret::from(secret) }))
 }
 
@@ -82,7 +82,7 @@ fn get_falls_back_to_not_found_with_a_reason() {
     for answer in [
         Ok(Err(WireError::Denied { reason: "policy forbids h".into() })),
         Ok(Err(WireError::unavailable("no link to the host agent"))),
-        Err("docker-credential-finchhost: cannot reach the guest agent at /x: refused".to_owned()),
+        Err(AgentError::Unreachable { path: "/x".into(), reason: "refused".into() }),
         Ok(Ok(Response::Done)),
     ] {
         let agent = Fake::new(answer);
@@ -156,11 +156,12 @@ fn store_and_erase_failures_are_clear_and_on_stdout() {
         text(&r),
         "docker-credential-finchhost: denied by the host: store not allowed for h\n"
     );
-    let agent = Fake::new(Err("docker-credential-finchhost: cannot reach the guest agent".into()));
+    let agent =
+        Fake::new(Err(AgentError::Unreachable { path: "/x".into(), reason: "refused".into() }));
     let r = go(&["erase"], b"h", &agent);
     assert_eq!(
         (text(&r), r.code),
-        ("docker-credential-finchhost: cannot reach the guest agent\n", 1)
+        ("docker-credential-finchhost: cannot reach the guest agent at /x: refused\n", 1)
     );
     let agent = Fake::new(Ok(Ok(Response::Done)));
     let r = go(&["erase"], b"h\n", &agent);

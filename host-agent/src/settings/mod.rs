@@ -509,7 +509,6 @@ fn absolute(p: PathBuf, what: &str) -> Result<PathBuf, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::platform::paths::{key_path, private_dir};
     use crate::source::ecr::RegistryMatch;
 
     #[cfg(unix)]
@@ -709,31 +708,5 @@ mod tests {
         assert_eq!(file::expand_path("C:\\finch\\x").unwrap(), PathBuf::from("C:\\finch\\x"));
         assert!(file::expand_path("/unrooted").is_err(), "no drive: not absolute on Windows");
         assert!(file::expand_path("~\\x").unwrap().starts_with(home().unwrap()));
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn key_is_created_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let o = Overrides {
-            vms: vec!["vm1=unix:///x".parse().unwrap()],
-            layer: Layer {
-                state_dir: Some(state.clone()),
-                key_store: Some(KeyStore::File),
-                ..Layer::default()
-            },
-            ..Overrides::default()
-        };
-        let s = load("", o).unwrap();
-        crate::vm_keys::load_key(&s, "vm1").unwrap();
-        let path = key_path(&state, "vm1");
-        assert_eq!(s.key_file("vm1"), Some(path.clone()));
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(std::fs::read(&path).unwrap().len(), 32);
-        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(private_dir(&state).unwrap_err().to_string().contains("open to other users"));
     }
 }

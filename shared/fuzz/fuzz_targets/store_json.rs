@@ -1,7 +1,7 @@
 //! The helper's Go-compatible JSON decoder for `store` payloads.
 #![no_main]
 
-use finch_guest_agent::helper::gojson::decode_credentials;
+use finch_shared::gojson::decode_credentials;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

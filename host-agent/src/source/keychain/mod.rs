@@ -19,6 +19,7 @@ mod osxkeychain;
 #[cfg(target_os = "linux")]
 pub mod secretservice;
 mod standin;
+pub mod vault;
 #[cfg(windows)]
 mod wincred;
 
@@ -92,28 +93,28 @@ fn wincred() -> standin::OtherOs {
     standin::OtherOs::new("wincred", "Windows")
 }
 
-/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+/// This OS's vault for VM link keys (`crate::vm_keys`).
 #[cfg(target_os = "linux")]
-pub fn key_vault(timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+pub fn key_vault(timeout: Duration) -> Box<dyn vault::Vault> {
     Box::new(secretservice::KeyVault::new(timeout))
 }
 
-/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+/// This OS's vault for VM link keys (`crate::vm_keys`).
 #[cfg(target_os = "macos")]
-pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+pub fn key_vault(_timeout: Duration) -> Box<dyn vault::Vault> {
     Box::new(osxkeychain::OsxKeyVault)
 }
 
-/// This OS's vault for VM link keys ([`crate::vm_keys`]).
+/// This OS's vault for VM link keys (`crate::vm_keys`).
 #[cfg(windows)]
-pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
+pub fn key_vault(_timeout: Duration) -> Box<dyn vault::Vault> {
     Box::new(wincred::WinKeyVault)
 }
 
 /// This OS's vault for VM link keys: none known here.
 #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
-pub fn key_vault(_timeout: Duration) -> Box<dyn crate::vm_keys::Vault> {
-    Box::new(crate::vm_keys::OtherOs)
+pub fn key_vault(_timeout: Duration) -> Box<dyn vault::Vault> {
+    Box::new(vault::OtherOs)
 }
 
 /// Why a keychain call failed. Never carries a secret.

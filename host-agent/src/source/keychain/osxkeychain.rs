@@ -183,19 +183,19 @@ impl SyncKeychain for OsxKeychain {
     }
 }
 
-/// VM link keys in the login keychain ([`crate::vm_keys`]): generic passwords of service
-/// [`SERVICE`](crate::vm_keys::SERVICE), account = the VM's name; docker's items are internet
+/// VM link keys in the login keychain (`crate::vm_keys`): generic passwords of service
+/// [`SERVICE`](super::vault::SERVICE), account = the VM's name; docker's items are internet
 /// passwords, so the docker source never sees these.
 #[derive(Debug)]
 pub struct OsxKeyVault;
 
-impl crate::vm_keys::Vault for OsxKeyVault {
+impl super::vault::Vault for OsxKeyVault {
     fn name(&self) -> &'static str {
         STORE
     }
 
     fn get(&self, vm: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, KeychainError> {
-        match passwords::get_generic_password(crate::vm_keys::SERVICE, vm) {
+        match passwords::get_generic_password(super::vault::SERVICE, vm) {
             Ok(bytes) => Ok(Some(zeroize::Zeroizing::new(bytes))),
             Err(e) if e.code() == NOT_FOUND => Ok(None),
             Err(e) => Err(classify(e)),
@@ -203,13 +203,13 @@ impl crate::vm_keys::Vault for OsxKeyVault {
     }
 
     fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
-        let mut options = PasswordOptions::new_generic_password(crate::vm_keys::SERVICE, vm);
-        options.set_label(&crate::vm_keys::label(vm));
+        let mut options = PasswordOptions::new_generic_password(super::vault::SERVICE, vm);
+        options.set_label(&super::vault::label(vm));
         passwords::set_generic_password_options(key, options).map_err(classify)
     }
 
     fn remove(&self, vm: &str) -> Result<(), KeychainError> {
-        match passwords::delete_generic_password(crate::vm_keys::SERVICE, vm) {
+        match passwords::delete_generic_password(super::vault::SERVICE, vm) {
             Err(e) if e.code() != NOT_FOUND => Err(classify(e)),
             _ => Ok(()),
         }

@@ -244,7 +244,7 @@ impl CredentialSource for SecretService {
     }
 }
 
-/// VM link keys in the Secret Service ([`crate::vm_keys`]): items of the bridge's own
+/// VM link keys in the Secret Service (`crate::vm_keys`): items of the bridge's own
 /// schema, never docker's. Calls block: each runs on a runtime of its own, bounded by the
 /// keychain timeout, so it works from the CLI and from the agent's blocking pool alike.
 /// Without `DBUS_SESSION_BUS_ADDRESS` there is no session to look in (a daemon started by a
@@ -287,7 +287,7 @@ impl KeyVault {
 }
 
 fn key_query(vm: &str) -> HashMap<&str, &str> {
-    HashMap::from([("xdg:schema", crate::vm_keys::SCHEMA), ("vm", vm)])
+    HashMap::from([("xdg:schema", super::vault::SCHEMA), ("vm", vm)])
 }
 
 async fn default_collection(
@@ -307,7 +307,7 @@ async fn default_collection(
     Ok(collection)
 }
 
-impl crate::vm_keys::Vault for KeyVault {
+impl super::vault::Vault for KeyVault {
     fn name(&self) -> &'static str {
         STORE
     }
@@ -323,7 +323,7 @@ impl crate::vm_keys::Vault for KeyVault {
     }
 
     fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
-        let label = crate::vm_keys::label(vm);
+        let label = super::vault::label(vm);
         self.run(async |s| {
             let collection = default_collection(s).await?;
             collection

@@ -217,7 +217,7 @@ impl SyncKeychain for WinCred {
     }
 }
 
-/// VM link keys in the Credential Manager ([`crate::vm_keys`]): generic credentials
+/// VM link keys in the Credential Manager (`crate::vm_keys`): generic credentials
 /// `finch-credential-bridge:link-key/NAME` without docker's label, so the docker source
 /// neither answers nor lists them.
 #[derive(Debug)]
@@ -226,14 +226,14 @@ pub struct WinKeyVault;
 /// Whether `server` names one of the bridge's own items, which the docker source never
 /// touches (no registry name parses to one either: defense in depth).
 fn is_key_target(server: &str) -> bool {
-    server.starts_with(crate::vm_keys::TARGET_PREFIX)
+    server.starts_with(super::vault::TARGET_PREFIX)
 }
 
 fn key_target(vm: &str) -> String {
-    format!("{}{vm}", crate::vm_keys::TARGET_PREFIX)
+    format!("{}{vm}", super::vault::TARGET_PREFIX)
 }
 
-impl crate::vm_keys::Vault for WinKeyVault {
+impl super::vault::Vault for WinKeyVault {
     fn name(&self) -> &'static str {
         STORE
     }
@@ -243,7 +243,7 @@ impl crate::vm_keys::Vault for WinKeyVault {
     }
 
     fn put(&self, vm: &str, key: &[u8]) -> Result<(), KeychainError> {
-        write_generic(&key_target(vm), "finch-host-agent", key, false, &crate::vm_keys::label(vm))
+        write_generic(&key_target(vm), "finch-host-agent", key, false, &super::vault::label(vm))
     }
 
     fn remove(&self, vm: &str) -> Result<(), KeychainError> {
@@ -253,8 +253,8 @@ impl crate::vm_keys::Vault for WinKeyVault {
 
 #[cfg(test)]
 mod tests {
+    use super::vault::Vault;
     use super::*;
-    use crate::vm_keys::Vault;
 
     /// Against the real Credential Manager (Wine's in CI): a VM key item is read back, and
     /// the docker source neither answers, nor overwrites, nor lists, nor erases it.

@@ -355,19 +355,24 @@ fn field_index(key: &str) -> Option<usize> {
     FIELDS.iter().position(|f| *f == key).or_else(|| FIELDS.iter().position(|f| fold_eq(key, f)))
 }
 
+/// Why a `store` payload did not decode: Go's own error text, which the helper prints as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GoJsonError(String);
+
 /// Decodes the `store` payload like `json.NewDecoder(r).Decode(&creds)`; errors carry Go's text.
-pub fn decode_credentials(input: &[u8]) -> Result<Credentials, String> {
+pub fn decode_credentials(input: &[u8]) -> Result<Credentials, GoJsonError> {
     let mut s = Scanner { b: input, i: 0 };
     s.skip_space();
     if s.peek().is_none() {
-        return Err("EOF".to_owned());
+        return Err(GoJsonError("EOF".to_owned()));
     }
     let mut creds = Credentials::default();
     match parse_top(&mut s, &mut creds) {
         Ok(None) => Ok(creds),
-        Ok(Some(type_error)) => Err(type_error),
-        Err(Fail::Eof) => Err("unexpected EOF".to_owned()),
-        Err(Fail::Syntax(msg)) => Err(msg),
+        Ok(Some(type_error)) => Err(GoJsonError(type_error)),
+        Err(Fail::Eof) => Err(GoJsonError("unexpected EOF".to_owned())),
+        Err(Fail::Syntax(msg)) => Err(GoJsonError(msg)),
     }
 }
 
@@ -557,7 +562,11 @@ mod tests {
     #[test]
     fn errors_match_the_reference_helper() {
         for (input, want) in REFERENCE {
-            assert_eq!(decode_credentials(input.as_bytes()).unwrap_err(), *want, "input {input:?}");
+            assert_eq!(
+                decode_credentials(input.as_bytes()).unwrap_err().to_string(),
+                *want,
+                "input {input:?}"
+            );
         }
     }
 
@@ -583,15 +592,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.server_url, "é😀\u{fffd}x");
         assert_eq!(
-            decode_credentials(b"{\"a\":\"\x01\"}").unwrap_err(),
+            decode_credentials(b"{\"a\":\"\x01\"}").unwrap_err().to_string(),
             r"invalid character '\x01' in string literal"
         );
         assert_eq!(
-            decode_credentials(b"[1 2]").unwrap_err(),
+            decode_credentials(b"[1 2]").unwrap_err().to_string(),
             "invalid character '2' after array element"
         );
         assert_eq!(
-            decode_credentials(b"\xff").unwrap_err(),
+            decode_credentials(b"\xff").unwrap_err().to_string(),
             "invalid character '\u{ff}' looking for beginning of value"
         );
     }
@@ -599,7 +608,7 @@ mod tests {
     #[test]
     fn deep_nesting_is_bounded() {
         let deep = format!("{{\"x\":{}", "[".repeat(20_000));
-        let err = decode_credentials(deep.as_bytes()).unwrap_err();
+        let err = decode_credentials(deep.as_bytes()).unwrap_err().to_string();
         assert_eq!(err, "invalid character '[' exceeded max depth");
     }
 
