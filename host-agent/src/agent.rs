@@ -231,6 +231,7 @@ impl Agent {
         self.resolver.replace(Current::new(settings, Some(&previous)));
         let mut applied = Applied::default();
         let names: Vec<VmName> = links.keys().cloned().collect();
+        let mut stopping = Vec::new();
         for name in names {
             let keep = wanted
                 .get(&name)
@@ -239,10 +240,11 @@ impl Agent {
                 wanted.remove(&name);
                 applied.kept += 1;
             } else if let Some(running) = links.remove(&name) {
-                stop(running).await;
+                stopping.push(running);
                 applied.stopped += 1;
             }
         }
+        stop_links(stopping).await;
         for (name, link) in wanted {
             let (stop, stopped) = watch::channel(false);
             let task = tokio::spawn(link::run_vm(
@@ -323,13 +325,26 @@ impl Agent {
         }
     }
 
-    /// Stops every link and waits for them.
+    /// Stops every link at once and waits for them, and the ECR refreshes under way.
     pub async fn stop_all(&self) {
         let mut links = self.links.lock().await;
-        for (_, running) in std::mem::take(&mut *links) {
-            stop(running).await;
-        }
+        stop_links(std::mem::take(&mut *links).into_values().collect()).await;
+        self.resolver.current().ecr.stop();
     }
+}
+
+/// Stops `links` together: each is told at once, then each gets [`STOP_TIMEOUT`] before its
+/// task is aborted, so stopping many takes as long as the slowest, not their sum.
+async fn stop_links(links: Vec<Running>) {
+    for running in &links {
+        let _ = running.stop.send(true);
+    }
+    let stops = links.into_iter().map(stop);
+    let mut all = tokio::task::JoinSet::new();
+    for s in stops {
+        all.spawn(s);
+    }
+    while all.join_next().await.is_some() {}
 }
 
 /// Stops a link, waiting at most [`STOP_TIMEOUT`] before aborting its task.

@@ -25,11 +25,19 @@ const MAX_LINE: u64 = 4096;
 /// Time a client gets to send its request, and a command-line client waits for an answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ControlRequest {
-    /// `status` or `reload`.
-    pub command: String,
+/// Time answers under way get to finish when the agent stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Most control connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 8;
+
+/// A request: `{"command":"status"}` or `{"command":"reload"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum ControlRequest {
+    /// The agent's status.
+    Status,
+    /// Re-read the config.
+    Reload,
 }
 
 /// An answer.
@@ -78,16 +86,20 @@ pub fn bind(state_dir: &Path) -> anyhow::Result<ControlListener> {
     ControlListener::bind(state_dir)
 }
 
-/// Serves the control channel until shutdown; removes it at the end.
+/// Serves the control channel until shutdown, at most [`MAX_CONNECTIONS`] at a time; waits
+/// for the connections being answered, then removes the channel.
 pub async fn serve(
     mut listener: ControlListener,
     agent: Arc<Agent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut answering = tokio::task::JoinSet::new();
     loop {
+        let room = answering.len() < MAX_CONNECTIONS;
         let stream = tokio::select! {
             () = crate::link::stopped(&mut shutdown) => break,
-            r = listener.accept() => match r {
+            Some(_) = answering.join_next(), if !answering.is_empty() => continue,
+            r = listener.accept(), if room => match r {
                 Ok(Ok(s)) => s,
                 Ok(Err(refused)) => {
                     tracing::warn!(peer = %refused.0, "control connection from another user refused");
@@ -101,11 +113,16 @@ pub async fn serve(
             },
         };
         let agent = agent.clone();
-        tokio::spawn(async move {
+        answering.spawn(async move {
             if let Err(e) = answer(stream, &agent).await {
                 tracing::debug!(error = %e, "control connection ended early");
             }
         });
+    }
+    // Answers under way get a moment to finish; a client still silent is cut off.
+    let drained = async { while answering.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        answering.shutdown().await;
     }
     listener.remove();
 }
@@ -124,10 +141,10 @@ where
     .await
     .context("no request in time")??;
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
-        Ok(r) if r.command == "status" => {
+        Ok(ControlRequest::Status) => {
             ControlReply { ok: true, status: Some(agent.status()), ..ControlReply::default() }
         }
-        Ok(r) if r.command == "reload" => match agent.reload("control socket").await {
+        Ok(ControlRequest::Reload) => match agent.reload("control socket").await {
             Ok(applied) => ControlReply {
                 ok: true,
                 message: Some(format!("config reloaded: {applied}")),
@@ -141,16 +158,9 @@ where
                 ..ControlReply::default()
             },
         },
-        Ok(r) => ControlReply {
-            ok: false,
-            message: Some(format!("unknown command {:?}", r.command)),
-            ..ControlReply::default()
-        },
-        Err(_) => ControlReply {
-            ok: false,
-            message: Some("malformed request".into()),
-            ..ControlReply::default()
-        },
+        Err(_) => {
+            ControlReply { ok: false, message: Some(refusal(&line)), ..ControlReply::default() }
+        }
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -158,15 +168,28 @@ where
     Ok(())
 }
 
+/// Why a request line is refused: an unknown command is named (capped), anything else is
+/// malformed.
+fn refusal(line: &str) -> String {
+    #[derive(Deserialize)]
+    struct Named {
+        command: String,
+    }
+    match serde_json::from_str::<Named>(line) {
+        Ok(n) => format!("unknown command {:?}", finch_shared::limit::cap(&n.command, 64)),
+        Err(_) => "malformed request".into(),
+    }
+}
+
 /// Sends `command` to the agent using `state_dir` (blocking; for the command line). The
 /// exchange runs on a thread of its own so that an agent that never answers costs at most
 /// [`IO_TIMEOUT`] on every OS.
-pub fn call(state_dir: &Path, command: &str) -> anyhow::Result<ControlReply> {
+pub fn call(state_dir: &Path, command: ControlRequest) -> anyhow::Result<ControlReply> {
     let address = control_address(state_dir);
     let mut stream = control_connect(state_dir).with_context(|| {
         format!("no finch-host-agent is answering on {address} (is it running?)")
     })?;
-    let mut request = serde_json::to_vec(&ControlRequest { command: command.to_owned() })?;
+    let mut request = serde_json::to_vec(&command)?;
     request.push(b'\n');
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -394,7 +394,7 @@ fn check_key(r: &mut Report, settings: &Settings, name: &str) {
 }
 
 fn check_agent(r: &mut Report, settings: &Settings) {
-    match control::call(&settings.state_dir, "status") {
+    match control::call(&settings.state_dir, control::ControlRequest::Status) {
         Ok(reply) => match reply.status {
             Some(s) => {
                 let up = s.vms.values().filter(|v| v.up).count();

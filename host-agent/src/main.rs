@@ -272,7 +272,7 @@ fn init_tracing() {
 
 fn status(overrides: &Overrides, json: bool) -> anyhow::Result<()> {
     let state_dir = doctor::state_dir_fallback(overrides)?;
-    let reply = control::call(&state_dir, "status")?;
+    let reply = control::call(&state_dir, control::ControlRequest::Status)?;
     let status = reply.status.context("the agent gave no status")?;
     if json {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?));
@@ -284,7 +284,7 @@ fn status(overrides: &Overrides, json: bool) -> anyhow::Result<()> {
 
 fn reload(overrides: &Overrides) -> anyhow::Result<()> {
     let state_dir = doctor::state_dir_fallback(overrides)?;
-    let reply = control::call(&state_dir, "reload")?;
+    let reply = control::call(&state_dir, control::ControlRequest::Reload)?;
     let message = reply.message.unwrap_or_default();
     anyhow::ensure!(reply.ok, "{message}");
     print(&format!("{message}\n"));
@@ -317,7 +317,7 @@ fn attach(
         settings::write_attached(&path, &vms)?;
     }
     let verb = if vms.contains_key(name) { "attached" } else { "detached" };
-    match control::call(&state_dir, "reload") {
+    match control::call(&state_dir, control::ControlRequest::Reload) {
         Ok(reply) if reply.ok => {
             print(&format!("{verb} {name}: {}\n", reply.message.unwrap_or_default()))
         }
@@ -456,7 +456,9 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
         };
         install_service(platform, false, args.no_start, &run_args)?;
     }
-    if let Ok(reply) = control::call(&doctor::state_dir_fallback(&overrides)?, "reload") {
+    if let Ok(reply) =
+        control::call(&doctor::state_dir_fallback(&overrides)?, control::ControlRequest::Reload)
+    {
         print(&format!("running agent: {}\n", reply.message.unwrap_or_default()));
     }
     if !args.remove {

@@ -229,6 +229,9 @@ pub struct Ecr {
     served: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Each VM's budget of calls for new tokens.
     upstream: Mutex<HashMap<String, UpstreamBudget>>,
+    /// Refreshes ahead of expiry under way (one per cached token at most: each holds the
+    /// token's flight); aborted by [`Ecr::stop`].
+    refreshes: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// New-token calls one VM may make at once; it regains one per [`UPSTREAM_REFILL`]. Tokens
@@ -278,7 +281,20 @@ impl Ecr {
             pool: ClientPool::new(aws::MAX_CLIENT_SETS),
             served: Mutex::new(HashMap::new()),
             upstream: Mutex::new(HashMap::new()),
+            refreshes: Mutex::new(tokio::task::JoinSet::new()),
         })
+    }
+
+    /// Aborts the refreshes under way (the agent is stopping).
+    pub fn stop(&self) {
+        self.refreshes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).abort_all();
+    }
+
+    /// Runs `refresh` as a tracked task, reaping the finished ones first.
+    fn spawn_refresh(&self, refresh: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.refreshes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(refresh);
     }
 
     /// Notes that `vm` was served a token for `host`. Bounded like the cache: a VM's set
@@ -424,7 +440,7 @@ impl Ecr {
             && let Some(flight) = self.cache.try_flight(&key)
         {
             let (ecr, registry, vm) = (self.clone(), registry.clone(), vm.to_owned());
-            tokio::spawn(async move {
+            self.spawn_refresh(async move {
                 let _flight = flight;
                 let clients = ecr.pool.get(&identity).await;
                 match clients.token(&registry).await {
