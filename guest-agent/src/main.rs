@@ -154,7 +154,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         let (stop, shutdown) = Shutdown::new();
         let signals = tokio::spawn(async move {
             wait_for_signal().await;
-            let _ = stop.send(true);
+            stop.fire();
         });
         let result = agent::serve(config, shutdown).await;
         signals.abort();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use finch_shared::key::LinkKey;
-use tokio::sync::watch;
+use finch_shared::link::{Shutdown, Trigger};
 use tokio::task::JoinHandle;
 
 use crate::lima::{Adopted, Instance};
@@ -23,7 +23,7 @@ use crate::status::{AgentStatus, StatusBoard};
 
 struct Running {
     link: VmLink,
-    stop: watch::Sender<bool>,
+    stop: Trigger,
     task: JoinHandle<()>,
 }
 
@@ -246,7 +246,7 @@ impl Agent {
         }
         stop_links(stopping).await;
         for (name, link) in wanted {
-            let (stop, stopped) = watch::channel(false);
+            let (stop, stopped) = Shutdown::new();
             let task = tokio::spawn(link::run_vm(
                 link.clone(),
                 self.resolver.clone(),
@@ -337,7 +337,7 @@ impl Agent {
 /// task is aborted, so stopping many takes as long as the slowest, not their sum.
 async fn stop_links(links: Vec<Running>) {
     for running in &links {
-        let _ = running.stop.send(true);
+        running.stop.fire();
     }
     let stops = links.into_iter().map(stop);
     let mut all = tokio::task::JoinSet::new();
@@ -349,7 +349,7 @@ async fn stop_links(links: Vec<Running>) {
 
 /// Stops a link, waiting at most [`STOP_TIMEOUT`] before aborting its task.
 async fn stop(running: Running) {
-    let _ = running.stop.send(true);
+    running.stop.fire();
     let mut task = running.task;
     if tokio::time::timeout(STOP_TIMEOUT, &mut task).await.is_err() {
         tracing::warn!(vm = %running.link.name, "the link did not stop in time; aborted");

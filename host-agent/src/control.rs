@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use finch_shared::accept::accept_loop;
+use finch_shared::link::Shutdown;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 
 use crate::agent::Agent;
 use crate::platform::{ControlListener, control_address, control_connect};
@@ -86,44 +87,27 @@ pub fn bind(state_dir: &Path) -> anyhow::Result<ControlListener> {
     ControlListener::bind(state_dir)
 }
 
-/// Serves the control channel until shutdown, at most [`MAX_CONNECTIONS`] at a time; waits
-/// for the connections being answered, then removes the channel.
-pub async fn serve(
-    mut listener: ControlListener,
-    agent: Arc<Agent>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut answering = tokio::task::JoinSet::new();
-    loop {
-        let room = answering.len() < MAX_CONNECTIONS;
-        let stream = tokio::select! {
-            () = crate::link::stopped(&mut shutdown) => break,
-            Some(_) = answering.join_next(), if !answering.is_empty() => continue,
-            r = listener.accept(), if room => match r {
-                Ok(Ok(s)) => s,
-                Ok(Err(refused)) => {
-                    tracing::warn!(peer = %refused.0, "control connection from another user refused");
-                    continue;
+/// Serves the control channel until shutdown, at most [`MAX_CONNECTIONS`] at a time
+/// (finch-shared's accept loop); answers under way get [`SHUTDOWN_GRACE`] to finish, then
+/// the channel is removed.
+pub async fn serve(mut listener: ControlListener, agent: Arc<Agent>, shutdown: Shutdown) {
+    let accept = async || listener.accept().await;
+    let admit = |accepted: Result<_, crate::platform::Refused>| match accepted {
+        Ok(stream) => {
+            let agent = agent.clone();
+            Some(async move {
+                if let Err(e) = answer(stream, &agent).await {
+                    tracing::debug!(error = %e, "control connection ended early");
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "control channel accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let agent = agent.clone();
-        answering.spawn(async move {
-            if let Err(e) = answer(stream, &agent).await {
-                tracing::debug!(error = %e, "control connection ended early");
-            }
-        });
-    }
-    // Answers under way get a moment to finish; a client still silent is cut off.
-    let drained = async { while answering.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
-        answering.shutdown().await;
-    }
+            })
+        }
+        Err(refused) => {
+            tracing::warn!(peer = %refused.0, "control connection from another user refused");
+            None
+        }
+    };
+    let failed = |e: &std::io::Error| tracing::warn!(error = %e, "control channel accept failed");
+    accept_loop(MAX_CONNECTIONS, accept, admit, failed, SHUTDOWN_GRACE, shutdown).await;
     listener.remove();
 }
 

@@ -7,12 +7,15 @@ use std::time::Duration;
 use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
 use finch_shared::handshake::{Established, HostHandshake};
-use finch_shared::io::{FrameQueue, QueueError, read_msg, spawn_reader, spawn_writer, write_msg};
+use finch_shared::io::{FrameQueue, QueueError, read_msg, write_msg};
 use finch_shared::key::LinkKey;
-use finch_shared::message::{Handshake, LINK_VERSION_LIST_CUT, LinkMsg, Request, WireError};
+pub use finch_shared::link::HEARTBEAT_MISSES;
+use finch_shared::link::{Flow, Role, Shutdown, Timing, drive};
+use finch_shared::message::{
+    Handshake, LINK_VERSION_LIST_CUT, LinkMsg, Outcome, Request, WireError,
+};
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -24,8 +27,6 @@ use crate::status::StatusBoard;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Silent intervals after which a link is dead.
-pub const HEARTBEAT_MISSES: u32 = 3;
 /// Most requests a link holds at once: the ones being resolved and the ones waiting their
 /// turn; past it, `busy`.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -108,7 +109,7 @@ pub async fn run_vm(
     vm: VmLink,
     resolver: Arc<Resolver>,
     board: Arc<StatusBoard>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = String::new();
@@ -123,7 +124,7 @@ pub async fn run_vm(
         };
         let result = tokio::select! {
             r = attempt => r,
-            () = stopped(&mut shutdown) => return,
+            () = shutdown.wait() => return,
         };
         match result {
             Ok((stream, established, session)) => {
@@ -142,7 +143,7 @@ pub async fn run_vm(
                 }
                 tracing::info!(vm = %vm.name, %reason, "link down");
                 board.link_down(&vm.name, &reason);
-                if *shutdown.borrow() {
+                if shutdown.is_set() {
                     return;
                 }
             }
@@ -158,7 +159,7 @@ pub async fn run_vm(
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = stopped(&mut shutdown) => return,
+            () = shutdown.wait() => return,
         }
         backoff = (backoff * 2).min(vm.backoff_max);
     }
@@ -175,7 +176,7 @@ fn send_response(
     queue: &FrameQueue,
     version: u16,
     id: u64,
-    outcome: finch_shared::message::Outcome,
+    outcome: Outcome,
 ) -> Result<(), QueueError> {
     let outcome = outcome.map(|r| r.for_version(version, LINK_VERSION_LIST_CUT));
     match queue.send(&LinkMsg::Response { id, outcome }) {
@@ -186,11 +187,6 @@ fn send_response(
         }
         other => other,
     }
-}
-
-/// Resolves once shutdown was requested (without holding the channel's lock).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 async fn handshake<S>(stream: &mut S, vm: &VmLink) -> anyhow::Result<(Established, Session)>
@@ -233,86 +229,90 @@ pub async fn serve<S>(
     link: Sealed<S>,
     vm: &VmLink,
     resolver: Arc<Resolver>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> String
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let Sealed { stream, session, version } = link;
-    let (rd, wr) = tokio::io::split(stream);
-    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd, session.opener);
-    let (out, _writer) = spawn_writer(wr, session.sealer, WRITE_QUEUE, WRITE_DEADLINE);
-    let mut answering: JoinSet<(u64, finch_shared::message::Outcome)> = JoinSet::new();
-    let mut waiting: std::collections::VecDeque<(u64, Request)> = Default::default();
-    let mut budget = RequestBudget::full(Instant::now());
-    let start = |answering: &mut JoinSet<_>, id: u64, request: Request| {
-        let resolver = resolver.clone();
-        let name = vm.name.clone();
-        answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+    let timing = Timing {
+        heartbeat: vm.heartbeat,
+        write_queue: WRITE_QUEUE,
+        write_deadline: WRITE_DEADLINE,
     };
-    let mut ticker = tokio::time::interval(vm.heartbeat);
-    let mut last_heard = Instant::now();
-    let mut seq: u64 = 0;
-    let dead_after = vm.heartbeat * HEARTBEAT_MISSES;
-    let reason = loop {
-        tokio::select! {
-            () = stopped(&mut shutdown) => break "agent shutting down".to_owned(),
-            () = out.failed() => break format!("write failed: {}", out.error()),
-            msg = incoming.recv() => {
-                last_heard = Instant::now();
-                let reply = match msg {
-                    Some(Ok(LinkMsg::Request { id, request })) => {
-                        if answering.len() + waiting.len() >= MAX_IN_FLIGHT {
-                            Some(LinkMsg::Response { id, outcome: Err(WireError::unavailable("host agent busy: too many requests in flight")) })
-                        } else if waiting.is_empty() && budget.take(Instant::now()) {
-                            start(&mut answering, id, request);
-                            None
-                        } else {
-                            waiting.push_back((id, request));
-                            None
-                        }
-                    }
-                    Some(Ok(LinkMsg::Ping { seq })) => Some(LinkMsg::Pong { seq }),
-                    Some(Ok(LinkMsg::Pong { .. })) => None,
-                    Some(Ok(LinkMsg::Response { .. })) => break "protocol error: the guest sent a response".to_owned(),
-                    Some(Err(e)) => break e.to_string(),
-                    None => break "reader stopped".to_owned(),
-                };
-                if let Some(reply) = reply
-                    && let Err(e) = out.send(&reply)
-                {
-                    break e.to_string();
-                }
-            }
-            () = tokio::time::sleep_until(budget.next()), if !waiting.is_empty() => {
-                while !waiting.is_empty() && budget.take(Instant::now()) {
-                    if let Some((id, request)) = waiting.pop_front() {
-                        start(&mut answering, id, request);
-                    }
-                }
-            }
-            Some(done) = answering.join_next(), if !answering.is_empty() => {
-                let Ok((id, outcome)) = done else {
-                    tracing::error!(vm = %vm.name, "a request task failed; the guest will time out");
-                    continue;
-                };
-                if let Err(e) = send_response(&out, version, id, outcome) {
-                    break e.to_string();
-                }
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > dead_after {
-                    break format!("no heartbeat for {} ms", dead_after.as_millis());
-                }
-                seq += 1;
-                if let Err(e) = out.send(&LinkMsg::Ping { seq }) {
-                    break e.to_string();
-                }
-            }
+    let mut role = Answering {
+        vm: vm.name.clone(),
+        resolver,
+        version,
+        answering: JoinSet::new(),
+        waiting: std::collections::VecDeque::new(),
+        budget: RequestBudget::full(Instant::now()),
+    };
+    drive(stream, session, timing, &mut role, shutdown).await
+}
+
+/// The host's end of a link: it answers the guest's requests, at most [`MAX_IN_FLIGHT`]
+/// held and started at [`REQUEST_RATE`], each answered in the form the guest's version
+/// knows.
+struct Answering {
+    vm: VmName,
+    resolver: Arc<Resolver>,
+    version: u16,
+    answering: JoinSet<(u64, Outcome)>,
+    waiting: std::collections::VecDeque<(u64, Request)>,
+    budget: RequestBudget,
+}
+
+impl Answering {
+    fn start(&mut self, id: u64, request: Request) {
+        let resolver = self.resolver.clone();
+        let name = self.vm.clone();
+        self.answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+    }
+}
+
+impl Role for Answering {
+    fn on_message(&mut self, msg: LinkMsg, out: &FrameQueue) -> Flow {
+        let LinkMsg::Request { id, request } = msg else {
+            return Flow::End("protocol error: the guest sent a response".to_owned());
+        };
+        if self.answering.len() + self.waiting.len() >= MAX_IN_FLIGHT {
+            let outcome =
+                Err(WireError::unavailable("host agent busy: too many requests in flight"));
+            Flow::from_send(out.send(&LinkMsg::Response { id, outcome }))
+        } else if self.waiting.is_empty() && self.budget.take(Instant::now()) {
+            self.start(id, request);
+            Flow::Go
+        } else {
+            self.waiting.push_back((id, request));
+            Flow::Go
         }
-    };
-    answering.shutdown().await;
-    reason
+    }
+
+    async fn next_event(&mut self, out: &FrameQueue) -> Flow {
+        tokio::select! {
+            () = tokio::time::sleep_until(self.budget.next()), if !self.waiting.is_empty() => {
+                while !self.waiting.is_empty() && self.budget.take(Instant::now()) {
+                    if let Some((id, request)) = self.waiting.pop_front() {
+                        self.start(id, request);
+                    }
+                }
+                Flow::Go
+            }
+            Some(done) = self.answering.join_next(), if !self.answering.is_empty() => {
+                let Ok((id, outcome)) = done else {
+                    tracing::error!(vm = %self.vm, "a request task failed; the guest will time out");
+                    return Flow::Go;
+                };
+                Flow::from_send(send_response(out, self.version, id, outcome))
+            }
+            else => std::future::pending().await,
+        }
+    }
+
+    async fn end(&mut self) {
+        self.answering.shutdown().await;
+    }
 }
 
 #[cfg(test)]

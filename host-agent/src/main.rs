@@ -486,7 +486,7 @@ fn run(overrides: Overrides) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = control::bind(&settings.state_dir)?;
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (stop, shutdown) = finch_shared::link::Shutdown::new();
         let applied = agent.apply(prepared).await;
         if applied.started == 0 {
             tracing::warn!(config = %settings.config_file.display(), "no VM to serve yet: add a [vm.NAME] table to the config file (then `finch-host-agent reload`) or pass --vm NAME=ENDPOINT");
@@ -497,11 +497,15 @@ fn run(overrides: Overrides) -> anyhow::Result<()> {
             docker_config = %settings.docker_config.display(),
             "host agent ready"
         );
-        let control = tokio::spawn(control::serve(listener, agent.clone(), shutdown.clone()));
-        wait_for_stop(&agent).await;
-        let _ = stop.send(true);
-        agent.stop_all().await;
-        let _ = control.await;
+        // The control channel runs beside the rest, on this task (not spawned): it stops
+        // when `stop` fires, after the links.
+        let control = control::serve(listener, agent.clone(), shutdown.clone());
+        let running = async {
+            wait_for_stop(&agent).await;
+            stop.fire();
+            agent.stop_all().await;
+        };
+        tokio::join!(control, running);
         tracing::info!("host agent stopped");
         Ok(())
     })

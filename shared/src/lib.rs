@@ -3,6 +3,8 @@
 //!
 //! * [`frame`]: length-prefixed frames with a hard size limit.
 //! * `io` (feature `tokio`): frames, sealed frames and typed messages over async streams.
+//! * `accept` (feature `tokio`): the one accept loop, bounded and tracked.
+//! * `link` (feature `tokio`): the loop that drives an authenticated link, and `Shutdown`.
 //! * [`endpoint`]: endpoint strings such as `unix:///run/x.sock`.
 //! * [`codec`]: payload encoding (postcard) behind two functions.
 //! * [`docker_config`]: the docker config's JSON, decoded as docker/cli reads it.
@@ -16,6 +18,8 @@
 //! * [`Secret`]: a credential that never prints.
 //! * [`vm_name`]: the one parser of VM names.
 
+#[cfg(feature = "tokio")]
+pub mod accept;
 pub mod codec;
 pub mod docker_config;
 pub mod endpoint;
@@ -26,6 +30,8 @@ pub mod handshake;
 pub mod io;
 pub mod key;
 pub mod limit;
+#[cfg(feature = "tokio")]
+pub mod link;
 pub mod message;
 pub mod private;
 pub mod registry;

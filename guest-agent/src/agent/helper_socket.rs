@@ -134,8 +134,7 @@ impl HelperSocket {
         let listening = &self.0;
         let accept = async || listening.accept().await;
         let admit = |stream| admit_call(stream, &shared);
-        super::accept::accept_loop(listening.what(), MAX_CONNECTIONS, accept, admit, shutdown)
-            .await;
+        super::accept_loop(listening.what(), MAX_CONNECTIONS, accept, admit, shutdown).await;
     }
 }
 

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use finch_shared::io::{QueueError, spawn_reader, spawn_writer};
+use finch_shared::io::{FrameQueue, QueueError};
+use finch_shared::link::{Flow, Role, Timing, drive};
 use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::{HEARTBEAT_MISSES, IO_TIMEOUT, Shutdown};
+use super::{IO_TIMEOUT, Shutdown};
 
 /// Most requests waiting for an answer on one link (the host answers at most 256 at once;
 /// the rest are answered `busy` by the host).
@@ -150,7 +151,9 @@ impl LinkSlot {
         self.current.send_replace(Some(Handle { generation, calls: calls_tx }));
         self.set_down_since(None);
         tracing::info!(link = generation, "host link up");
-        let reason = drive(stream, session, calls, close, heartbeat, shutdown).await;
+        let timing = Timing { heartbeat, write_queue: WRITE_QUEUE, write_deadline: IO_TIMEOUT };
+        let reason =
+            drive(stream, session, timing, &mut Calling::new(calls, close), shutdown).await;
         let gone = self.current.send_if_modified(|cur| {
             if cur.as_ref().is_some_and(|h| h.generation == generation) {
                 *cur = None;
@@ -176,128 +179,137 @@ impl LinkSlot {
     }
 }
 
-/// Runs one link until it ends; returns why it ended. Every write goes through one writer
-/// task under a deadline, so a host that stops reading cannot stall heartbeat or shutdown.
-async fn drive<S>(
-    stream: S,
-    session: Session,
-    mut calls: mpsc::Receiver<Call>,
-    mut close: oneshot::Receiver<()>,
-    heartbeat: Duration,
-    mut shutdown: Shutdown,
-) -> String
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (rd, wr) = tokio::io::split(stream);
-    let (mut incoming, _reader) = spawn_reader::<LinkMsg, _>(rd, session.opener);
-    let (out, _writer) = spawn_writer(wr, session.sealer, WRITE_QUEUE, IO_TIMEOUT);
-    let mut pending: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
-    let mut next_id: u64 = 1;
-    let mut ticker = tokio::time::interval(heartbeat);
-    let mut last_heard = Instant::now();
-    let dead_after = heartbeat * HEARTBEAT_MISSES;
-    // A ping sent and not answered by any frame yet: past STALL_AFTER, the host is stalled.
-    let mut probe: Option<Instant> = None;
-    let mut stalled = false;
-    let reason = loop {
+/// The guest's end of a link: it sends the helpers' calls with ids, matches answers to
+/// them, and answers every waiting caller at once when the host stalls or the link ends.
+struct Calling {
+    calls: mpsc::Receiver<Call>,
+    close: oneshot::Receiver<()>,
+    pending: HashMap<u64, oneshot::Sender<Outcome>>,
+    next_id: u64,
+    last_heard: Instant,
+    /// A ping sent and not answered by any frame yet: past [`STALL_AFTER`], the host is
+    /// stalled.
+    probe: Option<Instant>,
+    stalled: bool,
+}
+
+impl Calling {
+    fn new(calls: mpsc::Receiver<Call>, close: oneshot::Receiver<()>) -> Self {
+        Calling {
+            calls,
+            close,
+            pending: HashMap::new(),
+            next_id: 1,
+            last_heard: Instant::now(),
+            probe: None,
+            stalled: false,
+        }
+    }
+
+    fn call(&mut self, (request, tx): Call, out: &FrameQueue) -> Flow {
+        if self.stalled {
+            let _ = tx.send(Err(stalled_error()));
+            return Flow::Go;
+        }
+        // Nothing heard for a while: ask the host to show it is there, so a host that
+        // stopped is known within STALL_AFTER, not after missed heartbeats.
+        if self.probe.is_none() && self.last_heard.elapsed() >= PROBE_AFTER {
+            if let Err(e) = out.send(&LinkMsg::Ping { seq: self.next_id }) {
+                return Flow::End(e.to_string());
+            }
+            self.probe = Some(Instant::now());
+        }
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            self.pending.retain(|_, tx| !tx.is_closed());
+        }
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            let _ = tx.send(Err(WireError::unavailable("too many requests in flight")));
+            return Flow::Go;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        match out.send(&LinkMsg::Request { id, request }) {
+            Ok(()) => {
+                self.pending.insert(id, tx);
+                Flow::Go
+            }
+            Err(e @ (QueueError::Codec(_) | QueueError::Seal(_))) => {
+                let reason = format!("the request cannot be sent: {e}");
+                let _ = tx.send(Err(WireError::BadRequest { reason }));
+                Flow::Go
+            }
+            Err(e) => Flow::End(e.to_string()),
+        }
+    }
+}
+
+impl Role for Calling {
+    fn on_message(&mut self, msg: LinkMsg, _out: &FrameQueue) -> Flow {
+        match msg {
+            LinkMsg::Response { id, outcome } => {
+                match self.pending.remove(&id) {
+                    // The caller may have given up; nothing to do then.
+                    Some(tx) => {
+                        let _ = tx.send(outcome);
+                    }
+                    None => tracing::debug!(id, "answer for a request no longer waiting"),
+                }
+                Flow::Go
+            }
+            _ => Flow::End("protocol error: the host sent a request".to_owned()),
+        }
+    }
+
+    async fn next_event(&mut self, out: &FrameQueue) -> Flow {
         let stall_check = async {
-            match probe {
-                Some(sent) if !stalled => tokio::time::sleep_until(sent + STALL_AFTER).await,
+            match self.probe {
+                Some(sent) if !self.stalled => tokio::time::sleep_until(sent + STALL_AFTER).await,
                 _ => std::future::pending().await,
             }
         };
         tokio::select! {
-            () = shutdown.wait() => break "agent shutting down".to_owned(),
-            _ = &mut close => break "replaced by a new link".to_owned(),
-            () = out.failed() => break format!("write failed: {}", out.error()),
+            _ = &mut self.close => Flow::End("replaced by a new link".to_owned()),
             () = stall_check => {
-                stalled = true;
-                tracing::warn!(waited_ms = STALL_AFTER.as_millis() as u64, waiting = pending.len(), "the host agent is not answering: calls are answered unavailable until it does");
+                self.stalled = true;
+                tracing::warn!(waited_ms = STALL_AFTER.as_millis() as u64, waiting = self.pending.len(), "the host agent is not answering: calls are answered unavailable until it does");
                 // Every caller waiting is answered now, not when the link is declared dead.
-                for (_, tx) in pending.drain() {
+                for (_, tx) in self.pending.drain() {
                     let _ = tx.send(Err(stalled_error()));
                 }
+                Flow::Go
             }
-            msg = incoming.recv() => {
-                last_heard = Instant::now();
-                probe = None;
-                if stalled {
-                    stalled = false;
-                    tracing::info!("the host agent answers again");
-                }
-                match msg {
-                    Some(Ok(LinkMsg::Response { id, outcome })) => match pending.remove(&id) {
-                        // The caller may have given up; nothing to do then.
-                        Some(tx) => { let _ = tx.send(outcome); }
-                        None => tracing::debug!(id, "answer for a request no longer waiting"),
-                    },
-                    Some(Ok(LinkMsg::Ping { seq })) => {
-                        if let Err(e) = out.send(&LinkMsg::Pong { seq }) {
-                            break e.to_string();
-                        }
-                    }
-                    Some(Ok(LinkMsg::Pong { .. })) => {}
-                    Some(Ok(LinkMsg::Request { .. })) => break "protocol error: the host sent a request".to_owned(),
-                    Some(Err(e)) => break e.to_string(),
-                    None => break "reader stopped".to_owned(),
-                }
-            }
-            call = calls.recv() => {
-                let Some((request, tx)) = call else { break "no more callers".to_owned() };
-                if stalled {
-                    let _ = tx.send(Err(stalled_error()));
-                    continue;
-                }
-                // Nothing heard for a while: ask the host to show it is there, so a host
-                // that stopped is known within STALL_AFTER, not after missed heartbeats.
-                if probe.is_none() && last_heard.elapsed() >= PROBE_AFTER {
-                    if let Err(e) = out.send(&LinkMsg::Ping { seq: next_id }) {
-                        break e.to_string();
-                    }
-                    probe = Some(Instant::now());
-                }
-                if pending.len() >= MAX_IN_FLIGHT {
-                    pending.retain(|_, tx| !tx.is_closed());
-                }
-                if pending.len() >= MAX_IN_FLIGHT {
-                    let _ = tx.send(Err(WireError::unavailable("too many requests in flight")));
-                    continue;
-                }
-                let id = next_id;
-                next_id += 1;
-                match out.send(&LinkMsg::Request { id, request }) {
-                    Ok(()) => {
-                        pending.insert(id, tx);
-                    }
-                    Err(e @ (QueueError::Codec(_) | QueueError::Seal(_))) => {
-                        let _ = tx.send(Err(WireError::BadRequest { reason: format!("the request cannot be sent: {e}") }));
-                    }
-                    Err(e) => break e.to_string(),
-                }
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > dead_after {
-                    break format!("no heartbeat for {} ms", dead_after.as_millis());
-                }
-                if let Err(e) = out.send(&LinkMsg::Ping { seq: next_id }) {
-                    break e.to_string();
-                }
-                probe.get_or_insert_with(Instant::now);
-            }
+            call = self.calls.recv() => match call {
+                Some(call) => self.call(call, out),
+                None => Flow::End("no more callers".to_owned()),
+            },
         }
-    };
-    // Dropping `pending` answers every waiting caller with "link lost".
-    drop(pending);
-    reason
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.probe = None;
+        if self.stalled {
+            self.stalled = false;
+            tracing::info!("the host agent answers again");
+        }
+    }
+
+    fn pinged(&mut self) {
+        self.probe.get_or_insert_with(Instant::now);
+    }
+
+    async fn end(&mut self) {
+        // Dropping the senders answers every waiting caller with "link lost".
+        self.pending.clear();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A host that stops reading cannot stall the link: heartbeats and calls queue, and
-    /// shutdown (or a new link) ends the driver at once, not after a write that never ends.
+    /// A host that stops reading cannot stall the link: calls queue, and shutdown (or a
+    /// new link) ends it at once, not after a write that never ends.
     #[tokio::test]
     async fn a_peer_that_stops_reading_cannot_stall_shutdown() {
         let (ours, _theirs_never_read) = tokio::io::duplex(64);
@@ -306,19 +318,51 @@ mod tests {
         let (stop, shutdown) = Shutdown::new();
         let key = finch_shared::key::LinkKey::from_bytes(&[1; 32]).unwrap();
         let session = Session::new(&key, b"t", finch_shared::seal::Role::Guest);
-        let beat = Duration::from_millis(50);
-        let driver = tokio::spawn(drive(ours, session, calls, close, beat, shutdown));
+        let timing = Timing {
+            heartbeat: Duration::from_millis(50),
+            write_queue: WRITE_QUEUE,
+            write_deadline: IO_TIMEOUT,
+        };
+        let driver = tokio::spawn(async move {
+            drive(ours, session, timing, &mut Calling::new(calls, close), shutdown).await
+        });
         // Fill the pipe: pings, and requests nobody will read.
         for _ in 0..20 {
             let (tx, _rx) = oneshot::channel();
             let _ = calls_tx.try_send((Request::Get { server: "h".repeat(100) }, tx));
         }
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let _ = stop.send(true);
+        stop.fire();
         let reason = tokio::time::timeout(Duration::from_secs(1), driver)
             .await
             .expect("the driver did not stop within 1 s of shutdown")
             .unwrap();
         assert!(reason.contains("shutting down"), "{reason}");
+    }
+
+    /// Callers waiting when the link ends are answered, not left to their timeout.
+    #[tokio::test]
+    async fn callers_in_flight_are_answered_when_the_link_ends() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (calls_tx, calls) = mpsc::channel(64);
+        let (close_tx, close) = oneshot::channel();
+        let (_stop, shutdown) = Shutdown::new();
+        let key = finch_shared::key::LinkKey::from_bytes(&[1; 32]).unwrap();
+        let session = Session::new(&key, b"t", finch_shared::seal::Role::Guest);
+        let timing = Timing {
+            heartbeat: Duration::from_secs(5),
+            write_queue: WRITE_QUEUE,
+            write_deadline: IO_TIMEOUT,
+        };
+        let driver = tokio::spawn(async move {
+            drive(ours, session, timing, &mut Calling::new(calls, close), shutdown).await
+        });
+        let (tx, answer) = oneshot::channel();
+        calls_tx.send((Request::List, tx)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = close_tx.send(());
+        assert_eq!(driver.await.unwrap(), "replaced by a new link");
+        assert!(answer.await.is_err(), "the caller was not released");
+        drop(theirs);
     }
 }

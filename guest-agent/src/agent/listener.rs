@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::link::LinkSlot;
 use tokio::net::UnixStream;
 
-use super::accept::accept_loop;
+use super::accept_loop;
 use super::{Access, IO_TIMEOUT, Listening, Shutdown};
 
 /// Mode of a unix link socket: only its owner may connect.

@@ -7,7 +7,6 @@
 //! * [`listener`]: accepts the host's link and runs the handshake (guest side).
 //! * [`link`]: the established link: request ids, answers in any order, heartbeat.
 
-mod accept;
 pub mod helper_socket;
 pub mod link;
 pub mod listener;
@@ -21,7 +20,6 @@ use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
 use finch_shared::key::LinkKey;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
 
 /// Default helper socket (the same default the helper uses).
 pub const DEFAULT_HELPER_SOCKET: &str = crate::helper::client::DEFAULT_SOCKET;
@@ -39,7 +37,7 @@ pub const BACKLOG: i32 = 64;
 /// Heartbeat interval; a link silent for [`HEARTBEAT_MISSES`] intervals is dead.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Silent intervals after which a link is declared dead.
-pub const HEARTBEAT_MISSES: u32 = 3;
+pub use finch_shared::link::HEARTBEAT_MISSES;
 /// Longest a handshake or a helper's request frame may take to arrive.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -69,20 +67,22 @@ pub struct Config {
 }
 
 /// Fires once when the agent should stop; every task selects on it.
-#[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub use finch_shared::link::Shutdown;
 
-impl Shutdown {
-    /// A trigger and its listener.
-    pub fn new() -> (watch::Sender<bool>, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (tx, Shutdown(rx))
-    }
-
-    /// Resolves when shutdown was requested (or its trigger is gone).
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
+/// Serves `accept`'s connections with finch-shared's accept loop, logging failed accepts
+/// as `what`; connections still open at shutdown are stopped.
+async fn accept_loop<S, Fut>(
+    what: &'static str,
+    max_live: usize,
+    accept: impl AsyncFnMut() -> std::io::Result<S>,
+    admit: impl FnMut(S) -> Option<Fut>,
+    shutdown: Shutdown,
+) where
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let failed = |e: &std::io::Error| tracing::warn!(listener = what, error = %e, "accept failed");
+    finch_shared::accept::accept_loop(max_live, accept, admit, failed, Duration::ZERO, shutdown)
+        .await;
 }
 
 /// The uid this process runs as.

@@ -707,6 +707,8 @@ mod tests {
         assert_eq!(config_file(None).unwrap().0, root.join(".finch/host-agent.toml"));
         assert_eq!(file::expand_path("C:\\finch\\x").unwrap(), PathBuf::from("C:\\finch\\x"));
         assert!(file::expand_path("/unrooted").is_err(), "no drive: not absolute on Windows");
-        assert!(file::expand_path("~\\x").unwrap().starts_with(home().unwrap()));
+        assert!(
+            file::expand_path("~\\x").unwrap().starts_with(crate::platform::paths::home().unwrap())
+        );
     }
 }

@@ -253,8 +253,8 @@ impl super::vault::Vault for WinKeyVault {
 
 #[cfg(test)]
 mod tests {
-    use super::vault::Vault;
     use super::*;
+    use crate::source::keychain::vault::Vault;
 
     /// Against the real Credential Manager (Wine's in CI): a VM key item is read back, and
     /// the docker source neither answers, nor overwrites, nor lists, nor erases it.

@@ -1,5 +1,5 @@
-//! The one accept loop behind the guest agent's listeners (the helper socket and every kind
-//! of link listener).
+//! The one accept loop behind every listener of both agents: the guest's helper socket and
+//! link listeners, the host's control channel.
 //!
 //! A connection costs the agent something only once it is admitted: the peer is checked
 //! inline, before a task exists (`admit` returns `None` for a connection it refused and
@@ -7,8 +7,8 @@
 //! takes a permit *before* it accepts, so a flood waits in the kernel's bounded backlog, not in
 //! the agent's memory or file table. Finished tasks are reaped as the loop goes (a `JoinSet`
 //! keeps every finished task until it is joined), and the tasks still running at shutdown are
-//! stopped. A failed accept (out of descriptors, say) is logged and retried after a pause; it
-//! never ends the loop.
+//! given `grace` to finish, then stopped. A failed accept (out of descriptors, say) is
+//! reported and retried after a pause; it never ends the loop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,18 +17,19 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::Shutdown;
+use crate::link::Shutdown;
 
 /// Pause after a failed accept, so an error that repeats cannot spin or flood the log.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Accepts with `accept` until `shutdown`; each connection `admit` lets through is served on a
-/// task of its own, at most `max_live` at once.
-pub(crate) async fn accept_loop<S, Fut>(
-    what: &'static str,
+/// task of its own, at most `max_live` at once. `failed` hears of each failed accept.
+pub async fn accept_loop<S, Fut>(
     max_live: usize,
     mut accept: impl AsyncFnMut() -> std::io::Result<S>,
     mut admit: impl FnMut(S) -> Option<Fut>,
+    mut failed: impl FnMut(&std::io::Error),
+    grace: Duration,
     mut shutdown: Shutdown,
 ) where
     Fut: Future<Output = ()> + Send + 'static,
@@ -58,12 +59,15 @@ pub(crate) async fn accept_loop<S, Fut>(
                 }
             }
             Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
+                failed(&e);
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
     }
-    tasks.shutdown().await;
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tasks.shutdown().await;
+    }
 }
 
 #[cfg(test)]
@@ -102,12 +106,12 @@ mod tests {
                 s.fetch_add(1, Ordering::SeqCst);
             })
         };
-        let looping = tokio::spawn(accept_loop("test", 8, accept, admit, shutdown));
+        let looping = tokio::spawn(accept_loop(8, accept, admit, |_| {}, Duration::ZERO, shutdown));
         feeder.await.unwrap();
         while served.load(Ordering::SeqCst) < 2500 {
             tokio::task::yield_now().await;
         }
-        let _ = stop.send(true);
+        stop.fire();
         tokio::time::timeout(Duration::from_secs(1), looping).await.unwrap().unwrap();
         assert!(peak.load(Ordering::SeqCst) <= 8, "peak {}", peak.load(Ordering::SeqCst));
         assert_eq!(served.load(Ordering::SeqCst), 2500);
