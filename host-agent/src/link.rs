@@ -332,4 +332,102 @@ mod tests {
         let started = (0..1000).filter(|_| b.take(one_second)).count();
         assert_eq!(started as u32, REQUEST_RATE);
     }
+
+    /// A link end to end without a process or a socket: the host's loop on one side of a
+    /// pipe, the guest's frames written and read by hand on the other.
+    mod served {
+        use finch_shared::io::{spawn_reader, spawn_writer};
+        use finch_shared::seal::Role as Side;
+
+        use super::*;
+
+        struct Guest {
+            out: FrameQueue,
+            incoming: tokio::sync::mpsc::Receiver<Result<LinkMsg, finch_shared::io::MessageError>>,
+            _tasks: (finch_shared::io::ReaderTask, finch_shared::io::ReaderTask),
+            /// The resolver's files, kept while the link runs.
+            _files: crate::resolve::tests::Fixture,
+        }
+
+        impl Guest {
+            async fn next(&mut self) -> LinkMsg {
+                loop {
+                    let msg = tokio::time::timeout(Duration::from_secs(5), self.incoming.recv())
+                        .await
+                        .expect("no frame from the host")
+                        .expect("the host closed the link")
+                        .expect("a frame did not open");
+                    if !matches!(msg, LinkMsg::Ping { .. }) {
+                        return msg;
+                    }
+                }
+            }
+        }
+
+        fn link() -> (tokio::task::JoinHandle<String>, Guest, finch_shared::link::Trigger) {
+            let key = LinkKey::from_bytes(&[7; 32]).unwrap();
+            let (host_end, guest_end) = tokio::io::duplex(1 << 20);
+            let vm = VmLink {
+                name: "a".parse().unwrap(),
+                endpoint: "unix:///a.sock".parse().unwrap(),
+                key: key.clone(),
+                heartbeat: Duration::from_secs(5),
+                backoff_max: Duration::from_secs(1),
+            };
+            let mut files = crate::resolve::tests::fixture();
+            let resolver = files.take_resolver();
+            let (stop, shutdown) = Shutdown::new();
+            let host = Sealed {
+                stream: host_end,
+                session: Session::new(&key, b"t", Side::Host),
+                version: 3,
+            };
+            let served = tokio::spawn(async move { serve(host, &vm, resolver, shutdown).await });
+            let guest = Session::new(&key, b"t", Side::Guest);
+            let (rd, wr) = tokio::io::split(guest_end);
+            let (incoming, reader) = spawn_reader::<LinkMsg, _>(rd, guest.opener);
+            let (out, writer) = spawn_writer(wr, guest.sealer, 1024, Duration::from_secs(5));
+            (served, Guest { out, incoming, _tasks: (reader, writer), _files: files }, stop)
+        }
+
+        #[tokio::test]
+        async fn a_request_is_answered_by_id_from_the_resolver() {
+            let (served, mut guest, stop) = link();
+            let request = Request::Get { server: "registry.example:5000".into() };
+            guest.out.send(&LinkMsg::Request { id: 41, request }).unwrap();
+            let LinkMsg::Response { id, outcome } = guest.next().await else { panic!() };
+            assert_eq!(id, 41);
+            assert!(matches!(outcome, Ok(finch_shared::message::Response::Credential { .. })));
+            stop.fire();
+            assert_eq!(served.await.unwrap(), "agent shutting down");
+        }
+
+        #[tokio::test]
+        async fn a_response_from_the_guest_ends_the_link() {
+            let (served, guest, _stop) = link();
+            let msg = LinkMsg::Response { id: 1, outcome: Err(WireError::NotFound) };
+            guest.out.send(&msg).unwrap();
+            let reason =
+                tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
+            assert_eq!(reason, "protocol error: the guest sent a response");
+        }
+
+        #[tokio::test]
+        async fn past_the_burst_requests_wait_their_turn_and_are_all_answered() {
+            let (served, mut guest, stop) = link();
+            let n = REQUEST_BURST as u64 + 20;
+            for id in 0..n {
+                let request = Request::Get { server: "nowhere.example".into() };
+                guest.out.send(&LinkMsg::Request { id, request }).unwrap();
+            }
+            let mut answered = std::collections::BTreeSet::new();
+            while (answered.len() as u64) < n {
+                let LinkMsg::Response { id, outcome } = guest.next().await else { panic!() };
+                assert_eq!(outcome, Err(WireError::NotFound));
+                answered.insert(id);
+            }
+            stop.fire();
+            assert_eq!(served.await.unwrap(), "agent shutting down");
+        }
+    }
 }

@@ -593,3 +593,155 @@ fn check(request: &Request) -> Result<Option<Registry>, WireError> {
     }
     Ok(registry)
 }
+
+/// The resolver on its own, no process and no link: a config file and a docker config in a
+/// temporary directory, requests handed to [`Resolver::handle`] as a link would.
+#[cfg(test)]
+pub(crate) mod tests {
+    use finch_shared::Secret;
+    use finch_shared::message::{ListEntry, Request, Response, WireError};
+
+    use super::*;
+    use crate::settings::{Overrides, toml_string};
+
+    pub(crate) struct Fixture {
+        _dir: tempfile::TempDir,
+        docker: std::path::PathBuf,
+        resolver: Arc<Resolver>,
+    }
+
+    impl Fixture {
+        /// The resolver, to run elsewhere while the fixture keeps its files.
+        pub(crate) fn take_resolver(&mut self) -> Arc<Resolver> {
+            self.resolver.clone()
+        }
+    }
+
+    /// VM `a` may do anything; VM `b` may get `ghcr.io` only. The docker config holds one
+    /// plaintext credential for `registry.example:5000`.
+    pub(crate) fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let docker = dir.path().join("docker");
+        std::fs::create_dir(&docker).unwrap();
+        let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "alice:pw");
+        std::fs::write(
+            docker.join("config.json"),
+            format!("{{\"auths\":{{\"registry.example:5000\":{{\"auth\":\"{auth}\"}}}}}}"),
+        )
+        .unwrap();
+        let path = |p: &std::path::Path| toml_string(&p.display().to_string());
+        let config = dir.path().join("host-agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "docker_config = {}\nstate_dir = {}\nnative_keychain = false\n\
+                 [ecr]\nauto = false\n\
+                 [vm.a]\nendpoint = \"unix:///a.sock\"\n\
+                 [vm.b]\nendpoint = \"unix:///b.sock\"\n\
+                 [vm.b.policy]\nget = [\"ghcr.io\"]\nstore = []\nerase = []\nlist = []\n",
+                path(&docker),
+                path(&dir.path().join("state")),
+            ),
+        )
+        .unwrap();
+        let settings =
+            Settings::load(&Overrides { config: Some(config), ..Overrides::default() }).unwrap();
+        crate::platform::paths::private_dir(&settings.state_dir).unwrap();
+        let resolver =
+            Resolver::new(Current::new(settings, None), Arc::new(StatusBoard::default()));
+        Fixture { _dir: dir, docker, resolver: Arc::new(resolver) }
+    }
+
+    fn get(server: &str) -> Request {
+        Request::Get { server: server.into() }
+    }
+
+    fn credential(outcome: Outcome) -> (String, String) {
+        match outcome {
+            Ok(Response::Credential { username, secret }) => (username, secret.expose().to_owned()),
+            other => panic!("not a credential: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_spelling_of_a_registry_finds_its_credential() {
+        let f = fixture();
+        for server in [
+            "registry.example:5000",
+            "https://registry.example:5000",
+            "https://registry.example:5000/v2/",
+            "REGISTRY.example:5000",
+        ] {
+            let answer = f.resolver.handle("a", get(server)).await;
+            assert_eq!(credential(answer), ("alice".into(), "pw".into()), "{server}");
+        }
+        let answer = f.resolver.handle("a", get("registry.example")).await;
+        assert_eq!(answer, Err(WireError::NotFound), "another port is another registry");
+    }
+
+    #[tokio::test]
+    async fn policy_is_per_vm_and_per_operation() {
+        let f = fixture();
+        let answer = f.resolver.handle("b", get("registry.example:5000")).await;
+        assert!(matches!(answer, Err(WireError::Denied { .. })), "{answer:?}");
+        let store = Request::Store {
+            server: "ghcr.io".into(),
+            username: "u".into(),
+            secret: Secret::from("s"),
+        };
+        let answer = f.resolver.handle("b", store).await;
+        assert!(matches!(answer, Err(WireError::Denied { .. })), "{answer:?}");
+        let answer = f.resolver.handle("b", Request::List).await;
+        assert!(matches!(answer, Err(WireError::Denied { .. })), "{answer:?}");
+        // A VM the config does not name may do nothing.
+        let answer = f.resolver.handle("zz", get("registry.example:5000")).await;
+        assert!(matches!(answer, Err(WireError::Denied { .. })), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_server_is_refused_before_any_source() {
+        let f = fixture();
+        for server in ["", "https://", "a b", "host:port", "x:99999"] {
+            let answer = f.resolver.handle("a", get(server)).await;
+            assert!(matches!(answer, Err(WireError::BadRequest { .. })), "{server:?}: {answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn store_then_get_then_erase_goes_through_the_file() {
+        let f = fixture();
+        let store = Request::Store {
+            server: "https://ghcr.io/v2/".into(),
+            username: "bob".into(),
+            secret: Secret::from("tok"),
+        };
+        assert_eq!(f.resolver.handle("a", store).await, Ok(Response::Done));
+        let on_disk = std::fs::read_to_string(f.docker.join("config.json")).unwrap();
+        assert!(on_disk.contains("\"ghcr.io\""), "stored under docker/cli's key: {on_disk}");
+        assert_eq!(
+            credential(f.resolver.handle("a", get("ghcr.io")).await),
+            ("bob".into(), "tok".into())
+        );
+        let listed = f.resolver.handle("a", Request::List).await;
+        let Ok(Response::List { entries }) = listed else { panic!("{listed:?}") };
+        assert!(entries.contains(&ListEntry { server: "ghcr.io".into(), username: "bob".into() }));
+        let erase = Request::Erase { server: "ghcr.io".into() };
+        assert_eq!(f.resolver.handle("a", erase).await, Ok(Response::Done));
+        assert_eq!(f.resolver.handle("a", get("ghcr.io")).await, Err(WireError::NotFound));
+        // The other credential was left alone.
+        let (user, _) = credential(f.resolver.handle("a", get("registry.example:5000")).await);
+        assert_eq!(user, "alice");
+    }
+
+    #[tokio::test]
+    async fn a_new_config_applies_to_the_next_request() {
+        let f = fixture();
+        let mut current = f.resolver.current();
+        let mut settings = (*current.settings).clone();
+        settings.vms.get_mut("a").unwrap().policy.get = Rule(Vec::new());
+        current = Current::new(settings, Some(&current));
+        f.resolver.replace(current);
+        let answer = f.resolver.handle("a", get("registry.example:5000")).await;
+        assert!(matches!(answer, Err(WireError::Denied { .. })), "{answer:?}");
+    }
+}
