@@ -318,8 +318,8 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         return;
     }
     let parts = image_dir();
-    let image = parts.join("debian");
-    let prepared = image.join("image.raw").exists() && parts.join("bin/finch-guest-agent").exists();
+    let prepared =
+        parts.join("debian/image.raw").exists() && parts.join("bin/finch-guest-agent").exists();
     if !prepared {
         assert!(
             !finch_tests::in_ci(),
@@ -334,10 +334,50 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     // the end of a run that passed.
     let kept = tempfile::Builder::new().prefix("finch-lima-vm-").tempdir().unwrap().keep();
     eprintln!("{test}: working in {}", kept.display());
-    let d = kept.as_path();
 
-    // LIMA_HOME as Lima lays it out, one instance; the guest binaries where [lima] guest_dir
-    // points; the host's docker config plaintext (`auths`), so the test can check it.
+    let (lima_home, inst, config) = setup_finch_writes_the_fragment(&kept, &parts);
+    let (host, fake) = the_host_agent_fills_the_bundle(&kept, &inst, &config);
+    let plan = lima_takes_mounts_scripts_forward_and_probe(&lima_home, &inst);
+    let mut scene = boot(kept, &parts, plan, host, fake);
+    let boot_to_link = the_first_boot_links_and_the_unit_is_confined(&mut scene);
+    the_probe_passes_and_a_vm_without_a_bundle_starts(&scene);
+    clients_log_in_push_and_pull_through_the_bridge(&scene);
+    a_reboot_brings_the_link_back(&mut scene);
+    a_killed_agent_is_restarted(&scene);
+    a_container_gets_nothing_and_an_impostor_no_link(&scene);
+    logout_erases_on_the_host(&scene);
+    no_secret_in_the_vm_its_disk_or_the_logs(scene);
+    eprintln!("lima_vm: boot to link up {boot_to_link:?}; whole test {:?}", started.elapsed());
+}
+
+/// What the steps share: the working directory, the host agent, the fake ECR, the VM.
+struct Scene {
+    d: PathBuf,
+    plan: Plan,
+    host: Proc,
+    fake: FakeEcr,
+    vm: Vm,
+    overlay: PathBuf,
+    booted_at: Instant,
+}
+
+impl Scene {
+    /// A new ssh master and Lima's socket forward over it (the plan has exactly one).
+    fn reconnect(&mut self) {
+        self.vm.connect();
+        let (guest, host) = &self.plan.socket_forwards[0];
+        self.vm.forward(guest, host);
+    }
+}
+
+fn image_ref() -> String {
+    format!("{REGISTRY}/finch/hello:v1")
+}
+
+/// LIMA_HOME as Lima lays it out, one instance; the guest binaries where `[lima] guest_dir`
+/// points; the host's docker config plaintext (`auths`), so the test can check it. Then
+/// `setup finch` merges the fragment and writes the `[lima]` table.
+fn setup_finch_writes_the_fragment(d: &Path, parts: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let lima_home = d.join("lima");
     let inst = lima_home.join("finch");
     let guest_dir = d.join("guest");
@@ -369,9 +409,14 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     );
     assert!(setup.contains("merged the fragment into"), "{setup}");
 
+    (lima_home, inst, config)
+}
+
+/// The host agent, started with that config alone, finds the instance and fills its bundle.
+fn the_host_agent_fills_the_bundle(d: &Path, inst: &Path, config: &Path) -> (Proc, FakeEcr) {
     let fake = FakeEcr::start(d);
     fake.control(r#"{"password": "ecr-vm-token-{n}"}"#);
-    let host = host_agent(d, &config, &fake);
+    let host = host_agent(d, config, &fake);
     let bundle = inst.join("finch-bridge");
     assert!(
         wait_until(Duration::from_secs(60), || bundle.join("SHA256SUMS").exists()),
@@ -379,19 +424,31 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         bundle.display(),
         host.output()
     );
+    (host, fake)
+}
 
-    // What limactl takes from the merged YAML.
-    let plan = plan(&lima_home, &inst);
+/// What limactl takes from the merged YAML: one system script that installs with systemd,
+/// the bundle mounted read-only, one socket forward to the instance's socket, one probe.
+fn lima_takes_mounts_scripts_forward_and_probe(lima_home: &Path, inst: &Path) -> Plan {
+    let plan = plan(lima_home, inst);
     assert_eq!(plan.system_scripts.len(), 1, "{plan:?}");
     assert!(plan.system_scripts[0].contains("--init systemd"), "{plan:?}");
     let bridge_mount = plan.mounts.iter().find(|m| m.1 == "/mnt/finch-bridge");
+    let bundle = inst.join("finch-bridge");
     assert_eq!(bridge_mount.map(|m| (&m.0, m.2)), Some((&bundle, false)), "{plan:?}");
-    let [(guest_socket, host_socket)] = &plan.socket_forwards[..] else {
+    let [(_, host_socket)] = &plan.socket_forwards[..] else {
         panic!("one socket forward expected: {plan:?}")
     };
     assert_eq!(host_socket, &inst.join("sock/finch-guest-agent.sock"));
+    assert_eq!(plan.probes.len(), 1, "one readiness probe expected: {plan:?}");
     std::fs::create_dir_all(inst.join("sock")).unwrap();
+    plan
+}
 
+/// Boots the VM as Lima would: cidata with the scripts and the ssh key, the plan's mounts
+/// as 9p shares (plus the test's own), an overlay on the image.
+fn boot(d: PathBuf, parts: &Path, plan: Plan, host: Proc, fake: FakeEcr) -> Scene {
+    let image = parts.join("debian");
     let cidata = d.join("cidata");
     std::fs::create_dir_all(cidata.join("provision.system")).unwrap();
     for (i, s) in plan.system_scripts.iter().enumerate() {
@@ -404,7 +461,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         "ssh-keygen",
     );
     std::fs::copy(d.join("id_ed25519.pub"), cidata.join("ssh_authorized_keys")).unwrap();
-    let data = testdata(d, &parts);
+    let data = testdata(&d, parts);
     let mut virtfs = Vec::new();
     let mut mounts = String::new();
     for (i, (location, point, writable)) in plan.mounts.iter().enumerate() {
@@ -455,18 +512,22 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     }
     let booted_at = Instant::now();
     let qemu = Proc::spawn("qemu", qemu, &d.join("console.log"));
-    let mut vm = Vm { dir: d.to_owned(), qemu, master: None, port, boots: 0 };
+    let vm = Vm { dir: d.clone(), qemu, master: None, port, boots: 0 };
+    Scene { d, plan, host, fake, vm, overlay, booted_at }
+}
 
-    // Boot 1: provisioning installs the guest side; the unit starts; Lima forwards the socket.
-    vm.connect();
-    vm.forward(guest_socket, host_socket);
+/// Boot 1: provisioning installs the guest side, the unit starts, Lima forwards the socket,
+/// the link comes up; the unit runs confined. Returns the time from boot to link.
+fn the_first_boot_links_and_the_unit_is_confined(scene: &mut Scene) -> Duration {
+    scene.reconnect();
+    let (vm, host) = (&scene.vm, &scene.host);
     assert!(
-        wait_until(BOOT, || links_up(&host) >= 1),
+        wait_until(BOOT, || links_up(host) >= 1),
         "the link never came up\n{}\n--- host\n{}",
         vm.console_tail(),
         host.output()
     );
-    let boot_to_link = booted_at.elapsed();
+    let boot_to_link = scene.booted_at.elapsed();
     let unit = vm.ok(
         "the unit",
         "systemctl show finch-guest-agent -p ActiveState -p ProtectSystem -p NoNewPrivileges \
@@ -486,11 +547,15 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         caps.contains("cap_chown") && !caps.contains("cap_sys_admin") && !caps.contains("cap_net"),
         "the unit's capability bounding set: {caps}"
     );
+    boot_to_link
+}
 
-    // Lima's readiness probe passes; and a VM that boots before the host agent filled its
-    // bundle starts anyway: provisioning and the probe, over an empty /mnt/finch-bridge (in a
-    // mount namespace of their own), say so and exit 0.
-    let [probe] = &plan.probes[..] else { panic!("one readiness probe expected: {plan:?}") };
+/// Lima's readiness probe passes; and a VM that boots before the host agent filled its
+/// bundle starts anyway: provisioning and the probe, over an empty /mnt/finch-bridge (in a
+/// mount namespace of their own), say so and exit 0.
+fn the_probe_passes_and_a_vm_without_a_bundle_starts(scene: &Scene) {
+    let vm = &scene.vm;
+    let probe = &scene.plan.probes[0];
     let ready = vm.sh("sh -s", probe.as_bytes());
     assert_eq!(ready.code, 0, "the readiness probe failed: {}", ready.stderr);
     let empty = vm.sh(
@@ -507,8 +572,14 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     );
     assert!(empty.stderr.contains("no bundle in /mnt/finch-bridge yet"), "{}", empty.stderr);
     assert_eq!(vm.ok("still active", "systemctl is-active finch-guest-agent").trim(), "active");
+}
 
-    // The registry in the VM: TLS with the test's CA, htpasswd; podman and skopeo trust it.
+/// The registry in the VM (TLS with the test's CA, htpasswd; podman and skopeo trust it);
+/// podman login stores on the host, push and pull use it, and `get` answers for the
+/// registry and, from the host's native ECR source, for an ECR host.
+fn clients_log_in_push_and_pull_through_the_bridge(scene: &Scene) {
+    let (vm, d) = (&scene.vm, scene.d.as_path());
+    let image_ref = image_ref();
     vm.ok(
         "the registry",
         "set -e; sudo -n sh -c 'set -e
@@ -535,7 +606,6 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         Some(base64_of(&format!("{REGISTRY_USER}:{PASSWORD}")).as_str()),
         "the host does not hold the credential podman stored"
     );
-    let image_ref = format!("{REGISTRY}/finch/hello:v1");
     vm.ok(
         "podman push",
         &format!(
@@ -550,19 +620,21 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     );
     let inspect = vm.ok("skopeo inspect", &format!("skopeo inspect docker://{image_ref}"));
     assert!(inspect.contains("\"Digest\": \"sha256:"), "{inspect}");
-    get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD).unwrap();
+    get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD).unwrap();
     // ECR: answered on the host by the native source (the fake token endpoint).
-    get_gives(&vm, ECR, "AWS", ECR_TOKEN).unwrap();
-    assert_eq!(fake.calls(), (1, 0));
+    get_gives(vm, ECR, "AWS", ECR_TOKEN).unwrap();
+    assert_eq!(scene.fake.calls(), (1, 0));
+}
 
-    // Reboot: the unit starts at boot, provisioning runs again, the link comes back; nothing
-    // is done on the host side but what Lima does (a new ssh master and the forward).
-    let before = links_up(&host);
-    vm.reboot();
-    vm.connect();
-    vm.forward(guest_socket, host_socket);
+/// Reboot: the unit starts at boot, provisioning runs again, the link comes back; nothing is
+/// done on the host side but what Lima does (a new ssh master and the forward).
+fn a_reboot_brings_the_link_back(scene: &mut Scene) {
+    let before = links_up(&scene.host);
+    scene.vm.reboot();
+    scene.reconnect();
+    let (vm, host) = (&scene.vm, &scene.host);
     assert!(
-        wait_until(BOOT, || links_up(&host) > before),
+        wait_until(BOOT, || links_up(host) > before),
         "the link did not come back after the reboot\n{}\n--- host\n{}",
         vm.console_tail(),
         host.output()
@@ -571,30 +643,38 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     assert!(journal.contains("host link up"), "{journal}");
     assert_eq!(vm.ok("enabled", "systemctl is-enabled finch-guest-agent").trim(), "enabled");
     assert!(
-        wait_until(Duration::from_secs(60), || get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+        wait_until(Duration::from_secs(60), || get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
             .is_ok()),
         "get after the reboot: {:?}",
-        get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+        get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
     );
+}
 
-    // Killed: systemd restarts the agent (Restart=on-failure) and the next get works.
-    let before = links_up(&host);
+/// Killed: systemd restarts the agent (Restart=on-failure) and the next get works.
+fn a_killed_agent_is_restarted(scene: &Scene) {
+    let (vm, host) = (&scene.vm, &scene.host);
+    let before = links_up(host);
     vm.ok("kill", "sudo -n systemctl kill -s KILL finch-guest-agent");
     assert!(
-        wait_until(Duration::from_secs(120), || links_up(&host) > before),
+        wait_until(Duration::from_secs(120), || links_up(host) > before),
         "the link did not come back after the kill\n{}",
         host.output()
     );
     let restarts = vm.ok("restarts", "systemctl show -p NRestarts --value finch-guest-agent");
     assert!(restarts.trim().parse::<u32>().unwrap_or(0) >= 1, "NRestarts={restarts}");
     assert!(
-        wait_until(Duration::from_secs(60), || get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+        wait_until(Duration::from_secs(60), || get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
             .is_ok()),
         "get after the kill: {:?}",
-        get_gives(&vm, REGISTRY, REGISTRY_USER, PASSWORD)
+        get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
     );
+}
 
-    // A container, root in the VM: no key, no helper socket, nothing from the link.
+/// A container, root in the VM: no key, no helper socket, nothing from the link. With the
+/// agent stopped, a container takes the link socket's path and the link port, and the host
+/// (which keeps dialing) links to neither.
+fn a_container_gets_nothing_and_an_impostor_no_link(scene: &Scene) {
+    let (vm, host) = (&scene.vm, &scene.host);
     vm.ok("the box image", "sudo -n podman pull -q oci:/mnt/testdata/box:v1 >/dev/null && sudo -n podman tag $(sudo -n podman images -q | head -1) localhost/box:v1");
     let inside = vm.ok(
         "the container",
@@ -612,7 +692,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     }
     assert!(!inside.contains("HELPER-ANSWERED"), "container: {inside}");
     // With the agent stopped, the container takes the link socket's path and the link port.
-    let before = links_up(&host);
+    let before = links_up(host);
     let log_at_stop = host.output().len();
     vm.ok("stop", "sudo -n systemctl stop finch-guest-agent");
     let impostor = vm.ok(
@@ -636,7 +716,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     for never in ["host authenticated", "handshake", "host link up", "link connection"] {
         assert!(!impostor.contains(never), "an impostor got a connection ({never}): {impostor}");
     }
-    assert_eq!(links_up(&host), before, "a link came up while the agent was stopped");
+    assert_eq!(links_up(host), before, "a link came up while the agent was stopped");
     // The host kept dialing through the forward meanwhile, and got nowhere.
     let since_stop = host.output()[log_at_stop..].to_owned();
     assert!(
@@ -644,9 +724,13 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         "the host did not dial while the agent was stopped:\n{since_stop}"
     );
     vm.ok("start", "sudo -n systemctl start finch-guest-agent");
-    assert!(wait_until(Duration::from_secs(120), || links_up(&host) > before), "{}", host.output());
+    assert!(wait_until(Duration::from_secs(120), || links_up(host) > before), "{}", host.output());
+}
 
-    // podman logout erases on the host; the registry then refuses skopeo.
+/// podman logout erases on the host; the registry then refuses skopeo.
+fn logout_erases_on_the_host(scene: &Scene) {
+    let (vm, d) = (&scene.vm, scene.d.as_path());
+    let image_ref = image_ref();
     vm.ok("podman logout", &format!("podman logout {REGISTRY}"));
     assert_eq!(host_auth(d), None, "the host still holds the credential after logout");
     let refused = vm.sh(&format!("skopeo inspect docker://{image_ref}"), b"");
@@ -656,8 +740,13 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
         "{}",
         refused.stderr
     );
+}
 
-    // No auth.json or config.json in the VM holds a secret; then the whole disk.
+/// No auth.json or config.json in the VM holds a secret; nor does the VM's whole disk, after
+/// a clean poweroff; nor the console or the host agent's log (at trace).
+fn no_secret_in_the_vm_its_disk_or_the_logs(mut scene: Scene) {
+    let d = scene.d.clone();
+    let vm = &mut scene.vm;
     let files = vm.ok(
         "client files",
         "sudo -n sh -c 'find / /run /tmp /var/tmp -xdev \\( -name auth.json -o -name config.json \\) \
@@ -677,7 +766,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     assert!(vm.qemu.wait_exit(Duration::from_secs(180)).is_some(), "the VM did not power off");
     let raw = d.join("disk.raw");
     run_ok(
-        Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&overlay).arg(&raw),
+        Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&scene.overlay).arg(&raw),
         "qemu-img convert",
     );
     // The scan reads the data: the registry's htpasswd (user name, bcrypt hash) is on it.
@@ -700,10 +789,9 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     let _ = std::fs::remove_file(&raw);
 
     let console = vm.console();
-    let host_log = host.output();
+    let host_log = scene.host.output();
     assert!(host_log.contains("TRACE"), "trace was not in force");
     for s in secrets {
         assert_no_secret(s, &[("console", &console), ("host log", &host_log)]);
     }
-    eprintln!("lima_vm: boot to link up {boot_to_link:?}; whole test {:?}", started.elapsed());
 }
