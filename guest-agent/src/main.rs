@@ -1,8 +1,9 @@
 //! `finch-guest-agent`: the daemon inside the VM.
 //!
 //! Modules (in the library): `agent::helper_socket` accepts helper calls and checks the
-//! caller's uid; `agent::listener` accepts the host's link and authenticates it;
-//! `agent::link` carries requests over it.
+//! caller's uid; `agent::listener` accepts the host's link and authenticates it (both
+//! through `finch_shared::accept`); `agent::link` holds the current link (`LinkSlot`) and is
+//! the guest's `Role` in `finch_shared::link::drive`, the loop both ends run.
 //!
 //! Path of a request: `docker-credential-finchhost get` → helper socket (uid checked) →
 //! `LinkSlot::request` (waits a bounded time for a link) → `LinkMsg::Request` on the link →

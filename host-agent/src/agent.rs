@@ -260,7 +260,7 @@ impl Agent {
     }
 
     /// Reloads the config; on any error the old config stays in force.
-    pub async fn reload(&self, why: &str) -> Result<Applied, String> {
+    pub async fn reload(&self, why: &str) -> anyhow::Result<Applied> {
         let _one = self.reloading.lock().await;
         let file = self.settings().config_file.clone();
         *self.config_stamp.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stamp(&file);
@@ -282,8 +282,8 @@ impl Agent {
                 let text = format!("{e:#}");
                 tracing::error!(why, error = %text, "config not reloaded; the previous config stays in force");
                 *self.config_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some(text.clone());
-                Err(text)
+                    Some(text);
+                Err(e)
             }
         }
     }

@@ -137,7 +137,7 @@ where
             Err(e) => ControlReply {
                 ok: false,
                 message: Some(format!(
-                    "config not reloaded (the previous config stays in force): {e}"
+                    "config not reloaded (the previous config stays in force): {e:#}"
                 )),
                 ..ControlReply::default()
             },

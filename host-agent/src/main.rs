@@ -1,17 +1,21 @@
 //! `finch-host-agent`: the daemon on the host, started at login.
 //!
-//! Modules: `config` (flags > environment > `~/.finch/host-agent.toml` > defaults, `--vm`
-//! specs, keys), `policy` (what each VM may do), `agent` (the links and reloads), `link` (dial
-//! each VM, authenticate, serve, reconnect), `resolve` (policy, route a request in docker/cli's
-//! order, try every registry spelling, audit), `source` (the credential sources behind one
-//! trait: host helpers, plaintext `auths`, native keychains), `control` (the control socket
-//! behind `status` and `reload`), `status`, `doctor`, `fair` (fair shares of host helper
-//! processes between VMs), `budget` (what each VM stored), `transport` (unix, vsock, hybrid
-//! vsock, Hyper-V: one stream type, chosen by the endpoint string).
+//! Modules: `settings` (flags > environment > `~/.finch/host-agent.toml` > defaults, `--vm`
+//! specs, `attached.toml`; loading is pure), `platform` (what differs between unix and
+//! Windows; `platform::paths`), `policy` (what each VM may do), `agent` (the links, reloads,
+//! Lima adoption), `lima` (instances found under a Lima home, their bundles, the fragment),
+//! `vm_keys` (each VM's link key, in the keychain or a file), `link` (dial each VM,
+//! authenticate, reconnect; the host's `Role` in `finch_shared::link::drive`), `resolve`
+//! (policy, route a request in docker/cli's order, try every registry spelling, audit),
+//! `source` (the credential sources behind one trait: host helpers, plaintext `auths`,
+//! native ECR, native keychains), `control` (the control channel behind `status` and
+//! `reload`), `status`, `doctor`, `fair` (fair shares of host helper processes between VMs),
+//! `budget` (what each VM stored), `transport` (unix, vsock, hybrid vsock, Hyper-V: one
+//! stream type, chosen by the endpoint string).
 //!
-//! Path of a request: guest's `LinkMsg::Request` → `link::serve` spawns →
-//! `Resolver::handle` (check, policy) → `source::*` → audit line → `LinkMsg::Response` back on
-//! the same link.
+//! Path of a request: guest's `LinkMsg::Request` → `link::Answering` (budget, in-flight
+//! bound) → `Resolver::handle` (check, policy) → `source::*` → audit line →
+//! `LinkMsg::Response` back on the same link.
 
 mod agent;
 mod budget;

@@ -387,17 +387,28 @@ fn key_at(text: &str, offset: usize) -> String {
     }
 }
 
+/// Why a path in the file is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum PathInvalid {
+    /// Neither absolute nor `~/…`.
+    #[error("{0:?} is not an absolute path (or ~/…)")]
+    Relative(String),
+    /// `~/…` with no home to expand it.
+    #[error("{0}")]
+    NoHome(String),
+}
+
 /// `~/x` and absolute paths; anything else is refused (the agent's cwd means nothing).
-pub fn expand_path(s: &str) -> Result<PathBuf, String> {
+pub fn expand_path(s: &str) -> Result<PathBuf, PathInvalid> {
     if let Some(rest) =
         s.strip_prefix("~/").or_else(|| s.strip_prefix("~\\").filter(|_| cfg!(windows)))
     {
-        return home().map(|h| h.join(rest)).map_err(|e| e.to_string());
+        return home().map(|h| h.join(rest)).map_err(|e| PathInvalid::NoHome(e.to_string()));
     }
     if Path::new(s).is_absolute() {
         return Ok(PathBuf::from(s));
     }
-    Err(format!("{s:?} is not an absolute path (or ~/…)"))
+    Err(PathInvalid::Relative(finch_shared::limit::cap(s, 200).into_owned()))
 }
 
 /// A TOML basic string.

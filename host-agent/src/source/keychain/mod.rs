@@ -268,7 +268,7 @@ pub struct ServerUrl {
 #[cfg(any(test, target_os = "macos"))]
 impl ServerUrl {
     /// Splits `server` (`host`, `host:port`, `https://host:port/path`, …).
-    pub fn parse(server: &str) -> Result<ServerUrl, String> {
+    pub fn parse(server: &str) -> Result<ServerUrl, finch_shared::registry::RegistryInvalid> {
         let (scheme, rest) = if let Some(r) = server.strip_prefix("http://") {
             ("http", r)
         } else {
@@ -278,8 +278,7 @@ impl ServerUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let registry = finch_shared::registry::Registry::parse(hostport)
-            .map_err(|e| format!("{server:?}: {e}"))?;
+        let registry = finch_shared::registry::Registry::parse(hostport)?;
         let (host, port) = (registry.host(), registry.port());
         let path = if path == "/" { String::new() } else { path.to_owned() };
         Ok(ServerUrl { scheme, host: host.to_owned(), port, path })

@@ -92,8 +92,10 @@ fn by_auth_type<T>(
 }
 
 fn url(server: &str) -> Result<ServerUrl, KeychainError> {
-    ServerUrl::parse(server)
-        .map_err(|reason| KeychainError::KeychainFailed { store: STORE, reason })
+    ServerUrl::parse(server).map_err(|e| KeychainError::KeychainFailed {
+        store: STORE,
+        reason: format!("{:?}: {e}", finch_shared::limit::cap(server, 80)),
+    })
 }
 
 impl SyncKeychain for OsxKeychain {
