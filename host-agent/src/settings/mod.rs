@@ -39,7 +39,7 @@
 //! the agent, `crate::lima::adopt`).
 //!
 //! * this file: the merge, with one [`Layer`] type for the scalar settings of every source;
-//! * [`file`]: the TOML schema, read with spans;
+//! * [`file`](mod@file): the TOML schema, read with spans;
 //! * [`attached`]: `attached.toml`, the VMs attached at run time.
 //!
 //! Paths (the home, Finch's root, key files) are `crate::platform::paths`.
