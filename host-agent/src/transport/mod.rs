@@ -190,7 +190,7 @@ where
     anyhow::ensure!(
         ok,
         "the VMM refused CONNECT {port}: {:?}",
-        text.chars().take(MAX_OK_LINE).collect::<String>()
+        finch_shared::limit::cap(&text, MAX_OK_LINE)
     );
     Ok(())
 }

@@ -18,22 +18,27 @@
 //! `default.yaml`, and with `keep_fragment = true` the agent puts it back when `vm init` has
 //! rewritten the file.
 //!
+//! Modules: this file (discovery and adoption), `yaml` (Lima's files, bounded), `bundle`
+//! (`finch-bridge/`), `fragment` (`default.yaml` and the config's `[lima]` table).
+//!
 //! Every YAML file here is read bounded ([`MAX_YAML`]) and without aliases (an alias is
 //! expanded by copying, so a small file could expand to any size).
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use finch_shared::endpoint::Endpoint;
-use finch_shared::key::LinkKey;
-use sha2::Digest;
 
-use crate::settings::{LimaSettings, Settings, VmName, VmSettings, toml_string};
-use yaml_rust2::Yaml;
-use yaml_rust2::parser::{Event, Parser};
-use yaml_rust2::yaml::Hash;
+use crate::settings::{LimaSettings, Settings, VmName, VmSettings};
+
+mod bundle;
+mod fragment;
+mod yaml;
+
+pub use bundle::*;
+pub use fragment::*;
+pub use yaml::*;
 
 /// The instance's bundle directory, mounted read-only at `/mnt/finch-bridge`.
 pub const BUNDLE_DIR: &str = "finch-bridge";
@@ -42,10 +47,10 @@ pub const LINK_SOCKET: &str = "sock/finch-guest-agent.sock";
 /// Largest YAML file read (Lima's own templates are a few KiB).
 pub const MAX_YAML: u64 = 1024 * 1024;
 /// The fragment `setup finch` merges into `_config/default.yaml`.
-pub const FRAGMENT: &str = include_str!("../../lima/finch-credential-bridge.yaml");
+pub const FRAGMENT: &str = include_str!("../../../lima/finch-credential-bridge.yaml");
 /// The guest scripts a bundle carries.
-const INSTALL_SH: &str = include_str!("../../lima/guest/install.sh");
-const UNINSTALL_SH: &str = include_str!("../../lima/guest/uninstall.sh");
+const INSTALL_SH: &str = include_str!("../../../lima/guest/install.sh");
+const UNINSTALL_SH: &str = include_str!("../../../lima/guest/uninstall.sh");
 /// The guest binaries a bundle carries, from `guest_dir/linux-ARCH/`.
 pub const GUEST_BINARIES: [&str; 2] = ["finch-guest-agent", "docker-credential-finchhost"];
 /// Finch's Lima home on macOS (runfinch/finch `pkg/path`: `<install>/lima/data`).
@@ -248,419 +253,12 @@ fn trust(
     Some(LimaUntrusted { reason, from_marker: false })
 }
 
-// ---- YAML, bounded ---------------------------------------------------------------------
-
-/// Reads one YAML document from `path`: `None` when the file does not exist; an error when
-/// it is larger than [`MAX_YAML`], not YAML, or holds an alias.
-pub fn read_yaml(path: &Path) -> anyhow::Result<Option<Yaml>> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut text = String::new();
-    file.take(MAX_YAML + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read {} (is it UTF-8?)", path.display()))?;
-    anyhow::ensure!(
-        text.len() as u64 <= MAX_YAML,
-        "{} is larger than {MAX_YAML} bytes",
-        path.display()
-    );
-    parse_yaml(&text).with_context(|| format!("cannot use {}", path.display())).map(Some)
-}
-
-/// Parses one YAML document (an empty text is `Null`), refusing aliases.
-pub fn parse_yaml(text: &str) -> anyhow::Result<Yaml> {
-    let mut parser = Parser::new_from_str(text);
-    loop {
-        match parser.next_token() {
-            Ok((Event::StreamEnd, _)) => break,
-            Ok((Event::Alias(_), mark)) => anyhow::bail!(
-                "line {}: YAML aliases (*name) are not read here; write the value out",
-                mark.line()
-            ),
-            Ok(_) => {}
-            Err(e) => anyhow::bail!("not YAML: {e}"),
-        }
-    }
-    let docs = yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(docs.into_iter().next().unwrap_or(Yaml::Null))
-}
-
-fn key(s: &str) -> Yaml {
-    Yaml::String(s.to_owned())
-}
-
-fn field<'a>(y: &'a Yaml, name: &str) -> Option<&'a Yaml> {
-    y.as_hash()?.get(&key(name))
-}
-
-fn text_field<'a>(y: &'a Yaml, name: &str) -> Option<&'a str> {
-    field(y, name)?.as_str()
-}
-
-/// The three files Lima merges for one instance: `_config/default.yaml`, the instance's
-/// `lima.yaml`, `_config/override.yaml` (missing ones are `Null`).
-#[derive(Debug, Clone)]
-pub struct LimaYaml {
-    /// `_config/default.yaml`.
-    pub default: Yaml,
-    /// The instance's `lima.yaml`.
-    pub instance: Yaml,
-    /// `_config/override.yaml`.
-    pub overrides: Yaml,
-}
-
-impl LimaYaml {
-    /// Reads the three files for `instance`.
-    pub fn read(lima: &LimaSettings, instance: &Instance) -> anyhow::Result<LimaYaml> {
-        let config = lima.config_dir();
-        Ok(LimaYaml {
-            default: read_yaml(&config.join("default.yaml"))?.unwrap_or(Yaml::Null),
-            instance: read_yaml(&instance.dir.join("lima.yaml"))?.unwrap_or(Yaml::Null),
-            overrides: read_yaml(&config.join("override.yaml"))?.unwrap_or(Yaml::Null),
-        })
-    }
-
-    /// The guest architecture: `arch` as Lima resolves it (override, then the instance, then
-    /// the default; `default` or unset is the host's).
-    pub fn arch(&self) -> String {
-        let given = [&self.overrides, &self.instance, &self.default]
-            .into_iter()
-            .find_map(|y| text_field(y, "arch"))
-            .filter(|a| *a != "default");
-        given.unwrap_or(std::env::consts::ARCH).to_owned()
-    }
-
-    /// Every mount Lima would make, in its order (default, instance, override). As Lima's
-    /// `FillDefault` does, entries are one mount when they share a mount point (`mountPoint`,
-    /// else the location), and `writable` is the last one's that sets it. Mount points are
-    /// compared as written, so two spellings of one path stay two mounts here: a check over
-    /// them can only see more writable mounts than Lima makes, never fewer.
-    pub fn mounts(&self) -> Vec<LimaMount> {
-        let mut out: Vec<(String, LimaMount)> = Vec::new();
-        for y in [&self.default, &self.instance, &self.overrides] {
-            let Some(list) = field(y, "mounts").and_then(Yaml::as_vec) else { continue };
-            for m in list {
-                let Some(location) = text_field(m, "location") else { continue };
-                let point = text_field(m, "mountPoint").unwrap_or(location);
-                let writable = field(m, "writable").and_then(Yaml::as_bool);
-                match out.iter_mut().find(|(p, _)| p == point) {
-                    Some((_, o)) => o.writable = writable.unwrap_or(o.writable),
-                    None => out.push((
-                        point.to_owned(),
-                        LimaMount {
-                            location: location.to_owned(),
-                            writable: writable.unwrap_or(false),
-                        },
-                    )),
-                }
-            }
-        }
-        out.into_iter().map(|(_, m)| m).collect()
-    }
-}
-
-/// One mount of a Lima instance, as written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimaMount {
-    /// `location`, unexpanded.
-    pub location: String,
-    /// Whether the VM may write to it.
-    pub writable: bool,
-}
-
-/// A mount location as Lima expands it on the host (`executeHostTemplate`, then `~`, then
-/// `filepath.Clean`), or `None` when it uses a template value this does not know.
-pub fn expand_location(location: &str, instance: &Instance, home: &Path) -> Option<PathBuf> {
-    let mut out = String::new();
-    let mut rest = location;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find("}}")? + start;
-        let value = match rest[start + 2..end].trim() {
-            ".Dir" => instance.dir.display().to_string(),
-            ".Name" | ".Instance" => instance.name.to_string(),
-            ".Home" => home.display().to_string(),
-            ".LimaHome" => instance.dir.parent()?.display().to_string(),
-            ".GlobalTempDir" => "/tmp".to_owned(),
-            ".TempDir" => std::env::temp_dir().display().to_string(),
-            _ => return None,
-        };
-        out.push_str(&value);
-        rest = &rest[end + 2..];
-    }
-    out.push_str(rest);
-    let path = if out == "~" {
-        home.to_path_buf()
-    } else if let Some(tail) = out.strip_prefix("~/") {
-        home.join(tail)
-    } else {
-        PathBuf::from(out)
-    };
-    path.is_absolute().then(|| clean(&path))
-}
-
-/// `path` with `.` and `..` resolved lexically, as Go's `filepath.Clean`.
-pub fn clean(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Whether a mount of `location` reaches `protected` (one lies inside the other).
-pub fn reaches(location: &Path, protected: &Path) -> bool {
-    protected.starts_with(location) || location.starts_with(protected)
-}
-
-// ---- the bundle ------------------------------------------------------------------------
-
-/// What [`fill_bundle`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Filled {
-    /// Files written (the others were already as they should be).
-    pub written: usize,
-}
-
-/// Writes `path` (mode `mode` on unix) when its content differs from `bytes`. Only a regular
-/// file there is read and compared; anything else (a link, a pipe) is replaced, never
-/// followed or read.
-fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> anyhow::Result<()> {
-    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
-    if regular && std::fs::read(path).is_ok_and(|old| old == bytes) {
-        return Ok(());
-    }
-    finch_shared::private::write_atomic(path, bytes, mode)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    filled.written += 1;
-    Ok(())
-}
-
-/// Fills `instance`'s bundle for a guest of `arch` from `guest_dir`, with `key`. Files that
-/// are already right are left alone, so a VM booting while this runs sees a complete bundle
-/// (`SHA256SUMS` goes last: install.sh checks every binary against it).
-pub fn fill_bundle(
-    instance: &Instance,
-    arch: &str,
-    guest_dir: &Path,
-    key: &LinkKey,
-) -> anyhow::Result<Filled> {
-    let from = guest_dir.join(format!("linux-{arch}"));
-    let mut binaries = Vec::new();
-    for name in GUEST_BINARIES {
-        let path = from.join(name);
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "no guest binary {} for the {arch} VM {}: put the linux-{arch} guest bundle's binaries there ([lima] guest_dir)",
-                path.display(),
-                instance.name
-            )
-        })?;
-        binaries.push((name, bytes));
-    }
-    anyhow::ensure!(
-        is_instance(&instance.dir),
-        "{} is no longer an instance directory (a symbolic link, or gone): nothing written",
-        instance.dir.display()
-    );
-    let dir = instance.bundle();
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_dir() => {}
-        // A link (or a file) where the bundle goes is removed, never written through.
-        Ok(_) => std::fs::remove_file(&dir)
-            .with_context(|| format!("{} is not a directory; cannot remove it", dir.display()))?,
-        Err(_) => {}
-    }
-    finch_shared::private::create_dir_all(&dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut filled = Filled::default();
-    let mut sums = String::new();
-    for (name, bytes) in &binaries {
-        put(&dir.join(name), bytes, 0o755, &mut filled)?;
-        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(bytes)));
-    }
-    for (name, text) in [("install.sh", INSTALL_SH), ("uninstall.sh", UNINSTALL_SH)] {
-        put(&dir.join(name), text.as_bytes(), 0o644, &mut filled)?;
-        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(text.as_bytes())));
-    }
-    put(&dir.join("link.key"), key.file_bytes(), 0o600, &mut filled)?;
-    put(&dir.join("SHA256SUMS"), sums.as_bytes(), 0o644, &mut filled)?;
-    Ok(filled)
-}
-
-// ---- default.yaml ----------------------------------------------------------------------
-
-/// The lists of a Lima config the fragment adds to.
-const MERGED: [&str; 4] = ["mounts", "provision", "portForwards", "probes"];
-
-/// Whether `item` (an entry of list `list`) is the fragment's, in this or an earlier version.
-fn ours(list: &str, item: &Yaml) -> bool {
-    match list {
-        "mounts" => text_field(item, "mountPoint") == Some("/mnt/finch-bridge"),
-        "portForwards" => {
-            text_field(item, "guestSocket") == Some("/run/finch-guest-agent/link.sock")
-        }
-        _ => text_field(item, "script").is_some_and(|s| s.contains("finch-credential-bridge:")),
-    }
-}
-
-fn fragment() -> Hash {
-    match parse_yaml(FRAGMENT) {
-        Ok(Yaml::Hash(h)) => h,
-        _ => unreachable!("the embedded fragment is a YAML mapping (a unit test parses it)"),
-    }
-}
-
-/// `config` (a Lima config's text, maybe empty) with the fragment's entries in it, or taken
-/// out (`add` false); other content is kept (comments are not: YAML is re-emitted), and
-/// lists the fragment alone made are removed with it. `None` when nothing changes.
-pub fn merge_fragment(config: &str, add: bool) -> anyhow::Result<Option<String>> {
-    let mut doc = match parse_yaml(config)? {
-        Yaml::Hash(h) => h,
-        Yaml::Null => Hash::new(),
-        _ => anyhow::bail!("it is not a YAML mapping"),
-    };
-    let before = doc.clone();
-    let fragment = fragment();
-    for list in MERGED {
-        let k = key(list);
-        let mut items = match doc.get(&k) {
-            None | Some(Yaml::Null) => Vec::new(),
-            Some(Yaml::Array(a)) => a.clone(),
-            Some(_) => anyhow::bail!("`{list}` is not a list"),
-        };
-        items.retain(|i| !ours(list, i));
-        if let (true, Some(Yaml::Array(mine))) = (add, fragment.get(&k)) {
-            items.extend(mine.iter().cloned());
-        }
-        if items.is_empty() {
-            doc.remove(&k);
-        } else if let Some(slot) = doc.get_mut(&k) {
-            *slot = Yaml::Array(items); // in place: the file's key order is kept
-        } else {
-            doc.insert(k, Yaml::Array(items));
-        }
-    }
-    if doc == before {
-        return Ok(None);
-    }
-    if doc.is_empty() {
-        return Ok(Some(String::new()));
-    }
-    let mut out = String::from("# Lima merges this file into every instance of this LIMA_HOME.\n");
-    let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
-    emitter.multiline_strings(true);
-    emitter.dump(&Yaml::Hash(doc)).map_err(|e| anyhow::anyhow!("cannot write YAML: {e}"))?;
-    out.push('\n');
-    Ok(Some(out))
-}
-
-/// Whether `config` holds every entry of the fragment.
-pub fn has_fragment(config: &Yaml) -> bool {
-    MERGED.iter().all(|list| {
-        field(config, list).and_then(Yaml::as_vec).is_some_and(|v| v.iter().any(|i| ours(list, i)))
-    })
-}
-
-/// Merges the fragment into (or out of) `dir/default.yaml`, writing it atomically when it
-/// changes (mode 0600, as Finch writes it). Returns whether it changed.
-pub fn update_default_yaml(config_dir: &Path, add: bool) -> anyhow::Result<bool> {
-    let path = config_dir.join("default.yaml");
-    let text = match std::fs::read(&path) {
-        Ok(b) => {
-            anyhow::ensure!(
-                b.len() as u64 <= MAX_YAML,
-                "{} is larger than {MAX_YAML} bytes",
-                path.display()
-            );
-            String::from_utf8(b).with_context(|| format!("{} is not UTF-8", path.display()))?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !add {
-                return Ok(false);
-            }
-            String::new()
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let Some(new) =
-        merge_fragment(&text, add).with_context(|| format!("cannot merge {}", path.display()))?
-    else {
-        return Ok(false);
-    };
-    std::fs::create_dir_all(config_dir)
-        .with_context(|| format!("cannot create {}", config_dir.display()))?;
-    put(&path, new.as_bytes(), 0o600, &mut Filled::default())?;
-    Ok(true)
-}
-
-// ---- the config file's [lima] table ------------------------------------------------------
-
-/// The comment line that marks the `[lima]` table `setup finch` wrote.
-pub const SETUP_MARK: &str =
-    "# Added by `finch-host-agent setup finch`; `setup finch --remove` takes it out.";
-
-/// `text` (a host agent config) with `setup finch`'s `[lima]` table for `lima` appended, or
-/// (`lima` `None`) taken out. Errors when a `[lima]` table that setup did not write is there.
-pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Result<String> {
-    let mut kept = Vec::new();
-    let mut skipping = false;
-    let mut foreign = false;
-    for line in text.lines() {
-        if line == SETUP_MARK {
-            skipping = true;
-            continue;
-        }
-        let header = line.trim_start().starts_with('[');
-        if skipping && header && line.trim() != "[lima]" {
-            skipping = false;
-        }
-        if skipping {
-            continue;
-        }
-        if line.trim() == "[lima]" {
-            foreign = true;
-        }
-        kept.push(line);
-    }
-    while kept.last().is_some_and(|l| l.trim().is_empty()) {
-        kept.pop();
-    }
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    if let Some(l) = lima {
-        anyhow::ensure!(
-            !foreign,
-            "the config already has a [lima] table that setup did not write: edit it instead"
-        );
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        let instances: Vec<String> = l.instances.iter().map(|i| toml_string(i)).collect();
-        out.push_str(&format!(
-            "{SETUP_MARK}\n[lima]\nhome = {}\ninstances = [{}]\nguest_dir = {}\nkeep_fragment = {}\n",
-            toml_string(&l.home.display().to_string()),
-            instances.join(", "),
-            toml_string(&l.guest_dir.display().to_string()),
-            l.keep_fragment
-        ));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
+    use yaml_rust2::Yaml;
+
+    use super::fragment::{MERGED, fragment, ours};
+    use super::yaml::{field, text_field};
     use super::*;
 
     #[test]
@@ -838,7 +436,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, dir.join(BUNDLE_DIR)).unwrap();
         let instance = Instance { name: "vm".parse().unwrap(), dir: dir.clone() };
-        let key = LinkKey::generate().unwrap();
+        let key = finch_shared::key::LinkKey::generate().unwrap();
         fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
         assert!(std::fs::symlink_metadata(dir.join(BUNDLE_DIR)).unwrap().is_dir());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);

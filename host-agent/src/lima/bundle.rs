@@ -1,0 +1,82 @@
+//! The bundle: what the agent puts in `INSTANCE/finch-bridge/` for the VM to install.
+
+use std::path::Path;
+
+use anyhow::Context;
+use finch_shared::key::LinkKey;
+use sha2::Digest;
+
+use super::*;
+
+/// What [`fill_bundle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Filled {
+    /// Files written (the others were already as they should be).
+    pub written: usize,
+}
+
+/// Writes `path` (mode `mode` on unix) when its content differs from `bytes`. Only a regular
+/// file there is read and compared; anything else (a link, a pipe) is replaced, never
+/// followed or read.
+pub(super) fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> anyhow::Result<()> {
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+    if regular && std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    finch_shared::private::write_atomic(path, bytes, mode)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    filled.written += 1;
+    Ok(())
+}
+
+/// Fills `instance`'s bundle for a guest of `arch` from `guest_dir`, with `key`. Files that
+/// are already right are left alone, so a VM booting while this runs sees a complete bundle
+/// (`SHA256SUMS` goes last: install.sh checks every binary against it).
+pub fn fill_bundle(
+    instance: &Instance,
+    arch: &str,
+    guest_dir: &Path,
+    key: &LinkKey,
+) -> anyhow::Result<Filled> {
+    let from = guest_dir.join(format!("linux-{arch}"));
+    let mut binaries = Vec::new();
+    for name in GUEST_BINARIES {
+        let path = from.join(name);
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "no guest binary {} for the {arch} VM {}: put the linux-{arch} guest bundle's binaries there ([lima] guest_dir)",
+                path.display(),
+                instance.name
+            )
+        })?;
+        binaries.push((name, bytes));
+    }
+    anyhow::ensure!(
+        is_instance(&instance.dir),
+        "{} is no longer an instance directory (a symbolic link, or gone): nothing written",
+        instance.dir.display()
+    );
+    let dir = instance.bundle();
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_dir() => {}
+        // A link (or a file) where the bundle goes is removed, never written through.
+        Ok(_) => std::fs::remove_file(&dir)
+            .with_context(|| format!("{} is not a directory; cannot remove it", dir.display()))?,
+        Err(_) => {}
+    }
+    finch_shared::private::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut filled = Filled::default();
+    let mut sums = String::new();
+    for (name, bytes) in &binaries {
+        put(&dir.join(name), bytes, 0o755, &mut filled)?;
+        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(bytes)));
+    }
+    for (name, text) in [("install.sh", INSTALL_SH), ("uninstall.sh", UNINSTALL_SH)] {
+        put(&dir.join(name), text.as_bytes(), 0o644, &mut filled)?;
+        sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(text.as_bytes())));
+    }
+    put(&dir.join("link.key"), key.file_bytes(), 0o600, &mut filled)?;
+    put(&dir.join("SHA256SUMS"), sums.as_bytes(), 0o644, &mut filled)?;
+    Ok(filled)
+}
