@@ -94,6 +94,11 @@ struct ServeArgs {
     /// Heartbeat interval on the link, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = agent::DEFAULT_HEARTBEAT.as_millis() as u64)]
     heartbeat_ms: u64,
+    /// Also answer Finch's credential socket here (/run/user/UID/finch-creds.sock: what
+    /// Finch's own docker-credential-finchhost asks), from the bridge, under the host's
+    /// policy; the path is taken back whenever something replaces it.
+    #[arg(long, value_name = "PATH")]
+    finch_creds_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +151,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         link_wait: Duration::from_millis(args.link_wait_ms),
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
         heartbeat: Duration::from_millis(args.heartbeat_ms),
+        finch_creds_socket: args.finch_creds_socket,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

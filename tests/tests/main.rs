@@ -28,6 +28,7 @@
 //! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
 //!   Linux guest agent over `tcp://`, answering from Wine's Credential Manager and from a
 //!   Windows host helper; its named-pipe control channel, `doctor`, `install --print`.
+//! * `finch`: Finch's own credential socket answered by the guest agent from the bridge.
 //! * `e2e_skopeo`: Debian's docker-registry and skopeo, with gnome-keyring behind Debian's
 //!   docker-credential-secretservice as the host's store.
 //!
@@ -42,6 +43,7 @@ mod auth;
 mod boundary;
 mod e2e_skopeo;
 mod ecr;
+mod finch;
 mod hostconfig;
 mod keychain;
 mod lima_vm;

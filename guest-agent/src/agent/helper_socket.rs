@@ -51,7 +51,7 @@ struct Calls {
 }
 
 /// One admitted call; its slot is given back when dropped.
-struct Admitted {
+pub(crate) struct Admitted {
     calls: Arc<Calls>,
     uid: u32,
 }
@@ -91,8 +91,9 @@ impl Drop for Admitted {
     }
 }
 
-/// What every connection's task shares.
-struct Shared {
+/// What every connection's task shares: the helper socket's and Finch's credential socket's
+/// (one fair share of calls between both).
+pub(crate) struct Shared {
     slot: LinkSlot,
     allowed: Arc<[u32]>,
     calls: Arc<Calls>,
@@ -107,11 +108,60 @@ fn admit(gate: &Mutex<LogGate>) -> Option<u64> {
 }
 
 impl Shared {
+    /// Calls from `allowed` uids, answered over `slot`.
+    pub(crate) fn new(slot: LinkSlot, allowed: Arc<[u32]>) -> Arc<Self> {
+        Arc::new(Shared {
+            slot,
+            allowed,
+            calls: Arc::default(),
+            refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
+            failures: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
+        })
+    }
+
+    /// The link calls go over.
+    pub(crate) fn slot(&self) -> &LinkSlot {
+        &self.slot
+    }
+
     /// Logs a refusal if the gate lets it through.
-    fn refused(&self, uid: u32, what: &str, detail: &str) {
+    pub(crate) fn refused(&self, uid: u32, what: &str, detail: &str) {
         if let Some(suppressed) = admit(&self.refusals) {
             tracing::warn!(uid, detail = ?detail, suppressed, "{what}");
         }
+    }
+
+    /// Logs a call the bridge did not answer with success, if the gate lets it through.
+    pub(crate) fn failed(&self, uid: u32, op: &str, e: &WireError) {
+        if let Some(suppressed) = admit(&self.failures) {
+            tracing::info!(uid, op, result = e.class(), suppressed, "helper call failed");
+        }
+    }
+
+    /// The caller's uid, if it may call at all (logged and `Err` when not).
+    pub(crate) fn caller(&self, stream: &UnixStream) -> Result<u32, WireError> {
+        let uid = match stream.peer_cred() {
+            Ok(cred) => cred.uid(),
+            Err(e) => {
+                self.refused(
+                    u32::MAX,
+                    "cannot read the caller's credentials; closed",
+                    &e.to_string(),
+                );
+                return Err(WireError::unavailable("cannot read the caller's credentials"));
+            }
+        };
+        if !self.allowed.contains(&uid) {
+            self.refused(uid, "helper call from a uid that is not allowed", "");
+            let reason = format!("uid {uid} may not use the finch credential helper");
+            return Err(WireError::Denied { reason });
+        }
+        Ok(uid)
+    }
+
+    /// A slot for a call of `uid`, within its fair share (logged and `Err` when busy).
+    pub(crate) fn admit(&self, uid: u32) -> Result<Admitted, WireError> {
+        self.calls.admit(uid).inspect_err(|_| self.refused(uid, "helper call refused: busy", ""))
     }
 }
 
@@ -122,15 +172,8 @@ impl HelperSocket {
         Listening::bind(path, "helper socket", access).map(HelperSocket)
     }
 
-    /// Answers helper calls until shutdown; only `allowed` uids are served.
-    pub async fn run(self, slot: LinkSlot, allowed: Arc<[u32]>, shutdown: Shutdown) {
-        let shared = Arc::new(Shared {
-            slot,
-            allowed,
-            calls: Arc::default(),
-            refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
-            failures: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
-        });
+    /// Answers helper calls until shutdown; only `shared`'s allowed uids are served.
+    pub(crate) async fn run(self, shared: Arc<Shared>, shutdown: Shutdown) {
         let listening = &self.0;
         let accept = async || listening.accept().await;
         let admit = |stream| admit_call(stream, &shared);
@@ -144,27 +187,17 @@ fn admit_call(
     stream: UnixStream,
     shared: &Arc<Shared>,
 ) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let uid = match stream.peer_cred() {
-        Ok(cred) => cred.uid(),
-        Err(e) => {
-            shared.refused(
-                u32::MAX,
-                "cannot read the helper's credentials; closed",
-                &e.to_string(),
-            );
+    let uid = match shared.caller(&stream) {
+        Ok(uid) => uid,
+        Err(e @ WireError::Denied { .. }) => {
+            reply_now(&stream, Err(e));
             return None;
         }
+        Err(_) => return None,
     };
-    if !shared.allowed.contains(&uid) {
-        shared.refused(uid, "helper call from a uid that is not allowed", "");
-        let reason = format!("uid {uid} may not use the finch credential helper");
-        reply_now(&stream, Err(WireError::Denied { reason }));
-        return None;
-    }
-    let admitted = match shared.calls.admit(uid) {
+    let admitted = match shared.admit(uid) {
         Ok(admitted) => admitted,
         Err(busy) => {
-            shared.refused(uid, "helper call refused: busy", "");
             reply_now(&stream, Err(busy));
             return None;
         }
@@ -214,17 +247,7 @@ async fn serve_call(mut stream: UnixStream, uid: u32, _admitted: Admitted, share
     };
     match &outcome {
         Ok(_) => tracing::debug!(uid, op = op.as_str(), "helper call answered"),
-        Err(e) => {
-            if let Some(suppressed) = admit(&shared.failures) {
-                tracing::info!(
-                    uid,
-                    op = op.as_str(),
-                    result = e.class(),
-                    suppressed,
-                    "helper call failed"
-                );
-            }
-        }
+        Err(e) => shared.failed(uid, op.as_str(), e),
     }
     reply(&mut stream, outcome).await;
 }

@@ -7,6 +7,7 @@
 //! * [`listener`]: accepts the host's link and runs the handshake (guest side).
 //! * [`link`]: the established link: request ids, answers in any order, heartbeat.
 
+pub mod finch_creds;
 pub mod helper_socket;
 pub mod link;
 pub mod listener;
@@ -64,6 +65,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Heartbeat interval.
     pub heartbeat: Duration,
+    /// Finch's credential socket (`/run/user/UID/finch-creds.sock`), answered by the bridge.
+    pub finch_creds_socket: Option<PathBuf>,
 }
 
 /// Fires once when the agent should stop; every task selects on it.
@@ -98,6 +101,8 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let link_uids: Arc<[u32]> = [0, me].iter().chain(&config.link_allow_uids).copied().collect();
 
     let helper = helper_socket::HelperSocket::bind(&config.helper_socket, config.socket_group)?;
+    let calls = helper_socket::Shared::new(slot.clone(), helper_uids);
+    let finch = config.finch_creds_socket.clone().map(finch_creds::FinchCredsSocket::new);
     let link_listener = listener::LinkListener::bind(
         &config.link_listen,
         &config.link_allow_uids,
@@ -109,9 +114,15 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         "guest agent ready"
     );
     let settings = listener::LinkSettings::new(config.key, link_uids, config.heartbeat);
+    let finch_creds = async {
+        if let Some(finch) = finch {
+            finch.run(calls.clone(), shutdown.clone()).await;
+        }
+    };
     tokio::join!(
-        helper.run(slot.clone(), helper_uids, shutdown.clone()),
-        link_listener.run(slot.clone(), settings, shutdown),
+        helper.run(calls.clone(), shutdown.clone()),
+        link_listener.run(slot.clone(), settings, shutdown.clone()),
+        finch_creds,
     );
     slot.close();
     tracing::info!("guest agent stopped");
@@ -125,6 +136,8 @@ pub(crate) struct Listening {
     listener: UnixListener,
     path: PathBuf,
     what: &'static str,
+    /// The socket file's (device, inode): only that file is removed on drop.
+    identity: Option<(u64, u64)>,
 }
 
 /// Who may open a [`Listening`] socket, by file permissions (peers are checked again by uid).
@@ -166,7 +179,7 @@ impl Listening {
                     .with_context(|| format!("cannot listen on the {what} {}", path.display()));
             }
         };
-        let this = Listening { listener, path: path.to_owned(), what };
+        let this = Listening { listener, path: path.to_owned(), what, identity: identity(path) };
         if access.owner.is_some() || access.group.is_some() {
             std::os::unix::fs::chown(path, access.owner, access.group)
                 .with_context(|| format!("cannot change the owner of {}", path.display()))?;
@@ -195,9 +208,19 @@ pub(crate) fn send_now(stream: &UnixStream, bytes: &[u8]) {
     let _ = send(std::os::fd::AsRawFd::as_raw_fd(stream), bytes, flags);
 }
 
+/// A file's (device, inode), if it exists.
+pub(crate) fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl Drop for Listening {
+    /// Removes the socket file, if it is still the one bound: a file that replaced it at the
+    /// path is someone else's and stays.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.identity.is_some() && identity(&self.path) == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
