@@ -315,7 +315,14 @@ fn attach(
             let vm = settings::AttachedVm { endpoint, key };
             vms.insert(name.clone(), vm.clone()) != Some(vm)
         }
-        None => vms.remove(name).is_some(),
+        None => {
+            anyhow::ensure!(
+                vms.remove(name).is_some(),
+                "VM {name} is not attached: `attach` added no VM by that name (one from the config \
+                 file's [vm.{name}] or [lima] table is removed there, or with `setup finch --remove`)"
+            );
+            true
+        }
     };
     if changed {
         settings::write_attached(&path, &vms)?;
@@ -410,6 +417,25 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
     );
     let settings = settings::LimaSettings { home, instances, guest_dir, keep_fragment: true };
 
+    if !args.remove {
+        // Finch's VM has the host's architecture: without its guest binaries the VM would
+        // boot without the bridge, so that is an error; the other one is a note.
+        let native = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
+        for arch in ["x86_64", "aarch64"] {
+            if lima::guest_binaries(&settings.guest_dir, arch).is_some() {
+                continue;
+            }
+            let what = format!(
+                "{} has no guest binaries for {arch} VMs: unpack finch-bridge-guest-VERSION-linux-{arch}.tar.gz there (or put them in linux-{arch}/)",
+                settings.guest_dir.display()
+            );
+            if arch == native {
+                anyhow::bail!("{what}; nothing was set up");
+            }
+            print(&format!("note: {what}\n"));
+        }
+    }
+
     let text = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -417,7 +443,12 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
     };
     let new = lima::setup_config_text(&text, (!args.remove).then_some(&settings))
         .with_context(|| format!("cannot set up {}", config_path.display()))?;
-    if new != text {
+    if args.remove && new != text && new.trim().is_empty() {
+        // Nothing but the [lima] table was there (setup made the file): no file, as before.
+        std::fs::remove_file(&config_path)
+            .with_context(|| format!("cannot remove {}", config_path.display()))?;
+        print(&format!("removed {}\n", config_path.display()));
+    } else if new != text {
         if let Some(dir) = config_path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -444,15 +475,6 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
     if args.remove {
         uninstall_service(platform, args.no_start)?;
     } else {
-        for arch in ["x86_64", "aarch64"] {
-            let dir = settings.guest_dir.join(format!("linux-{arch}"));
-            if !lima::GUEST_BINARIES.iter().all(|b| dir.join(b).is_file()) {
-                print(&format!(
-                    "note: {} lacks the guest binaries for {arch} VMs (the linux-{arch} guest bundle's)\n",
-                    dir.display()
-                ));
-            }
-        }
         let run_args: Vec<String> = if named {
             vec!["--config".to_owned(), config_path.display().to_string()]
         } else {

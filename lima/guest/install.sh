@@ -6,12 +6,18 @@
 #
 #   install.sh --bundle DIR [--root DIR] [--init systemd|wsl|none]
 #              [--link-listen ENDPOINT] [--link-listen-non-loopback] [--link-allow-uid UID]... [--allow-uid UID]...
-#              [--socket-group GROUP] [--docker-config DIR]...
+#              [--socket-group GROUP] [--docker-config DIR]... [--finch-creds-uid UID]
 #
 # The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
 # link.key (this VM's key, from `finch-host-agent key-path NAME` on the host). Nothing is
 # changed unless every checksum matches. The key ends up in /etc/finch-guest-agent/link.key
 # (0600, directory 0700) and is never printed.
+#
+# --finch-creds-uid UID (a Finch VM; UID is Finch's login user): the guest agent also answers
+# Finch's credential socket, /run/user/UID/finch-creds.sock, from the bridge (what Finch's own
+# /usr/bin/docker-credential-finchhost asks), and sshd refuses remote (reverse) socket
+# forwards, so Finch's host credserver, which Lima reverse-forwards to that path, is never
+# reachable in the VM. Lima's own forwards (guest to host: its agent, the link) still work.
 set -eu
 
 root=/
@@ -22,6 +28,7 @@ socket_group=
 allow_args=
 first_uid=
 docker_configs=
+finch_uid=
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root=$2; shift 2 ;;
@@ -33,11 +40,13 @@ while [ $# -gt 0 ]; do
     --allow-uid) allow_args="$allow_args --allow-uid $2"; first_uid=${first_uid:-$2}; shift 2 ;;
     --socket-group) socket_group=$2; shift 2 ;;
     --docker-config) docker_configs="$docker_configs $2"; shift 2 ;;
+    --finch-creds-uid) finch_uid=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$bundle" ] || { echo "install.sh: --bundle DIR is required" >&2; exit 2; }
 case "$init" in systemd|wsl|none) ;; *) echo "install.sh: --init is systemd, wsl or none" >&2; exit 2 ;; esac
+case "$finch_uid" in ""|*[!0-9]*) [ -z "$finch_uid" ] || { echo "install.sh: --finch-creds-uid takes a number" >&2; exit 2; } ;; esac
 case "$link_listen" in
   "") if [ "$init" = wsl ]; then link_listen=vsock://-1:6127; else link_listen=unix:///run/finch-guest-agent/link.sock; fi ;;
 esac
@@ -72,12 +81,14 @@ $_missing"; _dir=$(dirname "$_dir"); done
 mkdirs "$STATE" 0755
 if [ -f "$R/.finch-dirs.tmp" ]; then cat "$R/.finch-dirs.tmp" >> "$STATE/dirs"; rm -f "$R/.finch-dirs.tmp"; fi
 
-# Writes stdin to FILE with MODE, only when the content differs (atomic rename).
+# Writes stdin to FILE with MODE, only when the content differs (atomic rename); sets
+# put_changed=1 when it wrote.
+put_changed=
 put() { # FILE MODE
   _tmp=$1.finch-new
   cat > "$_tmp"
   chmod "$2" "$_tmp"
-  if [ -f "$1" ] && cmp -s "$_tmp" "$1"; then rm -f "$_tmp"; chmod "$2" "$1"; else mv -f "$_tmp" "$1"; fi
+  if [ -f "$1" ] && cmp -s "$_tmp" "$1"; then rm -f "$_tmp"; chmod "$2" "$1"; else mv -f "$_tmp" "$1"; put_changed=1; fi
 }
 
 # 2. Binaries.
@@ -98,6 +109,7 @@ if [ -z "$socket_group" ] && [ -n "$first_uid" ] && [ -f "$R/etc/passwd" ]; then
 fi
 args="--link-listen $link_listen --link-key-file /etc/finch-guest-agent/link.key$allow_args"
 [ -z "$socket_group" ] || args="$args --socket-group $socket_group"
+[ -z "$finch_uid" ] || args="$args --finch-creds-socket /run/user/$finch_uid/finch-creds.sock"
 mkdirs "$R/etc/default" 0755
 printf '# Written by the finch credential bridge install.sh.\nFINCH_GUEST_AGENT_ARGS="%s"\n' "$args" | put "$R/etc/default/finch-guest-agent" 0644
 
@@ -142,10 +154,41 @@ SystemCallArchitectures=native
 WantedBy=multi-user.target
 UNIT
     ln -sfn /etc/systemd/system/finch-guest-agent.service "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service"
+    if [ -n "$finch_uid" ]; then
+      # The agent listens in the user's runtime directory, a tmpfs logind mounts at login
+      # (after the agent started): under ProtectSystem=strict or ProtectHome it would be
+      # read-only in the agent's namespace, and the directory is the user's, mode 0700.
+      mkdirs "$R/etc/systemd/system/finch-guest-agent.service.d" 0755
+      put "$R/etc/systemd/system/finch-guest-agent.service.d/finch-creds.conf" 0644 <<'DROPIN'
+# Written by the finch credential bridge install.sh (--finch-creds-uid).
+[Service]
+ProtectSystem=full
+ProtectHome=no
+InaccessiblePaths=-/home -/root
+CapabilityBoundingSet=CAP_DAC_OVERRIDE
+DROPIN
+      mkdirs "$R/etc/ssh/sshd_config.d" 0755
+      put_changed=
+      put "$R/etc/ssh/sshd_config.d/00-finch-credential-bridge.conf" 0644 <<'SSHD'
+# Written by the finch credential bridge install.sh (--finch-creds-uid); uninstall.sh removes it.
+# Finch reverse-forwards its host credential server to /run/user/UID/finch-creds.sock, where
+# any process of the VM's user (or root) could ask it for any registry, unchecked. The guest
+# agent answers that path from the bridge instead; refusing remote socket forwards keeps the
+# host server out of the VM. Local forwards (guest to host) still work.
+AllowStreamLocalForwarding local
+SSHD
+      # Reloaded only when the file is new: at later boots sshd starts with it.
+      if [ -n "$put_changed" ] && [ "$R" = "" ] && [ -d /run/systemd/system ]; then
+        systemctl try-reload-or-restart ssh.service sshd.service 2>/dev/null || true
+      fi
+    fi
     if [ -n "$first_docker_config" ]; then
+      # zz-: drop-ins apply in name order and the last DOCKER_CONFIG wins; Finch's own is
+      # override.conf (runfinch/finch pkg/config/lima_config_applier.go).
       mkdirs "$R/etc/systemd/system/soci-snapshotter.service.d" 0755
+      rm -f "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf"
       printf '# Written by the finch credential bridge install.sh.\n[Service]\nEnvironment=DOCKER_CONFIG=%s\n' "$first_docker_config" \
-        | put "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" 0644
+        | put "$R/etc/systemd/system/soci-snapshotter.service.d/zz-finch-credential-bridge.conf" 0644
     fi
     if [ "$R" = "" ] && [ -d /run/systemd/system ]; then
       systemctl daemon-reload
@@ -181,11 +224,20 @@ esac
 # 6. Clients: docker config (nerdctl, BuildKit, SOCI) and containers-image tools.
 for d in $docker_configs; do
   rec=creds-store-$(printf '%s' "$d" | sha256sum | cut -c1-16).json
+  # A directory made in a user's home is that user's (Finch's .bashrc writes config.json in
+  # ~/.finch-vm-config as the user; run before `vm init` made it, root's would break that).
+  _made=; [ -d "$R$d" ] || _made=1
   mkdirs "$R$d" 0700
+  if [ -n "$_made" ]; then
+    _owner=$(stat -c '%u:%g' "$(dirname "$R$d")")
+    [ "$_owner" = "0:0" ] || chown "$_owner" "$R$d"
+  fi
   grep -qxF "$rec $d" "$STATE/docker-configs" 2>/dev/null || printf '%s %s\n' "$rec" "$d" >> "$STATE/docker-configs"
   "$R/usr/local/bin/finch-guest-agent" docker-config set-creds-store --file "$R$d/config.json" --record "$STATE/$rec"
 done
 mkdirs "$R/etc/containers/registries.conf.d" 0755
 printf '# Written by the finch credential bridge install.sh.\n# finchhost alone: with containers-auth.json after it, a store the host refuses (or a link\n# that is down) would land in containers/auth.json in the runtime dir, in the VM.\ncredential-helpers = ["finchhost"]\n' \
   | put "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" 0644
-echo "finch credential bridge: guest side installed (init: $init, link: $link_listen)"
+finch_note=
+[ -z "$finch_uid" ] || finch_note=", Finch credential socket of uid $finch_uid"
+echo "finch credential bridge: guest side installed (init: $init, link: $link_listen$finch_note)"

@@ -37,13 +37,19 @@ fi
 rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
   "$R/etc/systemd/system/finch-guest-agent.service" \
   "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \
+  "$R/etc/systemd/system/soci-snapshotter.service.d/zz-finch-credential-bridge.conf" \
+  "$R/etc/systemd/system/finch-guest-agent.service.d/finch-creds.conf" \
+  "$R/etc/ssh/sshd_config.d/00-finch-credential-bridge.conf" \
   "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" \
   "$R/etc/default/finch-guest-agent" \
   "$R/etc/finch-guest-agent/link.key" \
   "$R/usr/local/libexec/finch-guest-agent-start" \
   "$R/usr/local/bin/docker-credential-finchhost" \
   "$R/usr/local/bin/finch-guest-agent"
-if [ "$R" = "" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+if [ "$R" = "" ] && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload || true
+  systemctl try-reload-or-restart ssh.service sshd.service 2>/dev/null || true
+fi
 
 # Directories install.sh created, deepest first, if empty.
 if [ -f "$STATE/dirs" ]; then

@@ -46,6 +46,10 @@ const REGISTRY_USER: &str = "vmtester";
 const PASSWORD: &str = "lima-vm-Pa55-9c1e";
 const ECR: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
 const ECR_TOKEN: &str = "ecr-vm-token-1";
+/// What the stand-in of Finch's host credserver answers for every registry.
+const CANARY: &str = "finch-credserver-canary-7f3a";
+/// Where Finch's helper asks, in the VM (Finch's `mac.yaml` reverse-forwards it).
+const FINCH_CREDS: &str = "/run/user/501/finch-creds.sock";
 /// Generous: QEMU emulates the CPU (TCG) on a 2-core machine that runs other tests beside it.
 const BOOT: Duration = Duration::from_secs(600);
 const COMMAND: Duration = Duration::from_secs(300);
@@ -170,13 +174,18 @@ impl Vm {
             run_with_input(probe, b"", Duration::from_secs(30)).code == 0
         });
         assert!(up, "sshd in the VM never answered\n{}", self.console_tail());
-        let _ = std::fs::remove_file(self.dir.join("ssh.ctl"));
-        let mut master = self.ssh_base();
-        master.args(["-M", "-N", "-o", "StreamLocalBindUnlink=yes", "-o", "ServerAliveInterval=5"]);
-        master.arg(format!("{USER}@127.0.0.1"));
+        // As Lima's requirement checks do, the master is retried: sshd may be reloading
+        // while the boot scripts run (install.sh reloads it once, for its drop-in).
         let log = self.dir.join(format!("ssh-master-{}.log", self.boots));
-        self.master = Some(Proc::spawn("ssh master", master, &log));
-        let ready = wait_until(Duration::from_secs(60), || {
+        let ready = wait_until(Duration::from_secs(120), || {
+            if self.master.as_mut().is_none_or(|m| m.wait_exit(Duration::ZERO).is_some()) {
+                let _ = std::fs::remove_file(self.dir.join("ssh.ctl"));
+                let mut master = self.ssh_base();
+                master.args(["-M", "-N", "-o", "StreamLocalBindUnlink=yes"]);
+                master.args(["-o", "ServerAliveInterval=5"]).arg(format!("{USER}@127.0.0.1"));
+                self.master = Some(Proc::spawn("ssh master", master, &log));
+                std::thread::sleep(Duration::from_secs(2));
+            }
             let mut check = self.ssh_base();
             check.args(["-O", "check", "x"]);
             run_with_input(check, b"", Duration::from_secs(10)).code == 0
@@ -199,6 +208,15 @@ impl Vm {
         c.args(["-O", "forward", "-L"]).arg(format!("{}:{guest}", host.display())).arg("x");
         let r = run_with_input(c, b"", Duration::from_secs(30));
         assert_eq!(r.code, 0, "ssh -O forward: {}{}", r.out(), r.stderr);
+    }
+
+    /// `ssh -O forward -R GUEST:HOST`, what Lima does for a `reverse: true` socket entry
+    /// (after `rm -f GUEST` in the guest, lima-vm/lima `pkg/hostagent/hostagent.go`).
+    fn reverse_forward(&self, guest: &str, host: &Path) -> HelperRun {
+        let _ = self.sh(&format!("rm -f {guest}"), b"");
+        let mut c = self.ssh_base();
+        c.args(["-O", "forward", "-R"]).arg(format!("{guest}:{}", host.display())).arg("x");
+        run_with_input(c, b"", Duration::from_secs(30))
     }
 
     /// Reboots the VM from inside and waits until the master is gone.
@@ -248,9 +266,11 @@ fn testdata(dir: &Path, parts: &Path) -> PathBuf {
     std::fs::create_dir_all(content.join("run")).unwrap();
     std::fs::create_dir_all(content.join("tmp")).unwrap();
     std::fs::copy(finch_tests::which("busybox").unwrap(), content.join("bin/busybox")).unwrap();
-    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+    for b in ["finch-guest-agent", "docker-credential-finchhost", "finch-helper-standin"] {
         std::fs::copy(parts.join("bin").join(b), content.join("bin").join(b)).unwrap();
     }
+    std::fs::copy(parts.join("bin/finch-helper-standin"), data.join("finch-helper-standin"))
+        .unwrap();
     finch_tests::write_key(&content.join("impostor.key"), 99);
     crate::e2e_skopeo::make_oci_image_of(&data.join("box"), &content, dir);
     data
@@ -344,6 +364,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     clients_log_in_push_and_pull_through_the_bridge(&scene);
     a_reboot_brings_the_link_back(&mut scene);
     a_killed_agent_is_restarted(&scene);
+    finchs_own_credential_path_yields_nothing(&scene);
     a_container_gets_nothing_and_an_impostor_no_link(&scene);
     logout_erases_on_the_host(&scene);
     no_secret_in_the_vm_its_disk_or_the_logs(scene);
@@ -530,12 +551,15 @@ fn the_first_boot_links_and_the_unit_is_confined(scene: &mut Scene) -> Duration 
     let boot_to_link = scene.booted_at.elapsed();
     let unit = vm.ok(
         "the unit",
-        "systemctl show finch-guest-agent -p ActiveState -p ProtectSystem -p NoNewPrivileges \
+        "systemctl show finch-guest-agent -p ActiveState -p ProtectSystem -p InaccessiblePaths -p NoNewPrivileges \
          -p MemoryDenyWriteExecute -p RestrictAddressFamilies -p CapabilityBoundingSet -p User",
     );
     for want in [
         "ActiveState=active",
-        "ProtectSystem=strict",
+        // Finch's credential socket is in /run/user (install.sh --finch-creds-uid): the unit's
+        // drop-in makes /run writable and hides the homes instead of ProtectHome.
+        "ProtectSystem=full",
+        "InaccessiblePaths=-/home -/root",
         "NoNewPrivileges=yes",
         "MemoryDenyWriteExecute=yes",
         "RestrictAddressFamilies=AF_UNIX AF_VSOCK",
@@ -670,6 +694,117 @@ fn a_killed_agent_is_restarted(scene: &Scene) {
     );
 }
 
+/// Finch's own credential path, as Finch 1.18 and Lima set it up (stand-ins written from their
+/// source, `finch-helper-standin` and a Python credserver): a host credserver that answers
+/// every registry with a canary, Lima's reverse forward of it to Finch's guest socket, Finch's
+/// user-mode provisioning copying its helper to `/usr/bin`, and Finch's `.bashrc` line. sshd
+/// refuses the forward; the guest agent holds the path; Finch's helper, as the login user, as
+/// root under `sudo -E` (with the host-side `AWS_PROFILE` Finch passes) and in a root
+/// container, is answered by the bridge under the host's policy, and the credserver is never
+/// asked.
+fn finchs_own_credential_path_yields_nothing(scene: &Scene) {
+    let (vm, d) = (&scene.vm, scene.d.as_path());
+    let sock_dir = scene.plan.socket_forwards[0].1.parent().unwrap().to_owned();
+    let creds = sock_dir.join("creds.sock");
+    let asked = d.join("credserver-requests.log");
+    let script = d.join("credserver.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import http.server, json, os, socketserver, sys
+path, log = sys.argv[1], sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+        body = json.dumps({{"ServerURL": "x", "Username": "finch-canary", "Secret": "{CANARY}"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+if os.path.exists(path):
+    os.remove(path)
+Server(path, Handler).serve_forever()
+"#
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).arg(&creds).arg(&asked);
+    let credserver = Proc::spawn("credserver", cmd, &d.join("credserver.log"));
+    assert!(wait_until(Duration::from_secs(20), || creds.exists()), "{}", credserver.output());
+
+    // Lima's reverse forward: sshd refuses it (the bridge's drop-in), and the agent's socket is
+    // at the path (Lima's `rm -f` took it; the agent took it back).
+    let forward = vm.reverse_forward(FINCH_CREDS, &creds);
+    assert_ne!(forward.code, 0, "sshd accepted the reverse forward of Finch's credserver");
+    let sshd = vm.ok("sshd's setting", "sudo -n sshd -T | grep -i allowstreamlocalforwarding");
+    assert_eq!(sshd.trim(), "allowstreamlocalforwarding local");
+    let ours = wait_until(Duration::from_secs(30), || {
+        vm.sh(&format!("test -S {FINCH_CREDS}"), b"").code == 0
+    });
+    if !ours {
+        let why = vm.sh(
+            "ls -la /run/user/501; sudo -n journalctl -b -o cat -u finch-guest-agent | tail -40",
+            b"",
+        );
+        panic!("the guest agent does not hold Finch's socket:\n{}{}", why.out(), why.stderr);
+    }
+
+    // Finch's user-mode provisioning and its .bashrc lines, as the login user.
+    vm.ok(
+        "Finch's provisioning",
+        "sudo cp /mnt/testdata/finch-helper-standin /usr/bin/docker-credential-finchhost",
+    );
+    vm.ok(
+        "Finch's .bashrc lines",
+        r#"mkdir -p "$HOME/.finch-vm-config" && export DOCKER_CONFIG="$HOME/.finch-vm-config" &&
+           echo '{"credsStore": "finchhost"}' > "$DOCKER_CONFIG/config.json""#,
+    );
+    let finch_get = |how: &str| -> String {
+        let r = vm.sh(&format!("{how} get"), REGISTRY.as_bytes());
+        assert!(!r.out().contains(CANARY) && !r.stderr.contains(CANARY), "{how}: the canary");
+        assert_eq!(r.code, 0, "{how}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(r.out().trim()).unwrap();
+        assert_eq!(v["Username"], REGISTRY_USER, "{how}");
+        assert!(v["Secret"] == PASSWORD, "{how}: another secret");
+        how.to_owned()
+    };
+    finch_get("/usr/bin/docker-credential-finchhost");
+    finch_get("sudo -E /usr/bin/docker-credential-finchhost");
+    finch_get(
+        "AWS_PROFILE=prod HOST_DOCKER_CONFIG=/Users/me/.docker sudo -E docker-credential-finchhost",
+    );
+    finch_get("sudo -E env PATH=/usr/bin:/bin docker-credential-finchhost");
+    vm.ok("the box image", "sudo -n podman pull -q oci:/mnt/testdata/box:v1 >/dev/null && sudo -n podman tag $(sudo -n podman images -q | head -1) localhost/box:v1");
+    // Only a verdict leaves the container, and no secret is in its command line: both are
+    // kept on the VM's disk, which the last step scans. The canary's user is `finch-canary`.
+    let inside = vm.ok(
+        "Finch's helper in a root container",
+        &format!(
+            "sudo -n podman run --rm --log-driver=none -v /run/user/501:/run/user/501 -e SUDO_UID=501 \
+             localhost/box:v1 /bin/busybox sh -c '
+              out=$(printf %s {REGISTRY} | /bin/finch-helper-standin get)
+              case \"$out\" in
+                *finch-canary*) echo CANARY ;;
+                *{REGISTRY_USER}*) echo BRIDGE-ANSWERED ;;
+                *) echo NOTHING ;;
+              esac'"
+        ),
+    );
+    assert_eq!(inside.trim(), "BRIDGE-ANSWERED", "Finch's helper in a root container");
+    let host = scene.host.output();
+    assert!(host.contains(r#"op="get" registry="registry.finch.test:5000""#), "no audit line");
+    let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+    assert!(asked.is_empty(), "Finch's credserver was asked: {asked}");
+    drop(credserver);
+}
+
 /// A container, root in the VM: no key, no helper socket, nothing from the link. With the
 /// agent stopped, a container takes the link socket's path and the link port, and the host
 /// (which keeps dialing) links to neither.
@@ -753,7 +888,7 @@ fn no_secret_in_the_vm_its_disk_or_the_logs(mut scene: Scene) {
          -type f 2>/dev/null | while read -r f; do echo \"== $f\"; cat \"$f\"; echo; done'",
     );
     let encoded = base64_of(&format!("{REGISTRY_USER}:{PASSWORD}"));
-    let secrets = [PASSWORD, encoded.as_str(), ECR_TOKEN, "lima-vm-fake-secret-key"];
+    let secrets = [PASSWORD, encoded.as_str(), ECR_TOKEN, "lima-vm-fake-secret-key", CANARY];
     assert!(files.contains("finchhost"), "no client config names finchhost:\n{files}");
     for s in secrets {
         assert!(

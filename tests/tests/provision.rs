@@ -96,6 +96,7 @@ pub(crate) fn install(s: &Scratch, init: &str) -> std::process::Output {
         .arg("--bundle")
         .arg(&s.bundle)
         .args(["--init", init, "--allow-uid", "501", "--link-allow-uid", "501"])
+        .args(["--finch-creds-uid", "501"])
         .args([
             "--docker-config",
             "/home/user/.finch-vm-config",
@@ -152,6 +153,10 @@ fn guest_install_is_idempotent_and_uninstall_restores_the_tree() {
             defaults.contains("--allow-uid 501") && defaults.contains("--socket-group 20"),
             "{defaults}"
         );
+        assert!(
+            defaults.contains("--finch-creds-socket /run/user/501/finch-creds.sock"),
+            "{defaults}"
+        );
         let registries = std::fs::read_to_string(
             r.join("etc/containers/registries.conf.d/50-finch-credential-helpers.conf"),
         )
@@ -169,11 +174,26 @@ fn guest_install_is_idempotent_and_uninstall_restores_the_tree() {
                     std::fs::read_link(wants).unwrap(),
                     Path::new("/etc/systemd/system/finch-guest-agent.service")
                 );
-                let soci = std::fs::read_to_string(
-                    r.join("etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf"),
-                )
+                let soci = std::fs::read_to_string(r.join(
+                    "etc/systemd/system/soci-snapshotter.service.d/zz-finch-credential-bridge.conf",
+                ))
                 .unwrap();
                 assert!(soci.contains("Environment=DOCKER_CONFIG=/home/user/.finch-vm-config"));
+                let sshd = std::fs::read_to_string(
+                    r.join("etc/ssh/sshd_config.d/00-finch-credential-bridge.conf"),
+                )
+                .unwrap();
+                assert!(sshd.contains("\nAllowStreamLocalForwarding local\n"), "{sshd}");
+                let dropin = std::fs::read_to_string(
+                    r.join("etc/systemd/system/finch-guest-agent.service.d/finch-creds.conf"),
+                )
+                .unwrap();
+                assert!(
+                    dropin.contains(
+                        "ProtectSystem=full\nProtectHome=no\nInaccessiblePaths=-/home -/root\n"
+                    ),
+                    "{dropin}"
+                );
             }
             "wsl" => {
                 assert!(defaults.contains("--link-listen vsock://-1:6127"));
@@ -414,7 +434,9 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     let (home, lima, guest) =
         (t.path().join("home"), t.path().join("lima"), t.path().join("guest"));
     let inst = lima.join("finch");
-    for d in [&home.join(".aws"), &inst, &lima.join("_config"), &guest.join("linux-x86_64")] {
+    // The guest binaries as a release archive unpacks (scripts/dist).
+    let unpacked = guest.join("finch-bridge-guest-0.1.0-linux-x86_64");
+    for d in [&home.join(".aws"), &inst, &lima.join("_config"), &unpacked] {
         std::fs::create_dir_all(d).unwrap();
     }
     // As Finch writes them: the instance from its template (home mounted writable), the
@@ -426,7 +448,7 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     .unwrap();
     std::fs::write(lima.join("_config/override.yaml"), "cpus: 2\n").unwrap();
     for b in ["finch-guest-agent", "docker-credential-finchhost"] {
-        std::fs::copy(bin(b), guest.join("linux-x86_64").join(b)).unwrap();
+        std::fs::copy(bin(b), unpacked.join(b)).unwrap();
     }
     let (config, state) = (t.path().join("host-agent.toml"), t.path().join("state"));
     let host = |args: &[&str]| {
@@ -456,6 +478,24 @@ fn setup_finch_wires_a_lima_home_by_itself() {
         host(&args)
     };
     std::fs::write(&config, "").unwrap();
+    // Without the guest binaries of this machine's architecture (a Finch VM's), setup fails
+    // and writes nothing: a VM must never boot silently without the bridge.
+    let no_guest = t.path().join("no-guest");
+    std::fs::create_dir(&no_guest).unwrap();
+    let (ok, out) = host(&[
+        "setup",
+        "finch",
+        "--no-start",
+        "--platform",
+        "linux",
+        "--lima-home",
+        lima.to_str().unwrap(),
+        "--guest-dir",
+        no_guest.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("has no guest binaries for x86_64 VMs"), "{out}");
+    assert!(!lima.join("_config/default.yaml").exists(), "{out}");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "", "{out}");
     let (ok, out) = setup(&[]);
     assert!(ok, "{out}");
     assert!(out.contains("merged the fragment into"), "{out}");
@@ -528,8 +568,14 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     drop(guest_agent);
     drop(agent);
 
+    // `detach` of a VM that `attach` did not add is an error, not "detached".
+    let (ok, out) = host(&["detach", "finch"]);
+    assert!(!ok && out.contains("not attached"), "{out}");
+
     let (ok, out) = setup(&["--remove"]);
     assert!(ok && out.contains("took the fragment out of"), "{out}");
-    assert!(!std::fs::read_to_string(&config).unwrap().contains("[lima]"));
+    // Both files held only what setup wrote (the config was empty, default.yaml did not
+    // exist): both are gone, as before setup.
+    assert!(!config.exists() && !default_yaml.exists(), "{out}");
     assert!(!home.join(".config/systemd/user/finch-host-agent.service").exists());
 }

@@ -1,6 +1,6 @@
 //! The bundle: what the agent puts in `INSTANCE/finch-bridge/` for the VM to install.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use finch_shared::key::LinkKey;
@@ -29,6 +29,30 @@ pub(super) fn put(path: &Path, bytes: &[u8], mode: u32, filled: &mut Filled) -> 
     Ok(())
 }
 
+/// The directory under `guest_dir` with the guest binaries for `arch`: `linux-ARCH/`, or the
+/// directory a guest release archive unpacks to, `finch-bridge-guest-VERSION-linux-ARCH/` (the
+/// last in name order when there are several). `None` when no such directory holds both.
+pub fn guest_binaries(guest_dir: &Path, arch: &str) -> Option<PathBuf> {
+    let complete = |d: &Path| GUEST_BINARIES.iter().all(|b| d.join(b).is_file());
+    let plain = guest_dir.join(format!("linux-{arch}"));
+    if complete(&plain) {
+        return Some(plain);
+    }
+    let suffix = format!("-linux-{arch}");
+    let mut unpacked: Vec<_> = std::fs::read_dir(guest_dir)
+        .ok()?
+        .flatten()
+        .take(MAX_SCANNED)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            (name.starts_with("finch-bridge-guest-") && name.ends_with(&suffix)).then(|| e.path())
+        })
+        .filter(|d| complete(d))
+        .collect();
+    unpacked.sort();
+    unpacked.pop()
+}
+
 /// Fills `instance`'s bundle for a guest of `arch` from `guest_dir`, with `key`. Files that
 /// are already right are left alone, so a VM booting while this runs sees a complete bundle
 /// (`SHA256SUMS` goes last: install.sh checks every binary against it).
@@ -38,17 +62,18 @@ pub fn fill_bundle(
     guest_dir: &Path,
     key: &LinkKey,
 ) -> anyhow::Result<Filled> {
-    let from = guest_dir.join(format!("linux-{arch}"));
+    let from = guest_binaries(guest_dir, arch).with_context(|| {
+        format!(
+            "no guest binaries for the {arch} VM {} in {}: unpack the linux-{arch} guest release archive there ([lima] guest_dir)",
+            instance.name,
+            guest_dir.display()
+        )
+    })?;
     let mut binaries = Vec::new();
     for name in GUEST_BINARIES {
         let path = from.join(name);
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "no guest binary {} for the {arch} VM {}: put the linux-{arch} guest bundle's binaries there ([lima] guest_dir)",
-                path.display(),
-                instance.name
-            )
-        })?;
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         binaries.push((name, bytes));
     }
     anyhow::ensure!(

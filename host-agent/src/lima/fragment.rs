@@ -107,6 +107,11 @@ pub fn update_default_yaml(config_dir: &Path, add: bool) -> anyhow::Result<bool>
     else {
         return Ok(false);
     };
+    if !add && new.trim().is_empty() {
+        // Nothing but the fragment was there (setup made the file): no file, as before.
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        return Ok(true);
+    }
     std::fs::create_dir_all(config_dir)
         .with_context(|| format!("cannot create {}", config_dir.display()))?;
     put(&path, new.as_bytes(), 0o600, &mut Filled::default())?;

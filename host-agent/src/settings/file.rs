@@ -244,12 +244,13 @@ impl Spans<'_> {
     }
 
     fn lima(&self, l: &SchemaLima) -> Result<LimaSettings, ConfigError> {
-        let home = match &l.home {
-            Some(h) => self.path(h, "lima.home")?,
-            None => match env_path("LIMA_HOME") {
-                Some(p) => p,
-                None => home().map_err(|e| ConfigError::ConfigValue(e.to_string()))?.join(".lima"),
-            },
+        // $LIMA_HOME > the file > ~/.lima: the environment beats the file, as for every setting.
+        let home = match (env_path("LIMA_HOME"), &l.home) {
+            (Some(p), _) => p,
+            (None, Some(h)) => self.path(h, "lima.home")?,
+            (None, None) => {
+                home().map_err(|e| ConfigError::ConfigValue(e.to_string()))?.join(".lima")
+            }
         };
         let mut instances = Vec::new();
         for i in l.instances.iter().flatten() {

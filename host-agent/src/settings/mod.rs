@@ -16,7 +16,7 @@
 //! reconnect_max_ms = 3000
 //!
 //! [vm.finch]
-//! endpoint = "unix:///Users/me/.finch/lima/data/finch/sock/finch-guest-agent.sock"
+//! endpoint = "unix:///Applications/Finch/lima/data/finch/sock/finch-guest-agent.sock"
 //! key = "~/.finch/host-agent/vms/finch.key"   # optional; this is the default
 //!
 //! [vm.finch.policy]                     # optional; each rule defaults to ["*"]
@@ -26,7 +26,7 @@
 //! list = []                             # an empty rule allows nothing
 //!
 //! [lima]                                # optional: serve Lima instances by discovery
-//! home = "/Applications/Finch/lima/data"  # $LIMA_HOME [default: $LIMA_HOME or ~/.lima]
+//! home = "/Applications/Finch/lima/data"  # [env: LIMA_HOME, which wins; default: ~/.lima]
 //! instances = ["finch"]                 # or ["*"] (the default): every instance there
 //! guest_dir = "~/finch-bridge/guest"    # linux-x86_64/, linux-aarch64/ [default: guest/ beside the binary]
 //! keep_fragment = true                  # put the fragment back into _config/default.yaml
