@@ -108,6 +108,7 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
         (settings.docker_config.clone(), "the agent's docker config"),
         (settings.state_dir.clone(), "the agent's state and VM keys"),
         (lima.config_dir(), "Lima's config and ssh key"),
+        (settings.config_file.clone(), "the agent's config"),
     ];
     let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Ok(home) = paths::home() {
@@ -125,6 +126,8 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
         out.push((home.join(".ssh"), "ssh keys"));
         out.push((home.join("Library/Keychains"), "macOS keychains"));
         out.push((home.join(".local/share/keyrings"), "Secret Service keyrings"));
+        out.push((home.join("Library/LaunchAgents"), "login services the host runs"));
+        out.push((home.join(".config/systemd/user"), "login services the host runs"));
     }
     out
 }
@@ -132,6 +135,25 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
 /// Each Lima instance: its Lima config readable, the fragment in it, its bundle filled, and
 /// no mount that hands the VM what the bridge keeps on the host.
 fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted: &Adopted) {
+    // `finch` passes these from the shell it runs in into `sudo -E nerdctl` in the VM (runfinch/finch
+    // cmd/finch/nerdctl_remote.go `passedEnvs`): keys that then live in the VM's processes.
+    let passed: Vec<&str> =
+        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"]
+            .into_iter()
+            .filter(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+            .collect();
+    if passed.is_empty() {
+        r.ok("finch env", "no AWS_* variable for finch to pass into the VM");
+    } else {
+        r.fail(
+            "finch env",
+            format!(
+                "{} set here: finch passes them into the VM with every nerdctl command",
+                passed.join(", ")
+            ),
+            "unset them in the shells that run finch: the bridge answers ECR from the host's AWS config",
+        );
+    }
     if let Some(untrusted) = &adopted.untrusted {
         r.fail(
             "lima home",
@@ -183,13 +205,34 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
                 &format!("vm {name} bundle"),
                 format!("{} is not filled", bundle.display()),
                 format!(
-                    "put the guest binaries in {}/linux-{}/ and start (or reload) the agent",
-                    lima.guest_dir.display(),
-                    yaml.arch()
+                    "unpack the linux-{} guest release archive in {} and start (or reload) the agent",
+                    yaml.arch(),
+                    lima.guest_dir.display()
                 ),
             );
         }
         let mut exposed = false;
+        for m in yaml.mounts().into_iter().filter(|m| m.writable) {
+            let Some(location) = lima::expand_location(&m.location, instance, &home) else {
+                continue;
+            };
+            // Finch's release builds mount finch-cred writable: it holds the credserver that
+            // `finch vm start` runs on the host (runfinch/finch finch.yaml.d/finchhost-mount.yaml).
+            if location.join("credserver").is_file() || location.ends_with("finch-cred") {
+                exposed = true;
+                r.fail(
+                    &format!("vm {name} mounts"),
+                    format!(
+                        "{} is mounted writable into the VM and holds the credserver the host runs: a process in the VM can replace a program the host executes",
+                        location.display()
+                    ),
+                    format!(
+                        "make that mount read-only (writable: false) in {}, then restart the VM",
+                        instance.dir.join("lima.yaml").display()
+                    ),
+                );
+            }
+        }
         for m in yaml.mounts() {
             let how = if m.writable { "writable" } else { "read-only" };
             let Some(location) = lima::expand_location(&m.location, instance, &home) else {

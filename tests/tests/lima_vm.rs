@@ -596,6 +596,53 @@ fn the_probe_passes_and_a_vm_without_a_bundle_starts(scene: &Scene) {
     );
     assert!(empty.stderr.contains("no bundle in /mnt/finch-bridge yet"), "{}", empty.stderr);
     assert_eq!(vm.ok("still active", "systemctl is-active finch-guest-agent").trim(), "active");
+
+    // A bundle provisioning did not see (on QEMU, reverse-sshfs mounts come after it): the
+    // probe installs, and the agent runs.
+    let before = links_up(&scene.host);
+    vm.ok("no agent", "sudo -n systemctl stop finch-guest-agent");
+    let late = vm.sh("sh -s", probe.as_bytes());
+    assert_eq!(late.code, 0, "{}", late.stderr);
+    if !late.stderr.contains("guest side installed") {
+        let why = vm.sh(
+            "set -x; systemctl is-active finch-guest-agent; sudo -n ls -la /run/finch-credential-bridge-install; \
+             sudo -n cat /run/finch-credential-bridge-install; sudo -n journalctl -b -o cat -u finch-guest-agent | tail -5",
+            b"",
+        );
+        panic!(
+            "the probe did not install: {}{}\n{}{}",
+            late.out(),
+            late.stderr,
+            why.out(),
+            why.stderr
+        );
+    }
+    assert_eq!(vm.ok("installed", "systemctl is-active finch-guest-agent").trim(), "active");
+    // A guest side that cannot come up never holds the start: the probe says why and passes
+    // within its bound (Lima retries a failing probe for ten minutes).
+    // (A runtime drop-in the install does not touch makes the unit fail at every start.)
+    vm.ok(
+        "an agent that cannot start",
+        "set -e; d=/run/systemd/system/finch-guest-agent.service.d; sudo -n mkdir -p $d
+         printf '[Service]\\nExecStartPre=/bin/false\\n' | sudo -n tee $d/zz-broken.conf >/dev/null
+         sudo -n systemctl daemon-reload; sudo -n systemctl stop finch-guest-agent",
+    );
+    let started = Instant::now();
+    let stuck = vm.sh("sh -s", probe.as_bytes());
+    let took = started.elapsed();
+    assert_eq!(stuck.code, 0, "{}", stuck.stderr);
+    assert!(took < Duration::from_secs(45), "the probe held the start for {took:?}");
+    assert!(stuck.stderr.contains("the guest agent is not running"), "{}", stuck.stderr);
+    vm.ok(
+        "repaired",
+        "sudo -n rm -r /run/systemd/system/finch-guest-agent.service.d && sudo -n systemctl daemon-reload && \
+         sudo -n systemctl restart finch-guest-agent",
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || links_up(&scene.host) > before + 1),
+        "the link did not come back\n{}",
+        scene.host.output()
+    );
 }
 
 /// The registry in the VM (TLS with the test's CA, htpasswd; podman and skopeo trust it);

@@ -441,9 +441,16 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     }
     // As Finch writes them: the instance from its template (home mounted writable), the
     // override at every start.
+    // Finch's release builds also mount finch-cred (the credserver the host runs) writable.
+    let finch_cred = t.path().join("finch/finch-cred");
+    std::fs::create_dir_all(&finch_cred).unwrap();
+    std::fs::write(finch_cred.join("credserver"), "#!/bin/sh\n").unwrap();
     std::fs::write(
         inst.join("lima.yaml"),
-        "arch: x86_64\nmounts:\n- location: \"~\"\n  writable: true\n",
+        format!(
+            "arch: x86_64\nmounts:\n- location: \"~\"\n  writable: true\n- location: {}\n  writable: true\n",
+            finch_cred.display()
+        ),
     )
     .unwrap();
     std::fs::write(lima.join("_config/override.yaml"), "cpus: 2\n").unwrap();
@@ -514,6 +521,29 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     let (ok, report) = host(&["doctor"]);
     assert!(!ok, "{report}");
     assert!(report.contains("FAIL vm finch mounts") && report.contains(".aws"), "{report}");
+    assert!(report.contains("holds the credserver the host runs"), "{report}");
+    // The AWS variables finch would pass into the VM, named; none set, none named.
+    let doctor_with = |env: &[(&str, &str)]| {
+        let out = Command::new(bin("finch-host-agent"))
+            .args(["doctor", "--config"])
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("HOME", &home)
+            .env_remove("LIMA_HOME")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = doctor_with(&[("AWS_PROFILE", "prod"), ("AWS_SESSION_TOKEN", "tok-not-printed")]);
+    assert!(report.contains("FAIL finch env: AWS_SESSION_TOKEN, AWS_PROFILE set here"), "{report}");
+    assert!(!report.contains("tok-not-printed"), "a value was printed");
+    assert!(doctor_with(&[]).contains("OK   finch env"), "{}", doctor_with(&[]));
 
     // The agent fills the bundle and dials the instance's forwarded socket.
     let mut run = Command::new(bin("finch-host-agent"));
