@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use finch_shared::gojson::push_go_string;
 use finch_shared::message::{Request, Response, WireError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -138,14 +139,15 @@ fn answer(status: u16, body: &[u8]) -> Zeroizing<Vec<u8>> {
 fn answer_outcome(server: &str, outcome: finch_shared::message::Outcome) -> Zeroizing<Vec<u8>> {
     match outcome {
         Ok(Response::Credential { username, secret }) => {
-            let body = Zeroizing::new(
-                serde_json::to_vec(&serde_json::json!({
-                    "ServerURL": server,
-                    "Username": username,
-                    "Secret": secret.expose(),
-                }))
-                .unwrap_or_default(),
-            );
+            // As Go's encoder writes it (HTML-safe escapes), into a buffer that is wiped.
+            let mut body = Zeroizing::new(Vec::with_capacity(64 + secret.expose().len()));
+            body.extend_from_slice(b"{\"ServerURL\":");
+            push_go_string(&mut body, server.as_bytes());
+            body.extend_from_slice(b",\"Username\":");
+            push_go_string(&mut body, username.as_bytes());
+            body.extend_from_slice(b",\"Secret\":");
+            push_go_string(&mut body, secret.expose().as_bytes());
+            body.extend_from_slice(b"}\n");
             answer(200, &body)
         }
         Ok(_) => answer(503, b"unexpected answer from the bridge\n"),
