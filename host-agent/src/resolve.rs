@@ -646,7 +646,9 @@ pub(crate) mod tests {
         .unwrap();
         let settings =
             Settings::load(&Overrides { config: Some(config), ..Overrides::default() }).unwrap();
-        crate::platform::paths::private_dir(&settings.state_dir).unwrap();
+        // The store ledger lives here (the agent makes it private; not what is tested here,
+        // and Wine reads a private DACL back as open).
+        std::fs::create_dir_all(&settings.state_dir).unwrap();
         let resolver =
             Resolver::new(Current::new(settings, None), Arc::new(StatusBoard::default()));
         Fixture { _dir: dir, docker, resolver: Arc::new(resolver) }
