@@ -1219,7 +1219,9 @@ fn one_vms_flood_leaves_another_vms_gets_quick() {
             "{what} flood from one VM: the other VM's get median {:?} -> {:?} (auths), {:?} -> {:?} (host helper); {peak_helpers} flood helpers running",
             quiet.0, flooded.0, quiet.1, flooded.1
         );
-        let ok = |q: Duration, f: Duration| f <= 2 * q;
+        // Not behind the flood: a get that waited for the flood's queue would take hundreds of
+        // ms. A few ms of CPU shared with the flood on 2 cores is not starvation.
+        let ok = |q: Duration, f: Duration| f <= (2 * q).max(q + Duration::from_millis(25));
         assert!(ok(quiet.0, flooded.0), "{what}: {:?} -> {:?}", quiet.0, flooded.0);
         assert!(ok(quiet.1, flooded.1), "{what}: {:?} -> {:?}", quiet.1, flooded.1);
         assert!(peak_helpers <= 2, "{peak_helpers} helper processes for one VM");
