@@ -6,7 +6,7 @@
 //! the old config in force, and the reason is logged, shown by `status` and returned.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -115,14 +115,38 @@ fn wire_lima(
     keys: &BTreeMap<VmName, LinkKey>,
 ) {
     use crate::lima;
-    if lima.keep_fragment {
-        match lima::update_default_yaml(&lima.config_dir(), true) {
+    let home = paths::home().unwrap_or_default();
+    match (lima.keep_fragment, lima::Wiring::of(lima, &home)) {
+        (false, _) => {}
+        (true, Some(wiring)) => {
+            let template = lima.template.as_deref().unwrap_or(Path::new(""));
+            for (file, done) in lima::wire_finch(template, instances, Some(&wiring)) {
+                match done {
+                    Ok(lima::Wired::Written) => {
+                        tracing::info!(file = ?file, "Finch config wired");
+                        let dir = file.parent().unwrap_or(Path::new(""));
+                        if file != template && lima::started_before_its_config(dir) {
+                            tracing::warn!(
+                                instance = ?dir,
+                                "the VM runs without the bridge's wiring (its config was wired \
+                                 after it started): restart it, finch vm stop && finch vm start"
+                            );
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(file = ?file, error = ?format!("{e:#}"), "cannot wire a Finch config")
+                    }
+                }
+            }
+        }
+        (true, None) => match lima::update_default_yaml(&lima.config_dir(), true) {
             Ok(true) => {
                 tracing::info!(dir = ?lima.config_dir(), "fragment merged into default.yaml")
             }
             Ok(false) => {}
             Err(e) => tracing::warn!(error = ?format!("{e:#}"), "cannot merge the fragment"),
-        }
+        },
     }
     for (name, instance) in instances {
         let Some(key) = keys.get(name) else { continue };
@@ -145,15 +169,19 @@ fn wire_lima(
     }
 }
 
-/// What, of the Lima side, makes a reload due: the instances there and `default.yaml`'s
-/// stamp (Finch's `vm init` rewrites it).
-pub type LimaStamp = Option<(Vec<VmName>, Option<FileStamp>)>;
+/// What, of the Lima side, makes a reload due: the instances there, and the stamps of
+/// `default.yaml` (Finch's `vm init` rewrites it), Finch's template (an upgrade replaces it)
+/// and each instance's `lima.yaml`.
+pub type LimaStamp = Option<(Vec<VmName>, Vec<Option<FileStamp>>)>;
 
 /// The [`LimaStamp`] for `settings` now (reads the Lima home: call it off the runtime).
 pub fn lima_stamp(settings: &Settings) -> LimaStamp {
     let lima = settings.lima.as_ref()?;
-    let names = crate::lima::discover(lima).0.into_keys().collect();
-    Some((names, stamp(&lima.config_dir().join("default.yaml"))))
+    let instances = crate::lima::discover(lima).0;
+    let mut stamps = vec![stamp(&lima.config_dir().join("default.yaml"))];
+    stamps.extend(lima.template.as_deref().map(stamp));
+    stamps.extend(instances.values().map(|i| stamp(&i.dir.join("lima.yaml"))));
+    Some((instances.into_keys().collect(), stamps))
 }
 
 /// The agent.

@@ -118,7 +118,7 @@ fn protected(settings: &Settings, lima: &LimaSettings) -> Vec<(PathBuf, &'static
         ));
         out.push((
             env("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| home.join(".aws/credentials")),
-            "AWS credentials",
+            "AWS credentials; Finch's VM links /root/.aws to the host's ~/.aws",
         ));
         out.push((home.join(".aws/sso/cache"), "AWS SSO cache"));
         out.push((env("DOCKER_CONFIG").unwrap_or_else(|| home.join(".docker")), "docker config"));
@@ -178,6 +178,22 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
         return;
     }
     let home = paths::home().unwrap_or_default();
+    if let Some(template) = &lima.template {
+        match lima::read_yaml(template) {
+            Ok(Some(y)) if lima::has_fragment(&y) => {
+                r.ok("finch template", format!("{} is wired", template.display()));
+            }
+            Ok(_) => r.fail(
+                "finch template",
+                format!(
+                    "{} is missing or not wired: `finch vm init` would make a VM without the bridge",
+                    template.display()
+                ),
+                "start the agent (it wires the template within seconds), or finch-host-agent setup finch",
+            ),
+            Err(e) => r.fail("finch template", format!("{e:#}"), "reinstall Finch"),
+        }
+    }
     let protected = protected(settings, lima);
     for (name, instance) in &adopted.instances {
         let what = format!("vm {name} lima");
@@ -195,6 +211,16 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
                 &what,
                 "the fragment is in none of default.yaml, lima.yaml, override.yaml",
                 "finch-host-agent setup finch (then restart the VM)",
+            );
+        }
+        if lima::started_before_its_config(&instance.dir) {
+            r.fail(
+                &format!("vm {name} started"),
+                format!(
+                    "it runs, and {} changed after it started (the agent wires it when Finch made it without the bridge): the VM runs without it",
+                    instance.dir.join("lima.yaml").display()
+                ),
+                "restart the VM: finch vm stop && finch vm start",
             );
         }
         let bundle = instance.bundle();
@@ -227,7 +253,7 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
                         location.display()
                     ),
                     format!(
-                        "make that mount read-only (writable: false) in {}, then restart the VM",
+                        "finch-host-agent setup finch --harden (or writable: false on that mount in {}), then restart the VM",
                         instance.dir.join("lima.yaml").display()
                     ),
                 );
@@ -255,7 +281,7 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
                             path.display()
                         ),
                         format!(
-                            "mount only what builds need: in {} (limactl edit {name}; Finch: the `~` mount of its template) replace the mount of {} with narrower directories, then restart the VM",
+                            "mount only what builds need: finch-host-agent setup finch --harden --share DIR (or in {} replace the mount of {} with narrower directories), then restart the VM",
                             instance.dir.join("lima.yaml").display(),
                             location.display()
                         ),

@@ -170,6 +170,20 @@ struct SetupFinch {
     /// Platform whose login service to write [default: this one].
     #[arg(long, value_enum)]
     platform: Option<install::Platform>,
+    /// Finch's template, which `finch vm init` makes the VM from: the fragment goes there and
+    /// into the instance's lima.yaml, which Finch never rewrites [default: os/finch.yaml of
+    /// the install the Lima home is in (LIMA_HOME/../../os/finch.yaml), when it exists].
+    #[arg(long, value_name = "FILE")]
+    template: Option<PathBuf>,
+    /// Close the side doors that keep Finch working: no mount holding the home (~/.aws,
+    /// ~/.docker, ~/.finch, this agent's config), Finch's own files (finch-cred) read-only.
+    /// Needs the template.
+    #[arg(long)]
+    harden: bool,
+    /// With --harden: a directory to mount writable instead of the home, for bind mounts
+    /// (repeatable).
+    #[arg(long = "share", value_name = "DIR", requires = "harden")]
+    shares: Vec<PathBuf>,
     #[command(flatten)]
     settings: Overrides,
 }
@@ -415,7 +429,44 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
         "--guest-dir {} must be absolute",
         guest_dir.display()
     );
-    let settings = settings::LimaSettings { home, instances, guest_dir, keep_fragment: true };
+    // The template given, else the one an earlier setup recorded, else Finch's beside the home.
+    let recorded = || settings::Settings::load(&overrides).ok()?.lima?.template;
+    let template = args
+        .template
+        .or_else(recorded)
+        .or_else(|| lima::template_beside(&home).filter(|t| t.is_file()));
+    if let Some(t) = &template {
+        anyhow::ensure!(t.is_absolute(), "--template {} must be absolute", t.display());
+        anyhow::ensure!(
+            args.remove || t.is_file(),
+            "--template {}: no such file (Finch's is os/finch.yaml in its install)",
+            t.display()
+        );
+    }
+    anyhow::ensure!(
+        !args.harden || template.is_some(),
+        "--harden changes Finch's template and its instance: give --template (no os/finch.yaml \
+         was found beside {})",
+        home.display()
+    );
+    let user_home = paths::home()?;
+    for share in &args.shares {
+        anyhow::ensure!(share.is_absolute(), "--share {} must be absolute", share.display());
+        anyhow::ensure!(
+            !user_home.starts_with(share),
+            "--share {} holds the home: name directories inside it",
+            share.display()
+        );
+    }
+    let settings = settings::LimaSettings {
+        home,
+        instances,
+        guest_dir,
+        keep_fragment: true,
+        template,
+        harden: args.harden,
+        shares: args.shares,
+    };
 
     if !args.remove {
         // Finch's VM has the host's architecture: without its guest binaries the VM would
@@ -460,18 +511,40 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
             config_path.display()
         ));
     }
-    let changed = lima::update_default_yaml(&settings.config_dir(), !args.remove)?;
+    let wiring = lima::Wiring::of(&settings, &user_home);
+    // With Finch's template the fragment is there and in the instances, never in
+    // default.yaml too (Lima would run it twice).
+    let changed =
+        lima::update_default_yaml(&settings.config_dir(), !args.remove && wiring.is_none())?;
     let default_yaml = settings.config_dir().join("default.yaml");
     print(&format!(
         "{} {}\n",
-        match (changed, args.remove) {
-            (true, false) => "merged the fragment into",
-            (true, true) => "took the fragment out of",
-            (false, false) => "the fragment is already in",
-            (false, true) => "the fragment is not in",
+        match (changed, !args.remove && wiring.is_none()) {
+            (true, true) => "merged the fragment into",
+            (true, false) => "took the fragment out of",
+            (false, true) => "the fragment is already in",
+            (false, false) => "the fragment is not in",
         },
         default_yaml.display()
     ));
+    if let Some(template) = &settings.template {
+        let instances = lima::discover(&settings).0;
+        let want = if args.remove { None } else { wiring.as_ref() };
+        for (file, done) in lima::wire_finch(template, &instances, want) {
+            let done = done.with_context(|| format!("cannot wire {}", file.display()))?;
+            print(&format!(
+                "{} {}\n",
+                match (done, args.remove) {
+                    (lima::Wired::Written, false) => "wired",
+                    (lima::Wired::Written, true) => "restored",
+                    (lima::Wired::Unchanged, false) => "already wired:",
+                    (lima::Wired::Unchanged, true) => "not wired:",
+                    (lima::Wired::Missing, _) => "no file (yet):",
+                },
+                file.display()
+            ));
+        }
+    }
     if args.remove {
         uninstall_service(platform, args.no_start)?;
     } else {

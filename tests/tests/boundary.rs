@@ -1131,8 +1131,11 @@ fn a_flood_of_allowed_requests_barely_grows_the_logs() {
 }
 
 /// Round 2, degraded: one VM flooding the host (not-found requests, or a registry routed to
-/// a host helper) leaves another VM's `get` within twice its quiet median: each VM resolves
-/// starts at most 100 requests a second after a burst of 200, and runs at most 2 host helpers.
+/// a host helper) does not put another VM's `get` behind its queue: each VM starts at most
+/// 100 requests a second after a burst of 200, and runs at most 2 host helpers. Counted, not
+/// timed: while one of the other VM's gets is in flight, a get queued behind the flood would
+/// see every flood call ahead of it finish first (one per flooding thread); it sees almost
+/// none. The medians are printed for the record; `benches/` measures speed.
 #[test]
 fn one_vms_flood_leaves_another_vms_gets_quick() {
     let mut b = Bridge::new(
@@ -1161,26 +1164,29 @@ fn one_vms_flood_leaves_another_vms_gets_quick() {
     };
     // The flood is switched on and off, a get of each kind timed in every phase: whatever else
     // the machine does meets both sets alike.
+    let finished = std::sync::atomic::AtomicUsize::new(0);
+    // A get of the other VM: how long it took, and how many flood calls finished meanwhile.
     let timed = |server: &str| {
-        let started = Instant::now();
+        let (started, before) = (Instant::now(), finished.load(Ordering::SeqCst));
         let outcome = call(&other, get(server));
         assert!(matches!(outcome, Ok(Response::Credential { .. })), "{outcome:?}");
-        started.elapsed()
+        (started.elapsed(), finished.load(Ordering::SeqCst) - before)
     };
     let median = |mut v: Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
     };
+    use std::sync::atomic::{AtomicBool, Ordering};
     for (what, flood_server, threads) in
         [("not-found", None, 32), ("host helper", Some("slow.example"), 16)]
     {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let (stop, flooding) = (AtomicBool::new(false), AtomicBool::new(false));
         let mut peak_helpers = 0;
         let (mut quiet, mut flooded) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        let mut overtaken = Vec::new();
         std::thread::scope(|s| {
             for t in 0..threads {
-                let (flooder, stop, flooding) = (&flooder, &stop, &flooding);
+                let (flooder, stop, flooding, finished) = (&flooder, &stop, &flooding, &finished);
                 s.spawn(move || {
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -1191,6 +1197,7 @@ fn one_vms_flood_leaves_another_vms_gets_quick() {
                         let server =
                             flood_server.map_or_else(|| format!("f{t}-{n}.example"), str::to_owned);
                         let _ = call(flooder, get(&server));
+                        finished.fetch_add(1, Ordering::SeqCst);
                         n += 1;
                     }
                 });
@@ -1205,9 +1212,11 @@ fn one_vms_flood_leaves_another_vms_gets_quick() {
                 }
                 let sample = (timed("reg.example"), timed("fast.example"));
                 let into = if on { &mut flooded } else { &mut quiet };
-                into.0.push(sample.0);
-                into.1.push(sample.1);
+                into.0.push(sample.0.0);
+                into.1.push(sample.1.0);
                 if on {
+                    overtaken.push(sample.0.1);
+                    overtaken.push(sample.1.1);
                     peak_helpers = peak_helpers.max(helpers());
                 }
             }
@@ -1215,15 +1224,17 @@ fn one_vms_flood_leaves_another_vms_gets_quick() {
         });
         let (quiet, flooded) =
             ((median(quiet.0), median(quiet.1)), (median(flooded.0), median(flooded.1)));
+        overtaken.sort();
+        let overtaken = overtaken[overtaken.len() / 2];
         println!(
-            "{what} flood from one VM: the other VM's get median {:?} -> {:?} (auths), {:?} -> {:?} (host helper); {peak_helpers} flood helpers running",
+            "{what} flood from one VM: the other VM's get median {:?} -> {:?} (auths), {:?} -> {:?} (host helper); median flood calls finished during one of its gets {overtaken} (behind the flood: {threads}); {peak_helpers} flood helpers running",
             quiet.0, flooded.0, quiet.1, flooded.1
         );
-        // Not behind the flood: a get that waited for the flood's queue would take hundreds of
-        // ms. A few ms of CPU shared with the flood on 2 cores is not starvation.
-        let ok = |q: Duration, f: Duration| f <= (2 * q).max(q + Duration::from_millis(25));
-        assert!(ok(quiet.0, flooded.0), "{what}: {:?} -> {:?}", quiet.0, flooded.0);
-        assert!(ok(quiet.1, flooded.1), "{what}: {:?} -> {:?}", quiet.1, flooded.1);
+        // Behind the flood's queue, every one of the `threads` calls ahead would finish first.
+        assert!(
+            overtaken < threads / 2,
+            "{what}: {overtaken} flood calls finished during the other VM's median get: it waited behind the flood"
+        );
         assert!(peak_helpers <= 2, "{peak_helpers} helper processes for one VM");
         if flood_server.is_some() {
             assert!(peak_helpers >= 1, "the helper flood ran no helper");

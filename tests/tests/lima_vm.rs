@@ -48,6 +48,8 @@ const ECR: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
 const ECR_TOKEN: &str = "ecr-vm-token-1";
 /// What the stand-in of Finch's host credserver answers for every registry.
 const CANARY: &str = "finch-credserver-canary-7f3a";
+/// In the host user's `~/.aws/credentials`, which Finch's `~` mount hands the VM.
+const AWS_CANARY: &str = "aws-home-canary-5d21";
 /// Where Finch's helper asks, in the VM (Finch's `mac.yaml` reverse-forwards it).
 const FINCH_CREDS: &str = "/run/user/501/finch-creds.sock";
 /// Generous: QEMU emulates the CPU (TCG) on a 2-core machine that runs other tests beside it.
@@ -85,8 +87,9 @@ fn render(text: &str, inst: &Path) -> String {
 }
 
 /// Lima's merge of `_config/default.yaml` into the instance's `lima.yaml`: lists concatenated
-/// (mounts would be combined by mount point; the instance has none).
-fn plan(lima_home: &Path, inst: &Path) -> Plan {
+/// (mounts would be combined by mount point; default.yaml has none). `~` is the host user's
+/// home (`home`).
+fn plan(lima_home: &Path, inst: &Path, home: &Path) -> Plan {
     let mut plan = Plan::default();
     for file in [inst.join("lima.yaml"), lima_home.join("_config/default.yaml")] {
         let text = std::fs::read_to_string(&file).unwrap();
@@ -94,6 +97,10 @@ fn plan(lima_home: &Path, inst: &Path) -> Plan {
         let Some(doc) = docs.first() else { continue };
         for m in doc["mounts"].as_vec().map_or(&[][..], Vec::as_slice) {
             let location = render(m["location"].as_str().unwrap(), inst);
+            let location = match location.strip_prefix('~') {
+                Some(tail) => format!("{}{tail}", home.display()),
+                None => location,
+            };
             let point = m["mountPoint"].as_str().map_or_else(|| location.clone(), str::to_owned);
             plan.mounts.push((location.into(), point, m["writable"].as_bool() == Some(true)));
         }
@@ -279,6 +286,7 @@ fn testdata(dir: &Path, parts: &Path) -> PathBuf {
 fn host_agent(d: &Path, config: &Path, fake: &FakeEcr) -> Proc {
     let mut cmd = Command::new(bin("finch-host-agent"));
     cmd.arg("run")
+        .env("HOME", d.join("home"))
         .arg("--config")
         .arg(config)
         .arg("--state-dir")
@@ -313,6 +321,14 @@ fn host_auth(d: &Path) -> Option<String> {
         .iter()
         .find(|(k, _)| k.contains("registry.finch.test"))
         .and_then(|(_, e)| e["auth"].as_str().map(str::to_owned))
+}
+
+/// Within a minute, `get` answers the registry's password (`when`: the step, for the message).
+fn gets_the_password_soon(vm: &Vm, when: &str) {
+    let answered = wait_until(Duration::from_secs(60), || {
+        get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD).is_ok()
+    });
+    assert!(answered, "{when}: {:?}", get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD));
 }
 
 /// What `get` answered, checked without printing the secret.
@@ -355,7 +371,8 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     let kept = tempfile::Builder::new().prefix("finch-lima-vm-").tempdir().unwrap().keep();
     eprintln!("{test}: working in {}", kept.display());
 
-    let (lima_home, inst, config) = setup_finch_writes_the_fragment(&kept, &parts);
+    let (lima_home, inst, config) = setup_finch_wires_finchs_template(&kept, &parts);
+    finch_vm_init_makes_a_wired_vm(&lima_home, &inst);
     let (host, fake) = the_host_agent_fills_the_bundle(&kept, &inst, &config);
     let plan = lima_takes_mounts_scripts_forward_and_probe(&lima_home, &inst);
     let mut scene = boot(kept, &parts, plan, host, fake);
@@ -366,6 +383,7 @@ fn a_lima_style_vm_boots_the_bridge_and_its_clients_use_it() {
     a_killed_agent_is_restarted(&scene);
     finchs_own_credential_path_yields_nothing(&scene);
     a_container_gets_nothing_and_an_impostor_no_link(&scene);
+    hardened_finch_keeps_the_home_out(&mut scene);
     logout_erases_on_the_host(&scene);
     no_secret_in_the_vm_its_disk_or_the_logs(scene);
     eprintln!("lima_vm: boot to link up {boot_to_link:?}; whole test {:?}", started.elapsed());
@@ -383,6 +401,19 @@ struct Scene {
 }
 
 impl Scene {
+    /// After a (re)start: Lima's master and forward again, and a link up beyond the `before`
+    /// seen until then.
+    fn relinked(&mut self, before: usize, after: &str) {
+        self.reconnect();
+        let (vm, host) = (&self.vm, &self.host);
+        assert!(
+            wait_until(BOOT, || links_up(host) > before),
+            "no link after {after}\n{}\n--- host\n{}",
+            vm.console_tail(),
+            host.output()
+        );
+    }
+
     /// A new ssh master and Lima's socket forward over it (the plan has exactly one).
     fn reconnect(&mut self) {
         self.vm.connect();
@@ -395,46 +426,108 @@ fn image_ref() -> String {
     format!("{REGISTRY}/finch/hello:v1")
 }
 
-/// LIMA_HOME as Lima lays it out, one instance; the guest binaries where `[lima] guest_dir`
-/// points; the host's docker config plaintext (`auths`), so the test can check it. Then
-/// `setup finch` merges the fragment and writes the `[lima]` table.
-fn setup_finch_writes_the_fragment(d: &Path, parts: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let lima_home = d.join("lima");
+/// Finch's template as its Makefile builds it for macOS (runfinch/finch `finch.yaml.d/mac.yaml`,
+/// `finchhost-mount.yaml`), cut to what this test plays: the home mounted writable, and
+/// `finch-cred` (which holds the credserver the host runs) mounted writable.
+fn finch_template(finch: &Path) -> String {
+    format!(
+        "# Finch's template (a stand-in)\nvmType: qemu\narch: x86_64\ncpus: 2\nmemory: 2GiB\n\
+         mounts:\n  - location: \"~\"\n    mountPoint: null\n    writable: true\n\
+         \x20 - location: \"{}/finch-cred\"\n    writable: true\n",
+        finch.display()
+    )
+}
+
+/// A Finch install as its macOS package lays it out (`Finch/os/finch.yaml`, `Finch/finch-cred/`,
+/// `LIMA_HOME` at `Finch/lima/data`), no VM yet; the guest binaries where `[lima] guest_dir`
+/// points; the host user's home with `~/.aws/credentials`; the host's docker config plaintext
+/// (`auths`), so the test can check it. Then `setup finch` finds Finch's template and wires it.
+fn setup_finch_wires_finchs_template(d: &Path, parts: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let finch = d.join("Finch");
+    let lima_home = finch.join("lima/data");
     let inst = lima_home.join("finch");
     let guest_dir = d.join("guest");
-    for dir in
-        [&inst, &lima_home.join("_config"), &guest_dir.join("linux-x86_64"), &d.join("docker")]
-    {
+    for dir in [
+        &lima_home.join("_config"),
+        &finch.join("os"),
+        &finch.join("finch-cred"),
+        &guest_dir.join("linux-x86_64"),
+        &d.join("docker"),
+        &d.join("home/.aws"),
+        &d.join("home/src"),
+    ] {
         std::fs::create_dir_all(dir).unwrap();
     }
-    std::fs::write(inst.join("lima.yaml"), "vmType: qemu\narch: x86_64\ncpus: 2\nmemory: 2GiB\n")
-        .unwrap();
+    std::fs::write(finch.join("os/finch.yaml"), finch_template(&finch)).unwrap();
+    std::fs::write(finch.join("finch-cred/credserver"), "#!/bin/sh\n").unwrap();
+    std::fs::write(
+        d.join("home/.aws/credentials"),
+        format!("[default]\naws_access_key_id = AKIAHOME\naws_secret_access_key = {AWS_CANARY}\n"),
+    )
+    .unwrap();
     std::fs::write(d.join("docker/config.json"), "{}").unwrap();
     for b in ["finch-guest-agent", "docker-credential-finchhost"] {
         std::fs::copy(parts.join("bin").join(b), guest_dir.join("linux-x86_64").join(b)).unwrap();
     }
     let config = d.join("host-agent.toml");
     std::fs::write(&config, "").unwrap();
-    let setup = run_ok(
-        Command::new(bin("finch-host-agent"))
-            .args(["setup", "finch", "--no-start", "--platform", "linux", "--instance", "finch"])
-            .arg("--lima-home")
-            .arg(&lima_home)
-            .arg("--guest-dir")
-            .arg(&guest_dir)
-            .arg("--config")
-            .arg(&config)
-            .arg("--state-dir")
-            .arg(d.join("state")),
-        "setup finch",
-    );
-    assert!(setup.contains("merged the fragment into"), "{setup}");
-
+    let setup = setup_finch(d, &[]);
+    assert!(setup.contains(&format!("wired {}", finch.join("os/finch.yaml").display())), "{setup}");
+    assert!(setup.contains("the fragment is not in"), "{setup}");
     (lima_home, inst, config)
+}
+
+/// `finch-host-agent ARGS` for the test's Finch (its config and state), as the user whose
+/// home is `d/home`.
+fn host_cli(d: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("finch-host-agent"));
+    c.args(args)
+        .arg("--config")
+        .arg(d.join("host-agent.toml"))
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .env("HOME", d.join("home"));
+    c
+}
+
+/// `setup finch` for the test's Finch, with `extra` arguments.
+fn setup_finch(d: &Path, extra: &[&str]) -> String {
+    let mut c = host_cli(d, &["setup", "finch", "--no-start", "--platform", "linux"]);
+    c.args(["--instance", "finch", "--lima-home"])
+        .arg(d.join("Finch/lima/data"))
+        .arg("--guest-dir")
+        .arg(d.join("guest"))
+        .args(extra);
+    run_ok(&mut c, "setup finch")
+}
+
+/// `doctor` for the test's Finch: its report (no AWS variables where it runs).
+fn doctor(d: &Path) -> String {
+    let mut c = host_cli(d, &["doctor", "--docker-config"]);
+    c.arg(d.join("docker")).env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
+    String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+}
+
+/// `finch vm init` as Finch 1.18 does it: `default.yaml` rewritten whole right before `limactl
+/// start` (`ConfigureDefaultLimaYaml`), then Lima makes the instance from the template with
+/// `--set .ssh.overVsock=false`. No host agent runs: the VM gets the bridge from the template
+/// alone, so no race with Finch's rewrite decides it.
+fn finch_vm_init_makes_a_wired_vm(lima_home: &Path, inst: &Path) {
+    std::fs::write(
+        lima_home.join("_config/default.yaml"),
+        "vmOpts:\n  vz:\n    rosetta:\n      enabled: false\n      binfmt: false\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(inst).unwrap();
+    let template = lima_home.join("../../os/finch.yaml");
+    let mut text = std::fs::read_to_string(template).unwrap();
+    text.push_str("ssh:\n  overVsock: false\n");
+    std::fs::write(inst.join("lima.yaml"), text).unwrap();
 }
 
 /// The host agent, started with that config alone, finds the instance and fills its bundle.
 fn the_host_agent_fills_the_bundle(d: &Path, inst: &Path, config: &Path) -> (Proc, FakeEcr) {
+    let made = std::fs::read(inst.join("lima.yaml")).unwrap();
     let fake = FakeEcr::start(d);
     fake.control(r#"{"password": "ecr-vm-token-{n}"}"#);
     let host = host_agent(d, config, &fake);
@@ -445,13 +538,17 @@ fn the_host_agent_fills_the_bundle(d: &Path, inst: &Path, config: &Path) -> (Pro
         bundle.display(),
         host.output()
     );
+    // The instance was made wired: the agent had nothing to change in it.
+    assert_eq!(std::fs::read(inst.join("lima.yaml")).unwrap(), made, "the agent rewrote lima.yaml");
+    assert!(!inst.join("lima.yaml.finch-bridge-orig").exists());
     (host, fake)
 }
 
 /// What limactl takes from the merged YAML: one system script that installs with systemd,
 /// the bundle mounted read-only, one socket forward to the instance's socket, one probe.
 fn lima_takes_mounts_scripts_forward_and_probe(lima_home: &Path, inst: &Path) -> Plan {
-    let plan = plan(lima_home, inst);
+    let d = lima_home.ancestors().nth(3).unwrap();
+    let plan = plan(lima_home, inst, &d.join("home"));
     assert_eq!(plan.system_scripts.len(), 1, "{plan:?}");
     assert!(plan.system_scripts[0].contains("--init systemd"), "{plan:?}");
     let bridge_mount = plan.mounts.iter().find(|m| m.1 == "/mnt/finch-bridge");
@@ -469,20 +566,39 @@ fn lima_takes_mounts_scripts_forward_and_probe(lima_home: &Path, inst: &Path) ->
 /// Boots the VM as Lima would: cidata with the scripts and the ssh key, the plan's mounts
 /// as 9p shares (plus the test's own), an overlay on the image.
 fn boot(d: PathBuf, parts: &Path, plan: Plan, host: Proc, fake: FakeEcr) -> Scene {
-    let image = parts.join("debian");
-    let cidata = d.join("cidata");
-    std::fs::create_dir_all(cidata.join("provision.system")).unwrap();
-    for (i, s) in plan.system_scripts.iter().enumerate() {
-        std::fs::write(cidata.join(format!("provision.system/{i:08}")), s).unwrap();
-    }
     run_ok(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "lima-vm-test", "-f"])
             .arg(d.join("id_ed25519")),
         "ssh-keygen",
     );
+    testdata(&d, parts);
+    let overlay = d.join("overlay.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(parts.join("debian/image.raw"))
+            .arg(&overlay),
+        "qemu-img create",
+    );
+    let booted_at = Instant::now();
+    let (qemu, port) = start_qemu(&d, parts, &plan, &overlay);
+    let vm = Vm { dir: d.clone(), qemu, master: None, port, boots: 0 };
+    Scene { d, plan, host, fake, vm, overlay, booted_at }
+}
+
+/// `limactl start` of the instance in `d`: cidata from `plan`, the plan's mounts as 9p shares
+/// (plus the test's own), QEMU on `overlay`, and `ha.pid` written as Lima's host agent writes
+/// it when it starts.
+fn start_qemu(d: &Path, parts: &Path, plan: &Plan, overlay: &Path) -> (Proc, u16) {
+    let image = parts.join("debian");
+    let cidata = d.join("cidata");
+    let _ = std::fs::remove_dir_all(&cidata);
+    std::fs::create_dir_all(cidata.join("provision.system")).unwrap();
+    for (i, s) in plan.system_scripts.iter().enumerate() {
+        std::fs::write(cidata.join(format!("provision.system/{i:08}")), s).unwrap();
+    }
     std::fs::copy(d.join("id_ed25519.pub"), cidata.join("ssh_authorized_keys")).unwrap();
-    let data = testdata(&d, parts);
     let mut virtfs = Vec::new();
     let mut mounts = String::new();
     for (i, (location, point, writable)) in plan.mounts.iter().enumerate() {
@@ -497,7 +613,7 @@ fn boot(d: PathBuf, parts: &Path, plan: Plan, host: Proc, fake: FakeEcr) -> Scen
     // The test's own share (registry files, images), not part of the Lima plan.
     virtfs.push(format!(
         "local,path={},mount_tag=testdata,security_model=none,readonly=on",
-        data.display()
+        d.join("testdata").display()
     ));
     mounts.push_str("testdata /mnt/testdata ro\n");
     virtfs.push(format!(
@@ -506,14 +622,6 @@ fn boot(d: PathBuf, parts: &Path, plan: Plan, host: Proc, fake: FakeEcr) -> Scen
     ));
     std::fs::write(cidata.join("mounts"), mounts).unwrap();
 
-    let overlay = d.join("overlay.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(image.join("image.raw"))
-            .arg(&overlay),
-        "qemu-img create",
-    );
     let port = finch_tests::free_port();
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
@@ -531,10 +639,14 @@ fn boot(d: PathBuf, parts: &Path, plan: Plan, host: Proc, fake: FakeEcr) -> Scen
     for v in &virtfs {
         qemu.arg("-virtfs").arg(v);
     }
-    let booted_at = Instant::now();
-    let qemu = Proc::spawn("qemu", qemu, &d.join("console.log"));
-    let vm = Vm { dir: d.clone(), qemu, master: None, port, boots: 0 };
-    Scene { d, plan, host, fake, vm, overlay, booted_at }
+    let n = std::fs::read_dir(d).unwrap().filter(|e| {
+        e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("console"))
+    });
+    let console = d.join(format!("console-{}.log", n.count()));
+    let qemu = Proc::spawn("qemu", qemu, &console);
+    let inst = &plan.socket_forwards[0].1.parent().unwrap().parent().unwrap().to_owned();
+    std::fs::write(inst.join("ha.pid"), qemu.pid().to_string()).unwrap();
+    (qemu, port)
 }
 
 /// Boot 1: provisioning installs the guest side, the unit starts, Lima forwards the socket,
@@ -702,23 +814,12 @@ fn clients_log_in_push_and_pull_through_the_bridge(scene: &Scene) {
 fn a_reboot_brings_the_link_back(scene: &mut Scene) {
     let before = links_up(&scene.host);
     scene.vm.reboot();
-    scene.reconnect();
-    let (vm, host) = (&scene.vm, &scene.host);
-    assert!(
-        wait_until(BOOT, || links_up(host) > before),
-        "the link did not come back after the reboot\n{}\n--- host\n{}",
-        vm.console_tail(),
-        host.output()
-    );
+    scene.relinked(before, "the reboot");
+    let vm = &scene.vm;
     let journal = vm.ok("the boot's journal", "sudo -n journalctl -b -o cat -u finch-guest-agent");
     assert!(journal.contains("host link up"), "{journal}");
     assert_eq!(vm.ok("enabled", "systemctl is-enabled finch-guest-agent").trim(), "enabled");
-    assert!(
-        wait_until(Duration::from_secs(60), || get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
-            .is_ok()),
-        "get after the reboot: {:?}",
-        get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
-    );
+    gets_the_password_soon(vm, "after the reboot");
 }
 
 /// Killed: systemd restarts the agent (Restart=on-failure) and the next get works.
@@ -733,12 +834,7 @@ fn a_killed_agent_is_restarted(scene: &Scene) {
     );
     let restarts = vm.ok("restarts", "systemctl show -p NRestarts --value finch-guest-agent");
     assert!(restarts.trim().parse::<u32>().unwrap_or(0) >= 1, "NRestarts={restarts}");
-    assert!(
-        wait_until(Duration::from_secs(60), || get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
-            .is_ok()),
-        "get after the kill: {:?}",
-        get_gives(vm, REGISTRY, REGISTRY_USER, PASSWORD)
-    );
+    gets_the_password_soon(vm, "after the kill");
 }
 
 /// Finch's own credential path, as Finch 1.18 and Lima set it up (stand-ins written from their
@@ -810,9 +906,22 @@ Server(path, Handler).serve_forever()
     );
     vm.ok(
         "Finch's .bashrc lines",
-        r#"mkdir -p "$HOME/.finch-vm-config" && export DOCKER_CONFIG="$HOME/.finch-vm-config" &&
-           echo '{"credsStore": "finchhost"}' > "$DOCKER_CONFIG/config.json""#,
+        &format!(
+            r#"mkdir -p "$HOME/.finch-vm-config" && export DOCKER_CONFIG="$HOME/.finch-vm-config" &&
+               echo '{{"credsStore": "finchhost"}}' > "$DOCKER_CONFIG/config.json" &&
+               AWS_DIR={}/home/.aws && {{ [ -L /root/.aws ] || sudo ln -fsn "$AWS_DIR" /root/.aws; }}"#,
+            d.display()
+        ),
     );
+    // Stock Finch's side door, which the bridge does not close by itself: root in the VM reads
+    // the host's ~/.aws through the `~` mount (only a count leaves the VM), and doctor says so.
+    // The pattern comes on stdin: sudo logs its command line to the journal, on the disk.
+    let door = vm.sh("sudo -n grep -c -F -f - /root/.aws/credentials", AWS_CANARY.as_bytes());
+    assert_eq!(door.out().trim(), "1", "stock Finch: /root/.aws reaches the host's ~/.aws");
+    let report = doctor(d);
+    let aws = d.join("home/.aws/credentials");
+    assert!(report.contains(&format!("reaches {} (AWS credentials", aws.display())), "{report}");
+    assert!(report.contains("holds the credserver the host runs"), "{report}");
     let finch_get = |how: &str| -> String {
         let r = vm.sh(&format!("{how} get"), REGISTRY.as_bytes());
         assert!(!r.out().contains(CANARY) && !r.stderr.contains(CANARY), "{how}: the canary");
@@ -850,6 +959,59 @@ Server(path, Handler).serve_forever()
     let asked = std::fs::read_to_string(&asked).unwrap_or_default();
     assert!(asked.is_empty(), "Finch's credserver was asked: {asked}");
     drop(credserver);
+}
+
+/// `setup finch --harden --share ~/src`, then `finch vm stop && finch vm start`: the template
+/// and the instance lose the `~` mount and get `~/src`, `finch-cred` is read-only; until the
+/// restart doctor says the VM runs without its wiring. After it, nothing in the VM reaches the
+/// host's ~/.aws (nor /root/.aws, Finch's link to it), the share is writable, `finch-cred` is
+/// not, and the bridge answers.
+fn hardened_finch_keeps_the_home_out(scene: &mut Scene) {
+    let d = scene.d.clone();
+    let inst = d.join("Finch/lima/data/finch");
+    let src = d.join("home/src");
+    let out = setup_finch(&d, &["--harden", "--share", &src.display().to_string()]);
+    assert!(out.contains(&format!("wired {}", inst.join("lima.yaml").display())), "{out}");
+    let report = doctor(&d);
+    assert!(report.contains("FAIL vm finch started"), "{report}");
+
+    let before = links_up(&scene.host);
+    let _ = scene.vm.sh("sudo -n systemctl poweroff", b"");
+    if let Some(mut m) = scene.vm.master.take() {
+        m.kill();
+    }
+    assert!(scene.vm.qemu.wait_exit(Duration::from_secs(180)).is_some(), "no poweroff");
+    let lima_home = d.join("Finch/lima/data");
+    scene.plan = lima_takes_mounts_scripts_forward_and_probe(&lima_home, &inst);
+    let points: Vec<(&str, bool)> =
+        scene.plan.mounts.iter().map(|(_, p, w)| (p.as_str(), *w)).collect();
+    let cred = d.join("Finch/finch-cred").display().to_string();
+    let src_point = src.display().to_string();
+    assert!(points.contains(&(cred.as_str(), false)), "{points:?}");
+    assert!(points.contains(&(src_point.as_str(), true)), "{points:?}");
+    let home = d.join("home").display().to_string();
+    assert!(!points.iter().any(|(p, _)| *p == home), "the home is still mounted: {points:?}");
+    let parts = image_dir();
+    let (qemu, port) = start_qemu(&d, &parts, &scene.plan, &scene.overlay);
+    scene.vm.qemu = qemu;
+    scene.vm.port = port;
+    scene.vm.boots += 1;
+    scene.relinked(before, "the hardened start");
+    let vm = &scene.vm;
+    let seen = vm.sh(
+        &format!(
+            "sudo -n sh -c 'grep -rlF -f - /root/.aws/ {home}/ 2>/dev/null | wc -l; \
+             touch {cred}/x 2>/dev/null && echo cred-writable; touch {src_point}/built && echo src-writable'"
+        ),
+        AWS_CANARY.as_bytes(),
+    );
+    assert_eq!(seen.out().trim(), "0\nsrc-writable", "hardened: {}", seen.stderr);
+    assert!(src.join("built").exists());
+    gets_the_password_soon(vm, "after the hardened start");
+    let report = doctor(&d);
+    for gone in ["FAIL vm finch started", "AWS credentials", "holds the credserver"] {
+        assert!(!report.contains(gone), "{gone}: {report}");
+    }
 }
 
 /// A container, root in the VM: no key, no helper socket, nothing from the link. With the
@@ -935,7 +1097,8 @@ fn no_secret_in_the_vm_its_disk_or_the_logs(mut scene: Scene) {
          -type f 2>/dev/null | while read -r f; do echo \"== $f\"; cat \"$f\"; echo; done'",
     );
     let encoded = base64_of(&format!("{REGISTRY_USER}:{PASSWORD}"));
-    let secrets = [PASSWORD, encoded.as_str(), ECR_TOKEN, "lima-vm-fake-secret-key", CANARY];
+    let secrets =
+        [PASSWORD, encoded.as_str(), ECR_TOKEN, "lima-vm-fake-secret-key", CANARY, AWS_CANARY];
     assert!(files.contains("finchhost"), "no client config names finchhost:\n{files}");
     for s in secrets {
         assert!(

@@ -423,6 +423,63 @@ fn attach_and_detach_a_vm_on_a_running_agent() {
     assert!(!attached.contains("second"), "{attached}");
 }
 
+/// `finch-host-agent` with one config, state directory and home, as a user runs it.
+struct HostCli {
+    config: PathBuf,
+    state: PathBuf,
+    home: PathBuf,
+}
+
+impl HostCli {
+    fn new(t: &Path, home: &Path) -> HostCli {
+        HostCli {
+            config: t.join("host-agent.toml"),
+            state: t.join("state"),
+            home: home.to_path_buf(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("finch-host-agent"));
+        c.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .env("HOME", &self.home)
+            .env_remove("LIMA_HOME");
+        c
+    }
+
+    /// Runs it: whether it succeeded, and stdout then stderr.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = self.command(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// `setup finch` for the Lima home `lima` and guest binaries in `guest`, with `extra`.
+    fn setup_finch(&self, lima: &Path, guest: &Path, extra: &[&str]) -> (bool, String) {
+        let mut args = vec!["setup", "finch", "--no-start", "--platform", "linux"];
+        args.extend_from_slice(extra);
+        args.extend([
+            "--lima-home",
+            lima.to_str().unwrap(),
+            "--guest-dir",
+            guest.to_str().unwrap(),
+        ]);
+        self.run(&args)
+    }
+
+    /// The agent, running, logging at info to `log`.
+    fn agent(&self, log: &Path) -> finch_tests::Proc {
+        let mut run = self.command(&["run"]);
+        run.env("RUST_LOG", "info");
+        finch_tests::Proc::spawn("host", run, log)
+    }
+}
+
 /// `setup finch` on a LIMA_HOME laid out as Lima lays it out: the fragment goes into
 /// `_config/default.yaml` (once), the `[lima]` table into the config; the running agent fills
 /// the instance's bundle (checksummed, the VM's key 0600), dials the forwarded socket by
@@ -457,33 +514,10 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     for b in ["finch-guest-agent", "docker-credential-finchhost"] {
         std::fs::copy(bin(b), unpacked.join(b)).unwrap();
     }
-    let (config, state) = (t.path().join("host-agent.toml"), t.path().join("state"));
-    let host = |args: &[&str]| {
-        let out = Command::new(bin("finch-host-agent"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .arg("--state-dir")
-            .arg(&state)
-            .env("HOME", &home)
-            .env_remove("LIMA_HOME")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    };
-    let setup = |extra: &[&str]| {
-        let mut args = vec!["setup", "finch", "--no-start", "--platform", "linux"];
-        args.extend_from_slice(extra);
-        args.extend([
-            "--lima-home",
-            lima.to_str().unwrap(),
-            "--guest-dir",
-            guest.to_str().unwrap(),
-        ]);
-        host(&args)
-    };
+    let cli = HostCli::new(t.path(), &home);
+    let (config, state) = (cli.config.clone(), cli.state.clone());
+    let host = |args: &[&str]| cli.run(args);
+    let setup = |extra: &[&str]| cli.setup_finch(&lima, &guest, extra);
     std::fs::write(&config, "").unwrap();
     // Without the guest binaries of this machine's architecture (a Finch VM's), setup fails
     // and writes nothing: a VM must never boot silently without the bridge.
@@ -546,14 +580,7 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     assert!(doctor_with(&[]).contains("OK   finch env"), "{}", doctor_with(&[]));
 
     // The agent fills the bundle and dials the instance's forwarded socket.
-    let mut run = Command::new(bin("finch-host-agent"));
-    run.args(["run", "--config"])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(&state)
-        .env("HOME", &home)
-        .env("RUST_LOG", "info");
-    let agent = finch_tests::Proc::spawn("host", run, &t.path().join("host.log"));
+    let agent = cli.agent(&t.path().join("host.log"));
     let bundle = inst.join("finch-bridge");
     assert!(
         wait_until(finch_tests::STARTUP, || bundle.join("SHA256SUMS").exists()),
@@ -608,4 +635,112 @@ fn setup_finch_wires_a_lima_home_by_itself() {
     // exist): both are gone, as before setup.
     assert!(!config.exists() && !default_yaml.exists(), "{out}");
     assert!(!home.join(".config/systemd/user/finch-host-agent.service").exists());
+}
+
+/// Finch's install as its macOS package lays it out (`Finch/os/finch.yaml`,
+/// `Finch/lima/data`): `setup finch` finds the template and wires it, never `default.yaml`;
+/// an instance Lima makes from it is wired as made; an upgrade (the installer replaces the
+/// template and deletes `_config/` and the instance) is wired again by the running agent, and
+/// an instance made from the unwired template before that is wired too, with the VM said to
+/// run without it until restarted. `--harden` takes out the home mount; `--remove` restores
+/// the template byte for byte.
+#[test]
+fn setup_finch_wires_finchs_template_and_the_agent_rewires_it_after_an_upgrade() {
+    let t = tempfile::tempdir().unwrap();
+    let (home, finch, guest) =
+        (t.path().join("home"), t.path().join("Finch"), t.path().join("guest/linux-x86_64"));
+    let lima = finch.join("lima/data");
+    let inst = lima.join("finch");
+    let template = finch.join("os/finch.yaml");
+    for d in [&home.join("src"), &lima.join("_config"), &finch.join("os"), &guest] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for b in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(bin(b), guest.join(b)).unwrap();
+    }
+    let stock = "# Finch 1.18's template\nvmType: vz\nmounts:\n  - location: \"~\"\n    writable: true\n  - location: /tmp/lima\n    writable: true\n";
+    std::fs::write(&template, stock).unwrap();
+    let cli = HostCli::new(t.path(), &home);
+    let config = cli.config.clone();
+    let host = |args: &[&str]| cli.run(args);
+    let setup = |extra: &[&str]| cli.setup_finch(&lima, guest.parent().unwrap(), extra);
+    let wired = |path: &Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains("/mnt/finch-bridge") && text.contains("finch-credential-bridge:")
+    };
+    // `vm init`: default.yaml rewritten, the instance made from the template (with Lima's --set).
+    let vm_init = || {
+        std::fs::write(lima.join("_config/default.yaml"), "vmOpts: {}\n").unwrap();
+        std::fs::create_dir_all(&inst).unwrap();
+        let mut text = std::fs::read_to_string(&template).unwrap();
+        text.push_str("ssh:\n  overVsock: false\n");
+        std::fs::write(inst.join("lima.yaml"), text).unwrap();
+    };
+
+    let (ok, out) = setup(&[]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("wired {}", template.display())), "{out}");
+    assert!(wired(&template) && !wired(&lima.join("_config/default.yaml")), "{out}");
+    let orig = finch.join("os/finch.yaml.finch-bridge-orig");
+    assert_eq!(std::fs::read_to_string(&orig).unwrap(), stock);
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&format!("template = \"{}\"", template.display())), "{text}");
+    vm_init();
+    assert!(wired(&inst.join("lima.yaml")));
+
+    // The agent runs; the instance was made wired, so it changes nothing there.
+    let made = std::fs::read(inst.join("lima.yaml")).unwrap();
+    let agent = cli.agent(&t.path().join("host.log"));
+    assert!(
+        wait_until(finch_tests::STARTUP, || inst.join("finch-bridge/SHA256SUMS").exists()),
+        "{}",
+        agent.output()
+    );
+    assert_eq!(std::fs::read(inst.join("lima.yaml")).unwrap(), made);
+
+    // The upgrade: the installer deletes the instance and _config's files, replaces the
+    // template; the user runs `vm init` at once, before the agent has looked (the VM is made
+    // from the unwired template, and Lima's host agent starts: ha.pid).
+    std::fs::remove_dir_all(&inst).unwrap();
+    std::fs::remove_file(lima.join("_config/default.yaml")).unwrap();
+    let upgraded = stock.replace("1.18", "1.19");
+    std::fs::write(&template, &upgraded).unwrap();
+    vm_init();
+    std::fs::write(inst.join("ha.pid"), "1").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || wired(&template) && wired(&inst.join("lima.yaml"))),
+        "the agent did not wire the upgraded template and instance:\n{}",
+        agent.output()
+    );
+    assert_eq!(std::fs::read_to_string(&orig).unwrap(), upgraded);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent
+            .output()
+            .contains("the VM runs without the bridge's wiring")),
+        "{}",
+        agent.output()
+    );
+    let (_, report) = host(&["doctor"]);
+    assert!(report.contains("FAIL vm finch started"), "{report}");
+    assert!(report.contains("OK   finch template"), "{report}");
+    drop(agent);
+
+    // Hardened: no home mount in either file; the share mounted writable.
+    let src = home.join("src");
+    let (ok, out) = setup(&["--harden", "--share", src.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    for f in [&template, &inst.join("lima.yaml")] {
+        let text = std::fs::read_to_string(f).unwrap();
+        assert!(!text.contains("location: \"~\"") && !text.contains("location: ~"), "{text}");
+        assert!(text.contains(&src.display().to_string()), "{text}");
+    }
+    let (ok, out) = setup(&["--share", "/x"]);
+    assert!(!ok && out.contains("--harden"), "--share without --harden: {out}");
+
+    let (ok, out) = setup(&["--remove"]);
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read_to_string(&template).unwrap(), upgraded, "{out}");
+    assert!(!orig.exists());
+    assert!(!wired(&inst.join("lima.yaml")));
+    assert!(std::fs::read_to_string(inst.join("lima.yaml")).unwrap().contains("overVsock"));
 }

@@ -34,12 +34,30 @@ pub(super) fn fragment() -> Hash {
 /// out (`add` false); other content is kept (comments are not: YAML is re-emitted), and
 /// lists the fragment alone made are removed with it. `None` when nothing changes.
 pub fn merge_fragment(config: &str, add: bool) -> anyhow::Result<Option<String>> {
-    let mut doc = match parse_yaml(config)? {
-        Yaml::Hash(h) => h,
-        Yaml::Null => Hash::new(),
-        _ => anyhow::bail!("it is not a YAML mapping"),
-    };
+    let mut doc = mapping(parse_yaml(config)?)?;
     let before = doc.clone();
+    apply_fragment(&mut doc, add)?;
+    if doc == before {
+        return Ok(None);
+    }
+    if doc.is_empty() {
+        return Ok(Some(String::new()));
+    }
+    emit(doc, "# Lima merges this file into every instance of this LIMA_HOME.\n").map(Some)
+}
+
+/// A Lima config document as a mapping (an empty document is an empty one).
+pub(super) fn mapping(doc: Yaml) -> anyhow::Result<Hash> {
+    match doc {
+        Yaml::Hash(h) => Ok(h),
+        Yaml::Null => Ok(Hash::new()),
+        _ => anyhow::bail!("it is not a YAML mapping"),
+    }
+}
+
+/// Puts the fragment's entries into `doc`'s lists (`add`), or takes them out; a list that
+/// ends up empty is removed, and a list that stays keeps its place among the keys.
+pub(super) fn apply_fragment(doc: &mut Hash, add: bool) -> anyhow::Result<()> {
     let fragment = fragment();
     for list in MERGED {
         let k = key(list);
@@ -60,18 +78,18 @@ pub fn merge_fragment(config: &str, add: bool) -> anyhow::Result<Option<String>>
             doc.insert(k, Yaml::Array(items));
         }
     }
-    if doc == before {
-        return Ok(None);
-    }
-    if doc.is_empty() {
-        return Ok(Some(String::new()));
-    }
-    let mut out = String::from("# Lima merges this file into every instance of this LIMA_HOME.\n");
+    Ok(())
+}
+
+/// `doc` as YAML text after the comment `header` (comments of the file it came from are not
+/// kept: YAML is re-emitted).
+pub(super) fn emit(doc: Hash, header: &str) -> anyhow::Result<String> {
+    let mut out = String::from(header);
     let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
     emitter.multiline_strings(true);
     emitter.dump(&Yaml::Hash(doc)).map_err(|e| anyhow::anyhow!("cannot write YAML: {e}"))?;
     out.push('\n');
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// Whether `config` holds every entry of the fragment.
@@ -170,6 +188,14 @@ pub fn setup_config_text(text: &str, lima: Option<&LimaSettings>) -> anyhow::Res
             toml_string(&l.guest_dir.display().to_string()),
             l.keep_fragment
         ));
+        if let Some(t) = &l.template {
+            out.push_str(&format!("template = {}\n", toml_string(&t.display().to_string())));
+        }
+        if l.harden {
+            let shares: Vec<String> =
+                l.shares.iter().map(|s| toml_string(&s.display().to_string())).collect();
+            out.push_str(&format!("harden = true\nshares = [{}]\n", shares.join(", ")));
+        }
     }
     Ok(out)
 }

@@ -33,10 +33,12 @@ use finch_shared::endpoint::Endpoint;
 use crate::settings::{LimaSettings, Settings, VmName, VmSettings};
 
 mod bundle;
+mod finch;
 mod fragment;
 mod yaml;
 
 pub use bundle::*;
+pub use finch::*;
 pub use fragment::*;
 pub use yaml::*;
 
@@ -349,6 +351,9 @@ mod tests {
             instances: vec!["*".into()],
             guest_dir: PathBuf::from("g"),
             keep_fragment: false,
+            template: None,
+            harden: false,
+            shares: Vec::new(),
         };
         let (found, left_out) = discover(&lima);
         assert_eq!((found.len(), left_out), (MAX_INSTANCES, 6));
@@ -368,6 +373,9 @@ mod tests {
             instances: instances.iter().map(|s| (*s).to_owned()).collect(),
             guest_dir: PathBuf::from("g"),
             keep_fragment: false,
+            template: None,
+            harden: false,
+            shares: Vec::new(),
         }
     }
 
@@ -487,12 +495,18 @@ mod tests {
             instances: vec!["finch".into()],
             guest_dir: PathBuf::from("/g"),
             keep_fragment: true,
+            template: Some(PathBuf::from("/F/os/finch.yaml")),
+            harden: true,
+            shares: vec![PathBuf::from("/Users/me/src")],
         };
         let user = "state_dir = \"/s\"\n\n[vm.x]\nendpoint = \"unix:///x\"\n";
         let added = setup_config_text(user, Some(&l)).unwrap();
         assert_eq!(setup_config_text(&added, Some(&l)).unwrap(), added, "idempotent");
         let parsed: toml::Table = toml::from_str(&added).unwrap();
         assert_eq!(parsed["lima"]["instances"][0].as_str(), Some("finch"));
+        assert_eq!(parsed["lima"]["template"].as_str(), Some("/F/os/finch.yaml"));
+        assert_eq!(parsed["lima"]["harden"].as_bool(), Some(true));
+        assert_eq!(parsed["lima"]["shares"][0].as_str(), Some("/Users/me/src"));
         assert_eq!(setup_config_text(&added, None).unwrap(), user);
         let foreign = "[lima]\nhome = \"/x\"\n";
         assert!(setup_config_text(foreign, Some(&l)).is_err());

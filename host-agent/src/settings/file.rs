@@ -64,6 +64,9 @@ struct SchemaLima {
     instances: Option<Vec<Spanned<String>>>,
     guest_dir: Option<Spanned<String>>,
     keep_fragment: Option<bool>,
+    template: Option<Spanned<String>>,
+    harden: Option<bool>,
+    shares: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -273,11 +276,26 @@ impl Spans<'_> {
             Some(g) => self.path(g, "lima.guest_dir")?,
             None => default_guest_dir(),
         };
+        let template = self.optional_path(&l.template, "lima.template")?;
+        let mut shares = Vec::new();
+        for s in l.shares.iter().flatten() {
+            shares.push(self.path(s, "lima.shares")?);
+        }
+        let harden = l.harden.unwrap_or(false);
+        if harden && template.is_none() {
+            return Err(ConfigError::ConfigValue(
+                "lima.harden needs lima.template (Finch's template): the mounts are changed there"
+                    .to_owned(),
+            ));
+        }
         Ok(LimaSettings {
             home,
             instances,
             guest_dir,
             keep_fragment: l.keep_fragment.unwrap_or(false),
+            template,
+            harden,
+            shares,
         })
     }
 

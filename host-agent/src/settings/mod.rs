@@ -29,7 +29,10 @@
 //! home = "/Applications/Finch/lima/data"  # [env: LIMA_HOME, which wins; default: ~/.lima]
 //! instances = ["finch"]                 # or ["*"] (the default): every instance there
 //! guest_dir = "~/finch-bridge/guest"    # linux-x86_64/, linux-aarch64/ [default: guest/ beside the binary]
-//! keep_fragment = true                  # put the fragment back into _config/default.yaml
+//! keep_fragment = true                  # keep the fragment wired (default.yaml, or template)
+//! template = "/Applications/Finch/os/finch.yaml"  # Finch's: wire it and its instances instead
+//! harden = true                         # with template: no mount holding ~, Finch's files read-only
+//! shares = ["~/src"]                    # with harden: the directories mounted writable instead
 //! ```
 //!
 //! A `[vm.NAME]` table for a Lima instance needs no endpoint (its policy applies).
@@ -278,8 +281,16 @@ pub struct LimaSettings {
     pub instances: Vec<String>,
     /// Holds `linux-x86_64/` and `linux-aarch64/`, each with the guest binaries.
     pub guest_dir: PathBuf,
-    /// Whether the agent puts the fragment back into `_config/default.yaml` when it is gone.
+    /// Whether the agent puts the fragment back when it is gone: into `_config/default.yaml`,
+    /// or with `template` into the template and each instance's `lima.yaml`.
     pub keep_fragment: bool,
+    /// Finch's template (`<install>/os/finch.yaml`): the fragment goes there and into each
+    /// served instance's `lima.yaml`, which Finch does not rewrite (`crate::lima::Wiring`).
+    pub template: Option<PathBuf>,
+    /// With `template`: no mount that holds the home, Finch's own files read-only.
+    pub harden: bool,
+    /// With `harden`: the directories mounted writable instead of the home.
+    pub shares: Vec<PathBuf>,
 }
 
 impl LimaSettings {
