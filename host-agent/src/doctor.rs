@@ -223,6 +223,13 @@ fn check_lima(r: &mut Report, settings: &Settings, lima: &LimaSettings, adopted:
                 "restart the VM: finch vm stop && finch vm start",
             );
         }
+        if let Some(said) = lima::guest_says(&instance.dir) {
+            r.fail(
+                &format!("vm {name} guest"),
+                format!("the VM's console (Lima's serial log) says: {said:?}"),
+                "in the VM: sudo journalctl -u finch-guest-agent; then restart the VM",
+            );
+        }
         let bundle = instance.bundle();
         if bundle.join("SHA256SUMS").is_file() {
             r.ok(&format!("vm {name} bundle"), bundle.display());

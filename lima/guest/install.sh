@@ -64,6 +64,27 @@ done
 for f in finch-guest-agent docker-credential-finchhost; do
   grep -q " \*\{0,1\}$f\$" "$bundle/SHA256SUMS" || { echo "install.sh: SHA256SUMS does not cover $f" >&2; exit 1; }
 done
+# The agent refuses a key of fewer than 32 bytes (or more than 4096) at its first link: say
+# it now, before anything changes.
+_keylen=$(wc -c < "$bundle/link.key")
+if [ "$_keylen" -lt 32 ] || [ "$_keylen" -gt 4096 ]; then
+  echo "install.sh: $bundle/link.key is $_keylen bytes; a link key has 32 to 4096 (finch-host-agent key-export NAME writes one); nothing installed" >&2
+  exit 1
+fi
+# The address families the unit allows: the helper socket's (unix) and the link's.
+case "$link_listen" in
+  unix://*) families="AF_UNIX" ;;
+  vsock://*) families="AF_UNIX AF_VSOCK" ;;
+  tcp://*) families="AF_UNIX AF_INET AF_INET6" ;;
+  *) echo "install.sh: --link-listen $link_listen: use unix://PATH, vsock://CID:PORT or tcp://HOST:PORT" >&2; exit 2 ;;
+esac
+# WSL with systemd (Finch's distro has [boot] systemd=true): the agent is a systemd unit.
+wsl_systemd=
+if [ "$init" = wsl ] && [ -f "$R/etc/wsl.conf" ] &&
+  awk '/^\[/ { boot = ($0 ~ /^\[boot\]/) } boot && /^[[:space:]]*systemd[[:space:]]*=[[:space:]]*true/ { found = 1 } END { exit !found }' "$R/etc/wsl.conf"; then
+  wsl_systemd=1
+  init=systemd
+fi
 
 # Directories this script creates are recorded, so uninstall.sh removes exactly those.
 # (POSIX sh has no local variables: the helpers' names start with an underscore.)
@@ -119,7 +140,7 @@ for d in $docker_configs; do first_docker_config=${first_docker_config:-$d}; don
 case "$init" in
   systemd)
     mkdirs "$R/etc/systemd/system/multi-user.target.wants" 0755
-    put "$R/etc/systemd/system/finch-guest-agent.service" 0644 <<'UNIT'
+    sed "s/@FAMILIES@/$families/" <<'UNIT' | put "$R/etc/systemd/system/finch-guest-agent.service" 0644
 # Written by the finch credential bridge install.sh; uninstall.sh removes it.
 [Unit]
 Description=finch credential bridge guest agent
@@ -144,7 +165,7 @@ PrivateDevices=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectControlGroups=yes
-RestrictAddressFamilies=AF_UNIX AF_VSOCK
+RestrictAddressFamilies=@FAMILIES@
 RestrictNamespaces=yes
 LockPersonality=yes
 MemoryDenyWriteExecute=yes
@@ -210,9 +231,10 @@ START
     if [ -f "$conf" ] && grep -qF "$line" "$conf"; then
       :
     elif [ -f "$conf" ] && grep -q '^\[boot\]' "$conf"; then
-      echo "install.sh: $conf already has a [boot] section; add this line to it:" >&2
+      # Installed, but nothing would start it: a failure, not "installed".
+      echo "install.sh: installed, but nothing starts the agent at boot: $conf already has a [boot] section; add this line to it, or set systemd = true there and run install.sh again:" >&2
       echo "  $line" >&2
-      echo "  (or, with systemd = true there, run install.sh --init systemd)" >&2
+      wsl_unstarted=1
     else
       if [ -f "$conf" ]; then cp -p "$conf" "$STATE/wsl.conf.orig"; else : > "$STATE/wsl.conf.absent"; fi
       { [ ! -f "$conf" ] || cat "$conf"; printf '\n[boot]\n%s\n' "$line"; } | put "$conf" 0644
@@ -240,4 +262,6 @@ printf '# Written by the finch credential bridge install.sh.\n# finchhost alone:
   | put "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" 0644
 finch_note=
 [ -z "$finch_uid" ] || finch_note=", Finch credential socket of uid $finch_uid"
+[ -z "${wsl_unstarted:-}" ] || exit 1
+[ -z "$wsl_systemd" ] || init="systemd, WSL's"
 echo "finch credential bridge: guest side installed (init: $init, link: $link_listen$finch_note)"

@@ -503,9 +503,17 @@ fn setup_finch(d: &Path, extra: &[&str]) -> String {
 
 /// `doctor` for the test's Finch: its report (no AWS variables where it runs).
 fn doctor(d: &Path) -> String {
-    let mut c = host_cli(d, &["doctor", "--docker-config"]);
-    c.arg(d.join("docker")).env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
-    String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+    let mut c = host_cli(d, &["doctor"]);
+    c.arg("--docker-config").arg(d.join("docker"));
+    c.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
+    let out = c.output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains("vm finch"),
+        "doctor: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
 }
 
 /// `finch vm init` as Finch 1.18 does it: `default.yaml` rewritten whole right before `limactl
@@ -646,6 +654,9 @@ fn start_qemu(d: &Path, parts: &Path, plan: &Plan, overlay: &Path) -> (Proc, u16
     let qemu = Proc::spawn("qemu", qemu, &console);
     let inst = &plan.socket_forwards[0].1.parent().unwrap().parent().unwrap().to_owned();
     std::fs::write(inst.join("ha.pid"), qemu.pid().to_string()).unwrap();
+    // Lima keeps the console in the instance's serial.log, new at every start.
+    let _ = std::fs::remove_file(inst.join("serial.log"));
+    std::fs::hard_link(&console, inst.join("serial.log")).unwrap();
     (qemu, port)
 }
 
@@ -745,6 +756,13 @@ fn the_probe_passes_and_a_vm_without_a_bundle_starts(scene: &Scene) {
     assert_eq!(stuck.code, 0, "{}", stuck.stderr);
     assert!(took < Duration::from_secs(45), "the probe held the start for {took:?}");
     assert!(stuck.stderr.contains("the guest agent is not running"), "{}", stuck.stderr);
+    // And on the VM's console, which Lima keeps: the host's doctor shows it.
+    let said = "FAIL vm finch guest: the VM's console (Lima's serial log) says: \"finch-credential-bridge: the guest agent is not running";
+    assert!(
+        wait_until(Duration::from_secs(20), || doctor(&scene.d).contains(said)),
+        "{}",
+        doctor(&scene.d)
+    );
     vm.ok(
         "repaired",
         "sudo -n rm -r /run/systemd/system/finch-guest-agent.service.d && sudo -n systemctl daemon-reload && \
@@ -1133,7 +1151,14 @@ fn no_secret_in_the_vm_its_disk_or_the_logs(mut scene: Scene) {
     assert_eq!(count, "0", "the VM's disk holds a secret of the test ({count} lines)");
     let _ = std::fs::remove_file(&raw);
 
-    let console = vm.console();
+    // Every start's console, not only this one's.
+    let mut console = String::new();
+    for e in std::fs::read_dir(&d).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("console-") {
+            console.push_str(&String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()));
+        }
+    }
+    assert!(console.contains("lima-boot"), "no console read");
     let host_log = scene.host.output();
     assert!(host_log.contains("TRACE"), "trace was not in force");
     for s in secrets {

@@ -89,6 +89,11 @@ pub(crate) fn scratch() -> Scratch {
 }
 
 pub(crate) fn install(s: &Scratch, init: &str) -> std::process::Output {
+    install_with(s, init, &[])
+}
+
+/// `install.sh` on the scratch root, with `extra` arguments after the usual ones.
+fn install_with(s: &Scratch, init: &str, extra: &[&str]) -> std::process::Output {
     Command::new("sh")
         .arg(repo().join("lima/guest/install.sh"))
         .arg("--root")
@@ -103,9 +108,64 @@ pub(crate) fn install(s: &Scratch, init: &str) -> std::process::Output {
             "--docker-config",
             "/root/.docker",
         ])
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// The unit allows exactly the address families its link needs (a `tcp://` link could not
+/// bind under `AF_UNIX AF_VSOCK`); `--init wsl` on a distro with `[boot] systemd=true`
+/// (Finch's) installs the unit and leaves wsl.conf alone; a `[boot]` that already runs
+/// something else is a failure, not "installed"; a key the agent would refuse changes nothing.
+#[test]
+fn install_fits_the_unit_to_the_link_and_to_wsls_systemd() {
+    let unit = |s: &Scratch| {
+        std::fs::read_to_string(s.root.join("etc/systemd/system/finch-guest-agent.service"))
+            .unwrap_or_default()
+    };
+    let families = |s: &Scratch| {
+        unit(s).lines().find_map(|l| l.strip_prefix("RestrictAddressFamilies=")).map(str::to_owned)
+    };
+    for (link, want) in [
+        ("tcp://0.0.0.0:6127", "AF_UNIX AF_INET AF_INET6"),
+        ("vsock://-1:6127", "AF_UNIX AF_VSOCK"),
+        ("unix:///run/finch-guest-agent/link.sock", "AF_UNIX"),
+    ] {
+        let s = scratch();
+        let out = install_with(&s, "systemd", &["--link-listen", link]);
+        assert!(out.status.success(), "{link}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(families(&s).as_deref(), Some(want), "{link}");
+    }
+
+    let s = scratch();
+    let wsl = "[boot]\nsystemd=true\n";
+    std::fs::write(s.root.join("etc/wsl.conf"), wsl).unwrap();
+    let out = install_with(&s, "wsl", &["--link-listen", "tcp://127.0.0.1:6127"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("init: systemd, WSL's"), "{said}");
+    assert_eq!(families(&s).as_deref(), Some("AF_UNIX AF_INET AF_INET6"));
+    let wants = s.root.join("etc/systemd/system/multi-user.target.wants/finch-guest-agent.service");
+    assert!(std::fs::symlink_metadata(wants).is_ok(), "not enabled");
+    assert_eq!(std::fs::read_to_string(s.root.join("etc/wsl.conf")).unwrap(), wsl);
+
+    let s = scratch();
+    std::fs::write(s.root.join("etc/wsl.conf"), "[boot]\ncommand = /bin/true\n").unwrap();
+    let out = install_with(&s, "wsl", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing starts the agent at boot"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("installed ("));
+
+    let s = scratch();
+    std::fs::write(s.bundle.join("link.key"), [7u8; 16]).unwrap();
+    let before = snapshot(&s.root);
+    let out = install(&s, "systemd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("link.key is 16 bytes") && err.contains("nothing installed"), "{err}");
+    assert_eq!(snapshot(&s.root), before, "a short key changed the root");
 }
 
 fn uninstall(s: &Scratch) {

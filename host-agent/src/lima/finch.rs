@@ -294,6 +294,41 @@ pub fn started_before_its_config(dir: &Path) -> bool {
     }
 }
 
+/// Lima's logs of the VM's console, in the instance directory (lima-vm/lima
+/// `pkg/limatype/filenames`: QEMU's serial, its PCI serial, VZ's virtio console); each is
+/// started anew at every start of the VM.
+pub const SERIAL_LOGS: [&str; 3] = ["serial.log", "serialp.log", "serialv.log"];
+
+/// How much of a serial log's end is read.
+const SERIAL_TAIL: u64 = 256 * 1024;
+
+/// What the guest side last said on the VM's console since the kernel last booted (the
+/// readiness probe's reason, on the kernel's log at error level), from Lima's serial logs in
+/// instance `dir`: the text from `finch-credential-bridge:` on, at most 300 characters. The
+/// VM writes these logs: the caller shows the text escaped, as the VM's words.
+pub fn guest_says(dir: &Path) -> Option<String> {
+    const MARK: &str = "finch-credential-bridge:";
+    let mut said = None;
+    for name in SERIAL_LOGS {
+        let Ok(mut file) = std::fs::File::open(dir.join(name)) else { continue };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut tail = Vec::new();
+        use std::io::Seek;
+        if file.seek(std::io::SeekFrom::Start(len.saturating_sub(SERIAL_TAIL))).is_err()
+            || file.take(SERIAL_TAIL).read_to_end(&mut tail).is_err()
+        {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&tail);
+        let boot = text.rfind("Linux version").unwrap_or(0);
+        if let Some(line) = text[boot..].lines().rev().find(|l| l.contains(MARK)) {
+            let from = line.find(MARK).unwrap_or(0);
+            said = Some(line[from..].chars().take(300).collect());
+        }
+    }
+    said
+}
+
 /// Wires (`want`), or unwires (`None`), Finch's `template` and the `lima.yaml` of each of
 /// `instances`: each file with what was done to it. The template's original is read first,
 /// for the instances Lima made from it.
@@ -459,6 +494,24 @@ mod tests {
             Some(&Yaml::Boolean(false))
         );
         assert!(!original_path(&inst.join("lima.yaml")).exists());
+    }
+
+    #[test]
+    fn the_guest_sides_last_words_on_the_console_are_read_from_the_last_boot_only() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(guest_says(t.path()), None);
+        let old =
+            "[    0.000000] Linux version 6.1\n[   9.1] finch-credential-bridge: old reason\n";
+        std::fs::write(t.path().join("serialv.log"), old).unwrap();
+        assert_eq!(guest_says(t.path()).as_deref(), Some("finch-credential-bridge: old reason"));
+        let rebooted = format!("{old}[    0.000000] Linux version 6.1\nlogin:\n");
+        std::fs::write(t.path().join("serialv.log"), rebooted).unwrap();
+        assert_eq!(guest_says(t.path()), None, "said before the last boot");
+        // A long line is cut; a huge log is read at its end only.
+        let mut big = "x".repeat(1 << 20);
+        big.push_str(&format!("\nfinch-credential-bridge: {}\n", "y".repeat(1000)));
+        std::fs::write(t.path().join("serial.log"), big).unwrap();
+        assert_eq!(guest_says(t.path()).map(|s| s.chars().count()), Some(300));
     }
 
     #[test]
