@@ -98,8 +98,33 @@ pub fn run(overrides: &Overrides) -> Report {
     if let Some(lima) = &settings.lima {
         check_lima(&mut r, &settings, lima, &adopted);
     }
+    check_finch_helpers(&mut r, &settings.docker_config);
     check_agent(&mut r, &settings);
     r
+}
+
+/// Finch for Windows keeps `finch.yaml` beside the docker config it shares with its VM: with
+/// `ecr-login` in `creds_helpers` it exports the host's AWS keys into the VM
+/// (runfinch/finch `cmd/finch/nerdctl_remote.go` `ensureRemoteCredentials`).
+fn check_finch_helpers(r: &mut Report, finch_dir: &Path) {
+    let file = finch_dir.join("finch.yaml");
+    let Ok(Some(yaml)) = lima::read_yaml(&file) else { return };
+    let helpers: Vec<&str> = yaml["creds_helpers"]
+        .as_vec()
+        .map(|v| v.iter().filter_map(yaml_rust2::Yaml::as_str).collect())
+        .unwrap_or_default();
+    if helpers.contains(&"ecr-login") {
+        r.fail(
+            "finch creds_helpers",
+            format!(
+                "{} has ecr-login: Finch exports the host's AWS keys into the VM",
+                file.display()
+            ),
+            "finch-host-agent setup finch (the bridge answers ECR natively; ecr-login comes out)",
+        );
+    } else if helpers.contains(&settings::BRIDGE_HELPER) {
+        r.ok("finch creds_helpers", format!("{} has finchhost", file.display()));
+    }
 }
 
 /// Host paths whose content the bridge keeps on the host, with what each holds.

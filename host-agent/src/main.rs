@@ -22,6 +22,7 @@ mod budget;
 mod control;
 mod doctor;
 mod fair;
+mod finch_wsl;
 mod install;
 mod lima;
 mod link;
@@ -184,6 +185,18 @@ struct SetupFinch {
     /// (repeatable).
     #[arg(long = "share", value_name = "DIR", requires = "harden")]
     shares: Vec<PathBuf>,
+    /// Windows: Finch's directory, with finch.yaml, config.json and cred-helpers\ [default:
+    /// %LOCALAPPDATA%\.finch].
+    #[arg(long, value_name = "DIR")]
+    finch_dir: Option<PathBuf>,
+    /// Windows: where the agent dials Finch's distro [default: hvsock://wsl:6127; tcp://127.0.0.1:PORT
+    /// where Hyper-V sockets are not available].
+    #[arg(long, value_name = "ENDPOINT")]
+    link: Option<finch_shared::endpoint::Endpoint>,
+    /// Windows: do not run wsl.exe (install the guest side in the distro yourself:
+    /// lima/README.md, Windows).
+    #[arg(long)]
+    no_wsl: bool,
     #[command(flatten)]
     settings: Overrides,
 }
@@ -395,13 +408,10 @@ fn install_service(
 }
 
 fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !cfg!(windows),
-        "Finch on Windows runs WSL2, where Lima forwards no sockets: attach the distro with \
-         `finch-host-agent attach NAME hvsock://wsl:6127` and run install.sh --init wsl in it \
-         (lima/README.md, Windows)"
-    );
     let platform = args.platform.unwrap_or_else(install::Platform::current);
+    if platform == install::Platform::Windows {
+        return setup_finch_wsl(args);
+    }
     let overrides = args.settings.clone();
     let (config_path, named) = settings::config_file(overrides.config.as_deref())?;
     let home = match args.lima_home {
@@ -564,6 +574,140 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
         print("restart the VM to provision it: finch vm stop && finch vm start\n");
     }
     Ok(())
+}
+
+/// `setup finch` for Finch on Windows (WSL2): Finch's own helper mechanism (`finch_wsl`),
+/// the VM attached on `--link`, the guest side installed in the distro with `wsl.exe`, the
+/// logon task.
+fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
+    let overrides = args.settings.clone();
+    let (config_path, named) = settings::config_file(overrides.config.as_deref())?;
+    let state_dir = doctor::state_dir_fallback(&overrides)?;
+    let saved = state_dir.join(finch_wsl::SAVED_DIR);
+    let finch = finch_wsl::FinchDir {
+        dir: match args.finch_dir {
+            Some(d) => d,
+            None => paths::finch_root()?.join(".finch"),
+        },
+    };
+    let name: VmName = "finch".parse()?;
+    let config_text = match std::fs::read_to_string(&config_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", config_path.display())),
+    };
+    let write_config = |text: &str| -> anyhow::Result<()> {
+        if text.trim().is_empty() && !named {
+            match std::fs::remove_file(&config_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
+        } else {
+            if let Some(dir) = config_path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            paths::write_private(&config_path, text.as_bytes())
+        }
+    };
+    if args.remove {
+        for line in finch_wsl::unwire(&finch, &saved)? {
+            print(&format!("{line}\n"));
+        }
+        let text = finch_wsl::store_config_text(&config_text, None)?;
+        if text != config_text {
+            write_config(&text)?;
+            print(&format!("took host_creds_store out of {}\n", config_path.display()));
+        }
+        if attach(&overrides, &name, None).is_err() {
+            print("finch was not attached\n");
+        }
+        return uninstall_service(install::Platform::Windows, args.no_start);
+    }
+    let arch = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
+    let guest_dir = args.guest_dir.unwrap_or_else(paths::default_guest_dir);
+    let binaries = lima::guest_binaries(&guest_dir, arch).with_context(|| {
+        format!(
+            "{} has no guest binaries for {arch}: unpack finch-bridge-guest-VERSION-linux-{arch}.tar.gz there; nothing was set up",
+            guest_dir.display()
+        )
+    })?;
+    anyhow::ensure!(
+        args.no_wsl || cfg!(windows),
+        "wsl.exe runs only on Windows: pass --no-wsl and install the guest side yourself"
+    );
+    let done = finch_wsl::wire(&finch, &binaries, &saved)?;
+    for line in &done.said {
+        print(&format!("{line}\n"));
+    }
+    if !done.helpers_before.is_empty() {
+        print(&format!("creds_helpers was {:?}\n", done.helpers_before));
+    }
+    let text = finch_wsl::store_config_text(&config_text, Some(done.host_store.as_deref()))?;
+    if text != config_text {
+        write_config(&text)?;
+    }
+    print(&format!(
+        "credsStore finchhost leads on this host to {}\n",
+        done.host_store.as_deref().unwrap_or("the plaintext auths")
+    ));
+    let link = match args.link {
+        Some(l) => l,
+        None => "hvsock://wsl:6127".parse()?,
+    };
+    attach(&overrides, &name, Some((link.clone(), None)))?;
+    if !args.no_wsl {
+        install_in_distro(&overrides, &name, &link, &guest_dir, arch, &saved)?;
+    }
+    let run_args: Vec<String> = if named {
+        vec!["--config".to_owned(), config_path.display().to_string()]
+    } else {
+        Vec::new()
+    };
+    install_service(install::Platform::Windows, false, args.no_start, &run_args)?;
+    print("restart Finch's VM: finch vm stop; finch vm start\n");
+    Ok(())
+}
+
+/// Installs the guest side in Finch's distro with `wsl.exe`, as root, from a bundle with the
+/// VM's key that is removed again at once.
+fn install_in_distro(
+    overrides: &Overrides,
+    name: &VmName,
+    link: &finch_shared::endpoint::Endpoint,
+    guest_dir: &Path,
+    arch: &str,
+    saved: &Path,
+) -> anyhow::Result<()> {
+    use finch_shared::endpoint::Endpoint;
+    let guest_link = match link {
+        Endpoint::Tcp { port, .. } => format!("tcp://127.0.0.1:{port}"),
+        Endpoint::HvSock { port, .. } => format!("vsock://-1:{port}"),
+        other => anyhow::bail!("Finch's distro is reached over hvsock:// or tcp://, not {other}"),
+    };
+    let settings = settings::Settings::load(overrides)?;
+    let (key, _) = vm_keys::load_key(&settings, name)?;
+    let instance = lima::Instance { name: name.clone(), dir: saved.join("wsl") };
+    let bundle = instance.bundle();
+    let result = (|| {
+        lima::fill_bundle(&instance, arch, guest_dir, &key)?;
+        let uid = std::process::Command::new("wsl.exe")
+            .args(["-d", finch_wsl::DISTRO, "--", "id", "-u"])
+            .output()
+            .context("cannot run wsl.exe")?;
+        let uid: u32 = String::from_utf8_lossy(&uid.stdout)
+            .trim()
+            .parse()
+            .context("cannot tell the distro's user (wsl.exe -d lima-finch -- id -u)")?;
+        let script = finch_wsl::install_script(&bundle.display().to_string(), &guest_link, uid);
+        let status = std::process::Command::new("wsl.exe")
+            .args(["-d", finch_wsl::DISTRO, "-u", "root", "--", "sh", "-c", &script])
+            .status()
+            .context("cannot run wsl.exe")?;
+        anyhow::ensure!(status.success(), "install.sh in {} failed ({status})", finch_wsl::DISTRO);
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&instance.dir);
+    result
 }
 
 fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {

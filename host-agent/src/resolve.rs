@@ -111,10 +111,14 @@ impl Current {
         Current { settings: Arc::new(settings), keychain, ecr, budget, configs, shares }
     }
 
-    /// The docker config, read off the runtime (and only again when the file changed).
+    /// The docker config, read off the runtime (and only again when the file changed), with
+    /// `finchhost` read as the host's own store: in a config.json the VM shares (Finch on
+    /// Windows) it means the bridge, which is this process, so `host_creds_store` serves it
+    /// (none: the plaintext `auths`), and the bridge's helper never runs on the host.
     pub async fn docker_config(&self) -> Result<Arc<DockerConfig>, WireError> {
         let (configs, dir) = (self.configs.clone(), self.settings.docker_config.clone());
-        blocking(move || configs.load(&dir).map_err(Into::into)).await
+        let config = blocking(move || configs.load(&dir).map_err(Into::into)).await?;
+        Ok(DockerConfig::bridge_as(config, self.settings.host_creds_store.as_deref()))
     }
 
     /// The source that serves `registry` under the docker config's routing: `credHelpers`

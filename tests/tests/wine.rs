@@ -251,3 +251,152 @@ fn windows_host_agent_under_wine_serves_a_linux_guest() {
     );
     assert_no_secret("wine-helper-secret", &[("host log", &b.host_log())]);
 }
+
+/// `setup finch` on Windows, under Wine, through Finch's own helper mechanism: a Finch-shaped
+/// `%LOCALAPPDATA%\.finch` (`finch.yaml` with `creds_helpers: [ecr-login]`, `config.json` with
+/// `credsStore: wincred`); setup (no wsl.exe, no logon task) puts the Linux helper in
+/// `cred-helpers\`, `finchhost` in `creds_helpers` (`ecr-login` out), `credsStore: finchhost`
+/// in the shared config, records `wincred` as the host's store and attaches the VM over
+/// `tcp://`. Then a Linux guest agent with the VM's exported key, and the host agent reading
+/// that same directory: the client path (`credsStore` in that config.json, then
+/// `docker-credential-finchhost`) stores into Wine's Credential Manager and gets it back, an
+/// ECR name is answered natively, no host `docker-credential-finchhost` is ever run; and
+/// `--remove` restores both files byte for byte.
+#[test]
+fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
+    if !require("wine", &["wine", "x86_64-w64-mingw32-gcc", "/usr/lib/wine/wine64"]) {
+        return;
+    }
+    let Some(win) = windows_bins() else { return };
+    let mut b = Bridge::new("{}");
+    let port = free_port();
+    b.tcp_link = Some(port);
+    let finch = b.path("LocalAppData/.finch");
+    let guest = b.path("guest/linux-x86_64");
+    for d in [&finch, &guest] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let yaml =
+        "# Finch's config\ncpus: 2\nmemory: 4GiB\ncreds_helpers:\n  - ecr-login\nvmType: wsl2\n";
+    let config = "{\n  \"credsStore\": \"wincred\"\n}\n";
+    std::fs::write(finch.join("finch.yaml"), yaml).unwrap();
+    std::fs::write(finch.join("config.json"), config).unwrap();
+    for bin in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(finch_tests::bin(bin), guest.join(bin)).unwrap();
+    }
+    let wine = Wine::new(b.dir.path(), &b.helper_dir);
+    // A docker-credential-finchhost on the host's PATH that says so if it is ever run.
+    std::fs::copy(
+        win.join("docker-credential-winetest.exe"),
+        b.helper_dir.join("docker-credential-finchhost.exe"),
+    )
+    .unwrap();
+    let state = b.state_dir();
+    for d in [state.clone(), state.join("finch-setup"), state.join("vms")] {
+        private_dir(&d);
+    }
+    let agent = win.join("finch-host-agent.exe");
+    let host_config = b.path("host-agent.toml");
+    let common =
+        ["--state-dir".to_owned(), winpath(&state), "--config".to_owned(), winpath(&host_config)];
+    let setup = |extra: &[&str]| {
+        let mut args = vec!["setup", "finch", "--no-wsl", "--no-start", "--platform", "windows"];
+        args.extend(["--key-store", "file"]);
+        args.extend_from_slice(extra);
+        args.extend(common.iter().map(String::as_str));
+        wine.output(&agent, &args)
+    };
+    let (finch_w, guest_w) = (winpath(&finch), winpath(guest.parent().unwrap()));
+    let link = format!("tcp://127.0.0.1:{port}");
+    let (code, out, err) =
+        setup(&["--finch-dir", &finch_w, "--guest-dir", &guest_w, "--link", &link]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("leads on this host to wincred"), "{out}");
+    let wired_yaml = std::fs::read_to_string(finch.join("finch.yaml")).unwrap();
+    assert!(wired_yaml.contains("finchhost") && !wired_yaml.contains("ecr-login"), "{wired_yaml}");
+    assert!(wired_yaml.contains("memory: 4GiB"), "{wired_yaml}");
+    let shared: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(finch.join("config.json")).unwrap()).unwrap();
+    assert_eq!(shared["credsStore"], "finchhost");
+    assert_eq!(
+        std::fs::read(finch.join("cred-helpers/docker-credential-finchhost")).unwrap(),
+        std::fs::read(guest.join("docker-credential-finchhost")).unwrap()
+    );
+    let host_text = std::fs::read_to_string(&host_config).unwrap();
+    assert!(host_text.contains("host_creds_store = \"wincred\""), "{host_text}");
+    // doctor on Windows: ecr-login was in creds_helpers before (the original), not now.
+    let (_, report, _) = wine.output(&agent, &{
+        let mut a = vec!["doctor", "--docker-config", finch_w.as_str()];
+        a.extend(common.iter().map(String::as_str));
+        a
+    });
+    assert!(report.contains("OK   finch creds_helpers"), "{report}");
+    let attached = std::fs::read_to_string(state.join("attached.toml")).unwrap();
+    assert!(attached.contains(&link), "{attached}");
+    // Again: nothing changes.
+    let (code, out, err) =
+        setup(&["--finch-dir", &finch_w, "--guest-dir", &guest_w, "--link", &link]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::read_to_string(&host_config).unwrap(), host_text);
+
+    // The VM's key, exported for the guest (install.sh would put it in the distro).
+    let key = b.path("link.key");
+    let mut export = vec!["key-export", "finch", "--out"];
+    let key_w = winpath(&key);
+    export.push(&key_w);
+    export.extend(["--key-store", "file"]);
+    export.extend(common.iter().map(String::as_str));
+    std::fs::remove_file(&key).unwrap();
+    let (code, out, err) = wine.output(&agent, &export);
+    assert_eq!(code, 0, "{out}{err}");
+    // As install.sh installs it in the distro (Wine shows the DACL it wrote as 0775).
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    b.start_guest();
+
+    let fake = finch_tests::aws::FakeEcr::start(b.dir.path());
+    fake.control(r#"{"password": "wine-ecr-token-{n}"}"#);
+    let mut run: Vec<&str> = vec!["run", "--docker-config", &finch_w, "--key-store", "file"];
+    run.extend(common.iter().map(String::as_str));
+    run.extend(["--heartbeat-ms", "500", "--reconnect-max-ms", "500"]);
+    let mut cmd = wine.cmd(&agent, &run);
+    finch_tests::hermetic_aws(&mut cmd, b.dir.path());
+    cmd.env("RUST_LOG", "debug")
+        .env("AWS_ENDPOINT_URL", fake.url())
+        .env("AWS_ACCESS_KEY_ID", "AKIAWINEFAKE")
+        .env("AWS_SECRET_ACCESS_KEY", "wine-fake-aws-secret");
+    let mut host = Proc::spawn("finch-host-agent.exe", cmd, &b.path("host.log"));
+    let up = wait_until(WINE_STARTUP, || b.guest_log().contains("host link up") || host.exited());
+    b.host = Some(host);
+    assert!(up && b.guest_log().contains("host link up"), "{}\n{}", b.host_log(), b.guest_log());
+
+    // The client's path in the distro: DOCKER_CONFIG is that directory; its credsStore names
+    // the helper Finch links from cred-helpers\.
+    let item =
+        r#"{"ServerURL":"finch.wine.example","Username":"wsl-user","Secret":"wsl-wincred-secret"}"#;
+    let r = b.helper("store", item);
+    assert_eq!(r.code, 0, "{r:?}\n{}", b.host_log());
+    let (code, out, err) = wine.output(&win.join("wincred-check.exe"), &["finch.wine.example"]);
+    assert_eq!(code, 0, "not in Wine's Credential Manager: {out}{err}");
+    let r = b.helper("get", "finch.wine.example");
+    assert!(r.out().contains("\"Username\":\"wsl-user\""), "{r:?}\n{}", b.host_log());
+    let ecr = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+    let r = b.helper("get", ecr);
+    assert!(r.out().contains("\"Username\":\"AWS\""), "{r:?}\n{}", b.host_log());
+    assert!(r.out().contains("wine-ecr-token-"), "{r:?}");
+    let log = b.host_log();
+    assert!(log.contains("source=\"keychain:wincred\""), "{log}");
+    assert!(!log.contains("helper:finchhost"), "a host finchhost ran:\n{log}");
+    drop(b.host.take());
+
+    let (code, out, err) = setup(&["--remove", "--finch-dir", &finch_w]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::read_to_string(finch.join("finch.yaml")).unwrap(), yaml, "{out}");
+    assert_eq!(std::fs::read_to_string(finch.join("config.json")).unwrap(), config, "{out}");
+    assert!(!finch.join("cred-helpers/docker-credential-finchhost").exists());
+    let host_text = std::fs::read_to_string(&host_config).unwrap_or_default();
+    assert!(!host_text.contains("host_creds_store"), "{host_text}");
+    assert_no_secret(
+        "wsl-wincred-secret",
+        &[("host log", &b.host_log()), ("guest log", &b.guest_log())],
+    );
+}

@@ -160,26 +160,6 @@ fn read(path: &Path) -> anyhow::Result<Option<Found>> {
     Ok(Some(Found { text, doc }))
 }
 
-/// Reads `path` bounded ([`MAX_YAML`]) as UTF-8; `None` when it does not exist, an error
-/// when it is larger.
-pub fn read_text(path: &Path) -> anyhow::Result<Option<String>> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut text = String::new();
-    file.take(MAX_YAML + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read {} (is it UTF-8?)", path.display()))?;
-    anyhow::ensure!(
-        text.len() as u64 <= MAX_YAML,
-        "{} is larger than {MAX_YAML} bytes",
-        path.display()
-    );
-    Ok(Some(text))
-}
-
 fn original_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(ORIGINAL_SUFFIX);

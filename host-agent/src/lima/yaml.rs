@@ -1,6 +1,7 @@
 //! YAML, bounded: Lima's files read with a size cap and no aliases, and what the agent
 //! takes from them (architecture, mounts).
 
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
@@ -15,6 +16,26 @@ use crate::settings::LimaSettings;
 pub fn read_yaml(path: &Path) -> anyhow::Result<Option<Yaml>> {
     let Some(text) = read_text(path)? else { return Ok(None) };
     parse_yaml(&text).with_context(|| format!("cannot use {}", path.display())).map(Some)
+}
+
+/// Reads `path` bounded ([`MAX_YAML`]) as UTF-8; `None` when it does not exist, an error
+/// when it is larger.
+pub fn read_text(path: &Path) -> anyhow::Result<Option<String>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut text = String::new();
+    file.take(MAX_YAML + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {} (is it UTF-8?)", path.display()))?;
+    anyhow::ensure!(
+        text.len() as u64 <= MAX_YAML,
+        "{} is larger than {MAX_YAML} bytes",
+        path.display()
+    );
+    Ok(Some(text))
 }
 
 /// Parses one YAML document (an empty text is `Null`), refusing aliases.

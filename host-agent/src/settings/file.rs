@@ -51,6 +51,7 @@ struct Schema {
     key_store: Option<KeyStore>,
     heartbeat_ms: Option<Spanned<u64>>,
     reconnect_max_ms: Option<Spanned<u64>>,
+    host_creds_store: Option<String>,
     #[serde(default)]
     vm: BTreeMap<Spanned<String>, SchemaVm>,
     ecr: Option<SchemaEcr>,
@@ -119,6 +120,7 @@ pub fn parse(file: &Path, text: &str) -> Result<FileSettings, ConfigError> {
         key_store: schema.key_store,
         heartbeat_ms: src.number(&schema.heartbeat_ms, heartbeat)?,
         reconnect_max_ms: src.number(&schema.reconnect_max_ms, reconnect)?,
+        host_creds_store: schema.host_creds_store,
     };
     let mut vms = BTreeMap::new();
     for (name, vm) in &schema.vm {

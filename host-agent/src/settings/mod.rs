@@ -14,6 +14,7 @@
 //! key_store = "auto"                    # VM keys: "auto" (keychain, else files), "keychain", "file"
 //! heartbeat_ms = 5000
 //! reconnect_max_ms = 3000
+//! host_creds_store = "wincred"          # where `credsStore: finchhost` leads (a shared config.json)
 //!
 //! [vm.finch]
 //! endpoint = "unix:///Applications/Finch/lima/data/finch/sock/finch-guest-agent.sock"
@@ -175,6 +176,11 @@ pub struct Layer {
     /// Cap of the reconnect delay, in milliseconds [default: 3000].
     #[arg(long, value_name = "MS")]
     pub reconnect_max_ms: Option<u64>,
+    /// The host's own store where the docker config names `finchhost` (the bridge's helper,
+    /// as a config.json that the VM reads too says): a helper name, served as any `credsStore`
+    /// is [default: none: the plaintext `auths`]. `finchhost` itself is never run on the host.
+    #[arg(long, value_name = "NAME")]
+    pub host_creds_store: Option<String>,
 }
 
 impl Layer {
@@ -189,6 +195,7 @@ impl Layer {
             key_store: self.key_store.or(lower.key_store),
             heartbeat_ms: self.heartbeat_ms.or(lower.heartbeat_ms),
             reconnect_max_ms: self.reconnect_max_ms.or(lower.reconnect_max_ms),
+            host_creds_store: self.host_creds_store.or(lower.host_creds_store),
         }
     }
 
@@ -305,6 +312,23 @@ impl LimaSettings {
     }
 }
 
+/// The bridge's own helper name: in a docker config it means "ask the host agent", which is
+/// this process (Finch on Windows shares `config.json` between the host and the VM).
+pub const BRIDGE_HELPER: &str = "finchhost";
+
+/// `name` checked as `host_creds_store`: a helper name, and not the bridge's own.
+fn host_creds_store(name: String) -> Result<String, ConfigError> {
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !plain || name == BRIDGE_HELPER {
+        return Err(ConfigError::ConfigValue(format!(
+            "host_creds_store {name:?}: a helper name (letters, digits, '-', '_', '.'), not {BRIDGE_HELPER:?}"
+        )));
+    }
+    Ok(name)
+}
+
 /// Every setting, merged. Lima instances are not in it: the agent adopts them
 /// (`crate::lima::adopt`).
 #[derive(Debug, Clone)]
@@ -323,6 +347,8 @@ pub struct Settings {
     pub keychain_timeout: Duration,
     /// Whether keychain helper names are served natively.
     pub native_keychain: bool,
+    /// Where a docker config's `finchhost` leads on the host (`None`: the plaintext `auths`).
+    pub host_creds_store: Option<String>,
     /// Where keys of VMs without a `key` file of their own are kept.
     pub key_store: KeyStore,
     /// Heartbeat interval on each link.
@@ -485,6 +511,10 @@ impl Settings {
             helper_timeout: Duration::from_secs(helper),
             keychain_timeout: Duration::from_secs(keychain),
             native_keychain: layer.native_keychain.unwrap_or(true),
+            host_creds_store: match layer.host_creds_store {
+                Some(name) => Some(host_creds_store(name)?),
+                None => None,
+            },
             key_store: layer.key_store.unwrap_or_default(),
             heartbeat: Duration::from_millis(heartbeat),
             reconnect_max: Duration::from_millis(reconnect),

@@ -101,6 +101,28 @@ impl DockerConfig {
         };
         Ok(DockerConfig { routing: Routing { creds_store, cred_helpers }, auths: Arc::new(auths) })
     }
+
+    /// `config` with every `finchhost` (the bridge's helper) in its routing read as `store`,
+    /// the host's own (`None`: the plaintext `auths`). Unchanged, not copied, when it names
+    /// no `finchhost`.
+    pub fn bridge_as(config: Arc<DockerConfig>, store: Option<&str>) -> Arc<DockerConfig> {
+        let bridge = |h: &String| h == crate::settings::BRIDGE_HELPER;
+        let routing = &config.routing;
+        if !routing.creds_store.as_ref().is_some_and(bridge)
+            && !routing.cred_helpers.values().any(bridge)
+        {
+            return config;
+        }
+        let to = || store.unwrap_or_default().to_owned();
+        let mut routing = routing.clone();
+        if routing.creds_store.as_ref().is_some_and(bridge) {
+            routing.creds_store = store.map(str::to_owned);
+        }
+        for helper in routing.cred_helpers.values_mut().filter(|h| bridge(h)) {
+            *helper = to(); // "" sends the registry to the plaintext auths
+        }
+        Arc::new(DockerConfig { routing, auths: config.auths.clone() })
+    }
 }
 
 /// The docker config as last read, re-read only when the file changes (by modification time,
@@ -291,6 +313,32 @@ mod tests {
 
     fn reg(s: &str) -> Registry {
         Registry::parse(s).unwrap()
+    }
+
+    #[test]
+    fn finchhost_in_a_shared_config_is_the_hosts_own_store_never_the_helper() {
+        let shared = Arc::new(DockerConfig {
+            routing: Routing {
+                creds_store: Some("finchhost".into()),
+                cred_helpers: [
+                    ("a.example".to_owned(), "finchhost".to_owned()),
+                    ("b.example".to_owned(), "pass".to_owned()),
+                ]
+                .into(),
+            },
+            auths: Arc::default(),
+        });
+        let wincred = DockerConfig::bridge_as(shared.clone(), Some("wincred"));
+        assert_eq!(wincred.routing.helper_for(&reg("x.example")), Some("wincred"));
+        assert_eq!(wincred.routing.helper_for(&reg("a.example")), Some("wincred"));
+        assert_eq!(wincred.routing.helper_for(&reg("b.example")), Some("pass"));
+        let plain = DockerConfig::bridge_as(shared, None);
+        assert_eq!(plain.routing.helper_for(&reg("x.example")), None);
+        assert_eq!(plain.routing.helper_for(&reg("a.example")), None);
+        assert_eq!(plain.routing.helper_for(&reg("b.example")), Some("pass"));
+        // A config without finchhost is the same value, not a copy.
+        let own = Arc::new(DockerConfig::default());
+        assert!(Arc::ptr_eq(&own, &DockerConfig::bridge_as(own.clone(), Some("wincred"))));
     }
 
     #[test]

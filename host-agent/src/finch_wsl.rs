@@ -1,0 +1,419 @@
+//! `setup finch` for Finch on Windows (WSL2), through Finch's own helper mechanism.
+//!
+//! What Finch 1.18 does there (runfinch/finch): it has no credential server on Windows
+//! (`pkg/credserver/process_windows.go` is a stub); in its distro (`lima-finch`, lima-vm/lima
+//! `pkg/driver/wsl2/vm_windows.go`) nerdctl runs with `DOCKER_CONFIG="$FINCH_DIR"`, the host's
+//! own `%LOCALAPPDATA%\.finch` through `/mnt/c`, and for each name in `creds_helpers` of
+//! `finch.yaml` it links `$FINCH_DIR/cred-helpers/docker-credential-NAME` into `/usr/local/bin`
+//! (`pkg/config/nerdctl_config_applier.go` `updateEnvironment`). With `ecr-login` there it
+//! exports the host's AWS keys into the VM (`cmd/finch/nerdctl_remote.go`
+//! `ensureRemoteCredentials`) and, at `vm init`, sets `credsStore: ecr-login` in that
+//! `config.json` (`pkg/dependency/credhelper/cred_helper_binary.go` `updateConfigFile`).
+//!
+//! So setup puts the bridge's Linux helper in `cred-helpers\`, `finchhost` in `creds_helpers`
+//! (and `ecr-login` out: the bridge answers ECR natively), and `credsStore: finchhost` in the
+//! shared `config.json`, which the host agent then reads as "the host's own store", recorded
+//! here as `host_creds_store` from the file's previous `credsStore`. Each file's bytes before
+//! the first change are kept in the state directory (`finch-setup/`); `--remove` puts them
+//! back exactly.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+use yaml_rust2::Yaml;
+
+use crate::lima;
+use crate::settings::BRIDGE_HELPER;
+
+/// The WSL distro Lima makes for Finch's instance (`lima-` + the instance name).
+pub const DISTRO: &str = "lima-finch";
+/// Under the state directory: each file's bytes before setup changed it.
+pub const SAVED_DIR: &str = "finch-setup";
+/// A saved original's name when the file did not exist.
+const ABSENT: &str = ".absent";
+
+/// Finch's directory and the files setup changes in it.
+#[derive(Debug, Clone)]
+pub struct FinchDir {
+    /// `%LOCALAPPDATA%\.finch`.
+    pub dir: PathBuf,
+}
+
+impl FinchDir {
+    fn finch_yaml(&self) -> PathBuf {
+        self.dir.join("finch.yaml")
+    }
+
+    fn config_json(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// Where Finch links helpers from.
+    pub fn helper(&self) -> PathBuf {
+        self.dir.join("cred-helpers").join(format!("docker-credential-{BRIDGE_HELPER}"))
+    }
+}
+
+/// What [`wire`] found and did.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// The `credsStore` the shared config had before (`finchhost` read as it from now on).
+    pub host_store: Option<String>,
+    /// `creds_helpers` before.
+    pub helpers_before: Vec<String>,
+    /// Lines for the user.
+    pub said: Vec<String>,
+}
+
+fn read(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            anyhow::ensure!(
+                b.len() as u64 <= lima::MAX_YAML,
+                "{} is larger than {} bytes",
+                path.display(),
+                lima::MAX_YAML
+            );
+            Ok(Some(b))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn saved_path(saved: &Path, name: &str) -> PathBuf {
+    saved.join(name)
+}
+
+/// The original of `file` (named `name` in `saved`): the saved bytes, else the file as it is
+/// when `wired` says it is not wired yet (then saved now). `None` inside: it did not exist.
+fn original(
+    file: &Path,
+    saved: &Path,
+    name: &str,
+    wired: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let current = read(file)?;
+    let fresh = current.as_deref().is_none_or(|b| !wired(b));
+    let keep = saved_path(saved, name);
+    let absent = saved_path(saved, &format!("{name}{ABSENT}"));
+    if !fresh {
+        if let Some(b) = read(&keep)? {
+            return Ok(Some(b));
+        }
+        if absent.exists() {
+            return Ok(None);
+        }
+    }
+    crate::platform::paths::private_dir(saved)?;
+    let _ = std::fs::remove_file(&keep);
+    let _ = std::fs::remove_file(&absent);
+    match &current {
+        Some(b) => crate::platform::paths::write_private(&keep, b)?,
+        None => crate::platform::paths::write_private(&absent, b"")?,
+    }
+    Ok(current)
+}
+
+/// Puts the saved original of `file` back (removing the file when it did not exist).
+fn restore(file: &Path, saved: &Path, name: &str) -> anyhow::Result<bool> {
+    let keep = saved_path(saved, name);
+    let absent = saved_path(saved, &format!("{name}{ABSENT}"));
+    if let Some(b) = read(&keep)? {
+        finch_shared::private::write_atomic(file, &b, 0o600)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        std::fs::remove_file(&keep)?;
+        return Ok(true);
+    }
+    if absent.exists() {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", file.display()));
+            }
+            _ => {}
+        }
+        std::fs::remove_file(&absent)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// `finch.yaml`'s text with `finchhost` in `creds_helpers` and `ecr-login` out; and the list
+/// before.
+fn helpers_edit(text: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let mut doc = match lima::parse_yaml(text)? {
+        Yaml::Hash(h) => h,
+        Yaml::Null => Default::default(),
+        _ => anyhow::bail!("it is not a YAML mapping"),
+    };
+    let k = Yaml::String("creds_helpers".into());
+    let before: Vec<String> = match doc.get(&k) {
+        None | Some(Yaml::Null) => Vec::new(),
+        Some(Yaml::Array(a)) => a.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+        Some(_) => anyhow::bail!("`creds_helpers` is not a list"),
+    };
+    let mut after: Vec<Yaml> = before
+        .iter()
+        .filter(|h| *h != "ecr-login" && *h != BRIDGE_HELPER)
+        .map(|h| Yaml::String(h.clone()))
+        .collect();
+    after.push(Yaml::String(BRIDGE_HELPER.into()));
+    match doc.get_mut(&k) {
+        Some(slot) => *slot = Yaml::Array(after),
+        None => {
+            doc.insert(k, Yaml::Array(after));
+        }
+    }
+    let mut out = String::from(
+        "# finch-host-agent setup finch put finchhost in creds_helpers (setup finch --remove restores this file)\n",
+    );
+    yaml_rust2::YamlEmitter::new(&mut out)
+        .dump(&Yaml::Hash(doc))
+        .map_err(|e| anyhow::anyhow!("cannot write YAML: {e}"))?;
+    out.push('\n');
+    Ok((out, before))
+}
+
+fn helpers_wired(text: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(text);
+    lima::parse_yaml(&text).ok().is_some_and(|y| {
+        y["creds_helpers"]
+            .as_vec()
+            .is_some_and(|v| v.iter().any(|h| h.as_str() == Some(BRIDGE_HELPER)))
+    })
+}
+
+fn store_of(config: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(config).ok()?;
+    v.get("credsStore")?.as_str().map(str::to_owned)
+}
+
+/// Wires Finch's directory: the helper from `guest_dir` (Linux, `arch`) into `cred-helpers\`,
+/// `creds_helpers` and `credsStore` pointed at the bridge. `saved` keeps the originals.
+pub fn wire(finch: &FinchDir, guest_binaries: &Path, saved: &Path) -> anyhow::Result<Done> {
+    let mut done = Done::default();
+    let yaml_path = finch.finch_yaml();
+    let original_yaml = original(&yaml_path, saved, "finch.yaml", helpers_wired)?
+        .with_context(|| format!("no {}: run `finch vm init` once first", yaml_path.display()))?;
+    let text = String::from_utf8(original_yaml)
+        .with_context(|| format!("{} is not UTF-8", yaml_path.display()))?;
+    let (wired, before) =
+        helpers_edit(&text).with_context(|| format!("cannot use {}", yaml_path.display()))?;
+    done.helpers_before = before;
+    if read(&yaml_path)?.as_deref() != Some(wired.as_bytes()) {
+        finch_shared::private::write_atomic(&yaml_path, wired.as_bytes(), 0o600)
+            .with_context(|| format!("cannot write {}", yaml_path.display()))?;
+        done.said.push(format!("put {BRIDGE_HELPER} in creds_helpers of {}", yaml_path.display()));
+    }
+
+    let config_path = finch.config_json();
+    let is_bridge = |b: &[u8]| store_of(b).as_deref() == Some(BRIDGE_HELPER);
+    let original_config = original(&config_path, saved, "config.json", is_bridge)?;
+    let mut map = match &original_config {
+        Some(b) => finch_shared::docker_config::parse(b)
+            .with_context(|| format!("cannot use {}", config_path.display()))?,
+        None => serde_json::Map::new(),
+    };
+    done.host_store = original_config.as_deref().and_then(store_of).filter(|s| s != BRIDGE_HELPER);
+    map.insert("credsStore".into(), Value::String(BRIDGE_HELPER.into()));
+    let mut json = serde_json::to_vec_pretty(&Value::Object(map))?;
+    json.push(b'\n');
+    if !read(&config_path)?.as_deref().is_some_and(is_bridge) {
+        finch_shared::private::write_atomic(&config_path, &json, 0o600)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        done.said.push(format!("set credsStore to {BRIDGE_HELPER} in {}", config_path.display()));
+    }
+
+    let helper = finch.helper();
+    let bytes = std::fs::read(guest_binaries.join(format!("docker-credential-{BRIDGE_HELPER}")))
+        .with_context(|| {
+            format!("no docker-credential-{BRIDGE_HELPER} in {}", guest_binaries.display())
+        })?;
+    if std::fs::read(&helper).ok().as_deref() != Some(&bytes[..]) {
+        if let Some(dir) = helper.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        finch_shared::private::write_atomic(&helper, &bytes, 0o755)
+            .with_context(|| format!("cannot write {}", helper.display()))?;
+        done.said.push(format!("put the bridge's Linux helper at {}", helper.display()));
+    }
+    Ok(done)
+}
+
+/// Undoes [`wire`]: both files as they were, byte for byte, and the helper removed.
+pub fn unwire(finch: &FinchDir, saved: &Path) -> anyhow::Result<Vec<String>> {
+    let mut said = Vec::new();
+    for (file, name) in [(finch.finch_yaml(), "finch.yaml"), (finch.config_json(), "config.json")] {
+        if restore(&file, saved, name)? {
+            said.push(format!("restored {}", file.display()));
+        }
+    }
+    match std::fs::remove_file(finch.helper()) {
+        Ok(()) => said.push(format!("removed {}", finch.helper().display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove {}", finch.helper().display()));
+        }
+    }
+    let _ = std::fs::remove_dir(saved);
+    Ok(said)
+}
+
+// ---- the host agent's config: host_creds_store --------------------------------------------
+
+/// The comment lines around what `setup finch` puts at the top of the config.
+pub const STORE_MARK: &str = "# Added by `finch-host-agent setup finch` (Windows): where credsStore finchhost leads on this host.";
+const STORE_END: &str = "# (end of what setup finch added)";
+
+/// `text` (a host agent config) with setup's `host_creds_store` line at its top for `store`
+/// (`Some(None)`: the plaintext auths, no line), or (`None`) taken out.
+pub fn store_config_text(text: &str, store: Option<Option<&str>>) -> anyhow::Result<String> {
+    let mut kept = Vec::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if line == STORE_MARK {
+            skipping = true;
+            continue;
+        }
+        if skipping {
+            skipping = line != STORE_END;
+            continue;
+        }
+        kept.push(line);
+    }
+    let rest = kept.join("\n");
+    let foreign = kept.iter().any(|l| {
+        let t = l.trim_start();
+        t.starts_with("host_creds_store") && t[16..].trim_start().starts_with('=')
+    });
+    let Some(store) = store else {
+        return Ok(if rest.is_empty() { rest } else { rest + "\n" });
+    };
+    anyhow::ensure!(
+        !foreign,
+        "the config already sets host_creds_store, which setup did not write: edit it instead"
+    );
+    let mut out = String::new();
+    if let Some(s) = store {
+        out.push_str(&format!(
+            "{STORE_MARK}\nhost_creds_store = {}\n{STORE_END}\n",
+            crate::settings::toml_string(s)
+        ));
+    }
+    if !rest.is_empty() {
+        out.push_str(&rest);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// The shell command that installs the guest side in Finch's distro, as root: the bundle at
+/// Windows path `bundle` (read through `/mnt/c`), the link on `guest_link`, the distro's
+/// default user (uid `uid`) allowed. `wsl.exe -d DISTRO -u root -- sh -c SCRIPT`.
+pub fn install_script(bundle: &str, guest_link: &str, uid: u32) -> String {
+    let quoted = bundle.replace('\'', "'\\''");
+    format!(
+        "set -e; b=$(wslpath -u '{quoted}'); sh \"$b/install.sh\" --bundle \"$b\" --init wsl \
+         --link-listen {guest_link} --link-allow-uid {uid} --allow-uid {uid} --docker-config /root/.docker"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn finch_dir(t: &Path, yaml: &str, config: Option<&str>) -> FinchDir {
+        let dir = t.join(".finch");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("finch.yaml"), yaml).unwrap();
+        if let Some(c) = config {
+            std::fs::write(dir.join("config.json"), c).unwrap();
+        }
+        FinchDir { dir }
+    }
+
+    #[cfg(unix)]
+    fn guest(t: &Path) -> PathBuf {
+        let g = t.join("guest");
+        std::fs::create_dir_all(&g).unwrap();
+        std::fs::write(g.join("docker-credential-finchhost"), b"\x7fELF helper").unwrap();
+        g
+    }
+
+    // Unix only: Wine reads a fresh private directory's DACL back as open (the Windows build
+    // runs this path in tests/tests/wine.rs, on a directory made private there).
+    #[cfg(unix)]
+    #[test]
+    fn wiring_records_the_store_and_helpers_and_unwiring_restores_both_files_exactly() {
+        let t = tempfile::tempdir().unwrap();
+        let yaml =
+            "# my Finch\ncpus: 4\ncreds_helpers:\n  - ecr-login\n  - wincred\nvmType: wsl2\n";
+        let config = "{\"credsStore\": \"wincred\", \"auths\": {}}";
+        let f = finch_dir(t.path(), yaml, Some(config));
+        let saved = t.path().join("state/finch-setup");
+        let done = wire(&f, &guest(t.path()), &saved).unwrap();
+        assert_eq!(done.host_store.as_deref(), Some("wincred"));
+        assert_eq!(done.helpers_before, ["ecr-login", "wincred"]);
+        assert_eq!(done.said.len(), 3, "{:?}", done.said);
+        let y = lima::read_yaml(&f.finch_yaml()).unwrap().unwrap();
+        let helpers: Vec<&str> =
+            y["creds_helpers"].as_vec().unwrap().iter().filter_map(Yaml::as_str).collect();
+        assert_eq!(helpers, ["wincred", "finchhost"]);
+        assert_eq!(y["cpus"].as_i64(), Some(4));
+        let c: Value = serde_json::from_slice(&std::fs::read(f.config_json()).unwrap()).unwrap();
+        assert_eq!(c["credsStore"], "finchhost");
+        assert!(f.helper().is_file());
+        // Again: nothing to do, and what was recorded is still the original's.
+        let again = wire(&f, &guest(t.path()), &saved).unwrap();
+        assert!(again.said.is_empty(), "{:?}", again.said);
+        assert_eq!(again.host_store.as_deref(), Some("wincred"));
+        unwire(&f, &saved).unwrap();
+        assert_eq!(std::fs::read_to_string(f.finch_yaml()).unwrap(), yaml);
+        assert_eq!(std::fs::read_to_string(f.config_json()).unwrap(), config);
+        assert!(!f.helper().exists() && !saved.exists());
+    }
+
+    // Unix only: Wine reads a fresh private directory's DACL back as open (the Windows build
+    // runs this path in tests/tests/wine.rs, on a directory made private there).
+    #[cfg(unix)]
+    #[test]
+    fn a_missing_config_json_is_made_and_removed_again() {
+        let t = tempfile::tempdir().unwrap();
+        let f = finch_dir(t.path(), "vmType: wsl2\n", None);
+        let saved = t.path().join("state/finch-setup");
+        let done = wire(&f, &guest(t.path()), &saved).unwrap();
+        assert_eq!(done.host_store, None);
+        assert!(f.config_json().is_file());
+        unwire(&f, &saved).unwrap();
+        assert!(!f.config_json().exists());
+        assert_eq!(std::fs::read_to_string(f.finch_yaml()).unwrap(), "vmType: wsl2\n");
+        let none = FinchDir { dir: t.path().join("none") };
+        assert!(wire(&none, &guest(t.path()), &saved).is_err(), "no finch.yaml: vm init first");
+    }
+
+    #[test]
+    fn the_store_line_goes_on_top_once_and_comes_out_alone() {
+        let user = "state_dir = \"/s\"\n\n[vm.x]\nendpoint = \"unix:///x\"\n";
+        let added = store_config_text(user, Some(Some("wincred"))).unwrap();
+        assert!(added.starts_with(STORE_MARK), "{added}");
+        let parsed: toml::Table = toml::from_str(&added).unwrap();
+        assert_eq!(parsed["host_creds_store"].as_str(), Some("wincred"));
+        assert_eq!(store_config_text(&added, Some(Some("wincred"))).unwrap(), added);
+        assert_eq!(store_config_text(&added, None).unwrap(), user);
+        assert_eq!(store_config_text(user, Some(None)).unwrap(), user);
+        assert!(store_config_text("host_creds_store = \"x\"\n", Some(Some("y"))).is_err());
+    }
+
+    #[test]
+    fn the_install_command_quotes_the_bundle_path() {
+        let s = install_script("C:\\Users\\o'brien\\b", "vsock://-1:6127", 1000);
+        assert!(s.contains("wslpath -u 'C:\\Users\\o'\\''brien\\b'"), "{s}");
+        assert!(
+            s.contains("--init wsl --link-listen vsock://-1:6127 --link-allow-uid 1000"),
+            "{s}"
+        );
+    }
+}
