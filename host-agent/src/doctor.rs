@@ -125,6 +125,48 @@ fn check_finch_helpers(r: &mut Report, finch_dir: &Path) {
     } else if helpers.contains(&settings::BRIDGE_HELPER) {
         r.ok("finch creds_helpers", format!("{} has finchhost", file.display()));
     }
+    if yaml["vmType"].as_str() != Some("wsl2") {
+        return;
+    }
+    // WSL mounts every fixed drive read-write in every distro unless its wsl.conf says
+    // `[automount] enabled = false`; Finch's distro does not (finch-core `deps/mkosi/mkosi.images/wsl-rootfs/mkosi.postinst.chroot` appends only `[boot] systemd=true`).
+    let conf = Path::new(r"\\wsl.localhost").join(crate::finch_wsl::DISTRO).join(r"etc\wsl.conf");
+    let automount = std::fs::read_to_string(&conf).ok().map(|t| automount_enabled(&t));
+    if automount == Some(false) {
+        r.ok("finch distro mounts", "C: is not automounted");
+        return;
+    }
+    let known = if automount.is_some() {
+        "mounts"
+    } else {
+        "mounts, unless its wsl.conf (unreadable now: is the distro running?) says otherwise,"
+    };
+    r.fail(
+        "finch distro mounts",
+        format!(
+            "Finch's distro {known} C: read-write: a process in the VM reads {} (config.json's auths, the agent's state and VM keys) and %USERPROFILE%\\.aws (Finch links /root/.aws to it) without the bridge",
+            finch_dir.display()
+        ),
+        "in the distro's /etc/wsl.conf set [automount] enabled = false and mount only what builds need through /etc/fstab (mountFsTab = true), then wsl --terminate lima-finch",
+    );
+}
+
+/// Whether a wsl.conf leaves drive automounting on (WSL's default).
+fn automount_enabled(text: &str) -> bool {
+    let mut section = String::new();
+    let mut enabled = true;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_ascii_lowercase();
+        } else if section == "automount"
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim().eq_ignore_ascii_case("enabled")
+        {
+            enabled = !v.trim().eq_ignore_ascii_case("false");
+        }
+    }
+    enabled
 }
 
 /// Host paths whose content the bridge keeps on the host, with what each holds.
@@ -529,5 +571,17 @@ pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<PathBuf> {
     match Settings::load(overrides) {
         Ok(s) => Ok(s.state_dir),
         Err(_) => Ok(settings::state_dir_without_file(overrides)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wsl_automount_is_on_unless_wsl_conf_turns_it_off() {
+        use super::automount_enabled;
+        assert!(automount_enabled(""));
+        assert!(automount_enabled("[boot]\nsystemd=true\n"));
+        assert!(!automount_enabled("[automount]\nenabled = false\nmountFsTab = true\n"));
+        assert!(automount_enabled("[automount]\nenabled=true\n[network]\nenabled=false\n"));
     }
 }

@@ -619,7 +619,12 @@ fn churn_while_calling(b: &Bridge, socket: &Path, uid: u32, secs: u64) -> (u64, 
         .gid(65534)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} as uid {uid} ({e}): every directory above it must let other users in (chmod a+rx the target directory)",
+                finch_tests::bin("churn").display()
+            )
+        });
     let until = Instant::now() + Duration::from_secs(secs);
     let mut latencies = Vec::new();
     while Instant::now() < until {

@@ -331,6 +331,9 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
         a
     });
     assert!(report.contains("OK   finch creds_helpers"), "{report}");
+    // The C: automount: not readable under Wine (no \\wsl.localhost), so said as WSL's default.
+    assert!(report.contains("FAIL finch distro mounts: Finch's distro mounts, unless"), "{report}");
+    assert!(report.contains("[automount] enabled = false"), "{report}");
     let attached = std::fs::read_to_string(state.join("attached.toml")).unwrap();
     assert!(attached.contains(&link), "{attached}");
     // Again: nothing changes.
@@ -360,7 +363,8 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
     run.extend(["--heartbeat-ms", "500", "--reconnect-max-ms", "500"]);
     let mut cmd = wine.cmd(&agent, &run);
     finch_tests::hermetic_aws(&mut cmd, b.dir.path());
-    cmd.env("RUST_LOG", "debug")
+    // Trace: every level of the changed paths is checked for secrets at the end.
+    cmd.env("RUST_LOG", "trace")
         .env("AWS_ENDPOINT_URL", fake.url())
         .env("AWS_ACCESS_KEY_ID", "AKIAWINEFAKE")
         .env("AWS_SECRET_ACCESS_KEY", "wine-fake-aws-secret");
@@ -395,8 +399,9 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
     assert!(!finch.join("cred-helpers/docker-credential-finchhost").exists());
     let host_text = std::fs::read_to_string(&host_config).unwrap_or_default();
     assert!(!host_text.contains("host_creds_store"), "{host_text}");
-    assert_no_secret(
-        "wsl-wincred-secret",
-        &[("host log", &b.host_log()), ("guest log", &b.guest_log())],
-    );
+    let (host_log, guest_log) = (b.host_log(), b.guest_log());
+    assert!(host_log.contains("TRACE"), "trace was not in force");
+    for secret in ["wsl-wincred-secret", "wine-ecr-token-", "wine-fake-aws-secret"] {
+        assert_no_secret(secret, &[("host log", &host_log), ("guest log", &guest_log)]);
+    }
 }
