@@ -25,6 +25,7 @@ use yaml_rust2::Yaml;
 
 use crate::lima;
 use crate::settings::BRIDGE_HELPER;
+use crate::source::docker_config::MAX_CONFIG;
 
 /// The WSL distro Lima makes for Finch's instance (`lima-` + the instance name).
 pub const DISTRO: &str = "lima-finch";
@@ -66,20 +67,10 @@ pub struct Done {
     pub said: Vec<String>,
 }
 
+/// Reads `path` at most [`MAX_CONFIG`] bytes (the docker config's own bound: a `config.json`
+/// the host agent may read is one setup may read); `None` when it is missing.
 fn read(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
-        Ok(b) => {
-            anyhow::ensure!(
-                b.len() as u64 <= lima::MAX_YAML,
-                "{} is larger than {} bytes",
-                path.display(),
-                lima::MAX_YAML
-            );
-            Ok(Some(b))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+    lima::read_bounded(path, MAX_CONFIG)
 }
 
 fn saved_path(saved: &Path, name: &str) -> PathBuf {
@@ -392,6 +383,16 @@ mod tests {
         assert_eq!(std::fs::read_to_string(f.finch_yaml()).unwrap(), "vmType: wsl2\n");
         let none = FinchDir { dir: t.path().join("none") };
         assert!(wire(&none, &guest(t.path()), &saved).is_err(), "no finch.yaml: vm init first");
+    }
+
+    #[test]
+    fn a_file_past_the_bound_is_refused_unread() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("config.json");
+        std::fs::File::create(&big).unwrap().set_len(MAX_CONFIG + 1).unwrap();
+        let err = read(&big).unwrap_err().to_string();
+        assert!(err.contains("is larger than"), "{err}");
+        assert_eq!(read(&t.path().join("none")).unwrap(), None);
     }
 
     #[test]

@@ -580,6 +580,15 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
 /// the VM attached on `--link`, the guest side installed in the distro with `wsl.exe`, the
 /// logon task.
 fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.harden
+            && args.template.is_none()
+            && args.lima_home.is_none()
+            && args.instances.is_empty(),
+        "--harden, --template, --lima-home and --instance are for Finch on macOS (Lima); on \
+         Windows setup finch takes --finch-dir, --guest-dir, --link, --no-wsl (hardening the \
+         distro's C: automount is not done yet: doctor says how by hand)"
+    );
     let overrides = args.settings.clone();
     let (config_path, named) = settings::config_file(overrides.config.as_deref())?;
     let state_dir = doctor::state_dir_fallback(&overrides)?;

@@ -796,6 +796,9 @@ fn setup_finch_wires_finchs_template_and_the_agent_rewires_it_after_an_upgrade()
     }
     let (ok, out) = setup(&["--share", "/x"]);
     assert!(!ok && out.contains("--harden"), "--share without --harden: {out}");
+    // Not taken silently where it does nothing yet: Windows.
+    let (ok, out) = cli.run(&["setup", "finch", "--platform", "windows", "--no-wsl", "--harden"]);
+    assert!(!ok && out.contains("are for Finch on macOS"), "{out}");
 
     let (ok, out) = setup(&["--remove"]);
     assert!(ok, "{out}");

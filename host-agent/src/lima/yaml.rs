@@ -21,21 +21,24 @@ pub fn read_yaml(path: &Path) -> anyhow::Result<Option<Yaml>> {
 /// Reads `path` bounded ([`MAX_YAML`]) as UTF-8; `None` when it does not exist, an error
 /// when it is larger.
 pub fn read_text(path: &Path) -> anyhow::Result<Option<String>> {
+    let Some(bytes) = read_bounded(path, MAX_YAML)? else { return Ok(None) };
+    String::from_utf8(bytes).map(Some).with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Reads `path` whole, at most `max` bytes (never more into memory); `None` when it does
+/// not exist, an error when it is larger.
+pub fn read_bounded(path: &Path, max: u64) -> anyhow::Result<Option<Vec<u8>>> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let mut text = String::new();
-    file.take(MAX_YAML + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read {} (is it UTF-8?)", path.display()))?;
-    anyhow::ensure!(
-        text.len() as u64 <= MAX_YAML,
-        "{} is larger than {MAX_YAML} bytes",
-        path.display()
-    );
-    Ok(Some(text))
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(bytes.len() as u64 <= max, "{} is larger than {max} bytes", path.display());
+    Ok(Some(bytes))
 }
 
 /// Parses one YAML document (an empty text is `Null`), refusing aliases.
