@@ -1041,8 +1041,9 @@ fn an_ecr_name_flood_costs_aws_a_budget_and_spares_other_vms() {
 }
 
 /// Round 2, degraded: a host agent that stops answering (frozen with SIGSTOP) holds no call
-/// for long: the first call is answered `unavailable` within the stall bound (2 s, not after
-/// three missed 5 s heartbeats), the next ones at once, and calls work again once it runs.
+/// for long: the first call is answered `unavailable` by the stall probe (2 s, not after
+/// three missed 5 s heartbeats, nor at the request deadline), the next ones at once by the
+/// stalled link, with one warning, and calls work again once it runs.
 #[test]
 fn a_stalled_host_agent_holds_no_call() {
     use nix::sys::signal::Signal;
@@ -1055,6 +1056,12 @@ fn a_stalled_host_agent_holds_no_call() {
     ));
     std::thread::sleep(Duration::from_millis(1200));
     b.host.as_ref().unwrap().signal(Signal::SIGSTOP);
+    // Which answer a call gets says which path it took: the stall answer ("has not
+    // answered for 2 s") comes from the probe, sent with the first call after a second of
+    // silence, and is given at once to every later call until the host speaks again; a call
+    // held until the request deadline gets "did not answer within" instead. No clock here:
+    // the durations are printed for the record only.
+    let stalled = |outcome: &Result<Response, WireError>| matches!(outcome, Err(WireError::Unavailable { reason }) if reason.contains("has not answered for"));
     let timed = |request: Request| {
         let started = Instant::now();
         let outcome = call(&b.helper_socket(), request);
@@ -1063,13 +1070,14 @@ fn a_stalled_host_agent_holds_no_call() {
     // `docker logout` of another registry: the host does the erase once it runs again.
     let (first, took) = timed(Request::Erase { server: "other.example".into() });
     println!("first call to a stopped host agent: {took:?}: {first:?}");
-    assert!(matches!(first, Err(WireError::Unavailable { .. })), "{first:?}");
-    assert!(took < Duration::from_millis(3500), "the first call waited {took:?}");
+    assert!(stalled(&first), "the first call was not answered by the stall probe: {first:?}");
     for _ in 0..4 {
         let (next, took) = timed(Request::Erase { server: "other.example".into() });
-        assert!(matches!(next, Err(WireError::Unavailable { .. })), "{next:?}");
-        assert!(took < Duration::from_millis(500), "a call waited {took:?} on a stalled link");
+        println!("a later call: {took:?}");
+        assert!(stalled(&next), "a call on a stalled link was not answered at once: {next:?}");
     }
+    let warned = b.guest_log().matches("the host agent is not answering").count();
+    assert_eq!(warned, 1, "one stall, one warning: {}", b.guest_log());
     b.host.as_ref().unwrap().signal(Signal::SIGCONT);
     let again =
         || matches!(call(&b.helper_socket(), get("reg.example")), Ok(Response::Credential { .. }));
