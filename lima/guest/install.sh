@@ -7,6 +7,7 @@
 #   install.sh --bundle DIR [--root DIR] [--init systemd|wsl|none]
 #              [--link-listen ENDPOINT] [--link-listen-non-loopback] [--link-allow-uid UID]... [--allow-uid UID]...
 #              [--socket-group GROUP] [--docker-config DIR]... [--finch-creds-uid UID]
+#              [--wsl-mounts FILE]
 #
 # The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
 # link.key (this VM's key, from `finch-host-agent key-path NAME` on the host). Nothing is
@@ -29,6 +30,7 @@ allow_args=
 first_uid=
 docker_configs=
 finch_uid=
+wsl_mounts=
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root=$2; shift 2 ;;
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --socket-group) socket_group=$2; shift 2 ;;
     --docker-config) docker_configs="$docker_configs $2"; shift 2 ;;
     --finch-creds-uid) finch_uid=$2; shift 2 ;;
+    --wsl-mounts) wsl_mounts=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +53,7 @@ case "$finch_uid" in ""|*[!0-9]*) [ -z "$finch_uid" ] || { echo "install.sh: --f
 case "$link_listen" in
   "") if [ "$init" = wsl ]; then link_listen=vsock://-1:6127; else link_listen=unix:///run/finch-guest-agent/link.sock; fi ;;
 esac
+asked_init=$init
 R=${root%/}
 STATE=$R/var/lib/finch-guest-agent
 
@@ -78,6 +82,24 @@ case "$link_listen" in
   tcp://*) families="AF_UNIX AF_INET AF_INET6" ;;
   *) echo "install.sh: --link-listen $link_listen: use unix://PATH, vsock://CID:PORT or tcp://HOST:PORT" >&2; exit 2 ;;
 esac
+# The WSL mounts: each line is FSTAB's "SOURCE TARGET drvfs OPTIONS 0 0", the target under
+# /mnt/, nothing else; wsl.conf may not already have an [automount] of its own.
+BEGIN_MARK='# finch-bridge: begin'
+END_MARK='# finch-bridge: end'
+unmarked() { # FILE: its lines outside the bridge's block
+  awk -v b="$BEGIN_MARK" -v e="$END_MARK" 'index($0, b) == 1 { skip = 1 } !skip { print } index($0, e) == 1 { skip = 0 }' "$1"
+}
+if [ -n "$wsl_mounts" ]; then
+  [ "$init" = wsl ] || { echo "install.sh: --wsl-mounts goes with --init wsl" >&2; exit 2; }
+  [ -f "$wsl_mounts" ] || { echo "install.sh: $wsl_mounts is missing" >&2; exit 1; }
+  _bad=$(awk '/^[[:space:]]*(#|$)/ { next }
+    NF != 6 || $3 != "drvfs" || $2 !~ /^\/mnt\/./ || $2 ~ /(^|\/)\.\.?(\/|$)/ || $5 != "0" || $6 != "0" { print NR; exit }' "$wsl_mounts")
+  [ -z "$_bad" ] || { echo "install.sh: $wsl_mounts line $_bad is not a drvfs mount under /mnt/ (SOURCE /mnt/X/... drvfs OPTIONS 0 0); nothing installed" >&2; exit 1; }
+  if [ -f "$R/etc/wsl.conf" ] && unmarked "$R/etc/wsl.conf" | grep -qi '^[[:space:]]*\[automount\]'; then
+    echo "install.sh: $R/etc/wsl.conf already has an [automount] section; set enabled = false and mountFsTab = true there yourself, or take it out; nothing installed" >&2
+    exit 1
+  fi
+fi
 # WSL with systemd (Finch's distro has [boot] systemd=true): the agent is a systemd unit.
 wsl_systemd=
 if [ "$init" = wsl ] && [ -f "$R/etc/wsl.conf" ] &&
@@ -242,6 +264,36 @@ START
     ;;
   none) ;;
 esac
+
+# 5b. WSL's mounts (--wsl-mounts), or none of the bridge's.
+# Rewrites FILE with its lines outside the bridge's block, then the block from stdin (none
+# when stdin is empty); a file the bridge made holding nothing else goes again.
+put_block() { # FILE HEADER
+  _body=$(cat)
+  _rest=
+  [ ! -f "$1" ] || _rest=$(unmarked "$1")
+  if [ -z "$_body" ]; then
+    [ -f "$1" ] && grep -q "^$BEGIN_MARK" "$1" || return 0
+    if [ -z "$_rest" ] && [ -f "$STATE/$(basename "$1").made" ]; then rm -f "$1" "$STATE/$(basename "$1").made"; return 0; fi
+    unmarked "$1" | put "$1" 0644
+    return 0
+  fi
+  [ -f "$1" ] || : > "$STATE/$(basename "$1").made"
+  { [ -z "$_rest" ] || printf '%s\n' "$_rest"; printf '%s %s\n%s\n%s\n' "$BEGIN_MARK" "$2" "$_body" "$END_MARK"; } | put "$1" 0644
+}
+if [ -n "$wsl_mounts" ]; then
+  grep -v '^[[:space:]]*\(#\|$\)' "$wsl_mounts" | put_block "$R/etc/fstab" "(setup finch --harden: only these Windows directories are mounted)"
+  # Mount points, made here (mount -a makes none): fstab's octal escapes (\040 for a
+  # space) undone through printf's \0NNN.
+  awk '!/^[[:space:]]*(#|$)/ { print $2 }' "$wsl_mounts" | while IFS= read -r _target; do
+    _target=$(printf '%b' "$(printf '%s' "$_target" | sed 's/\\\([0-7][0-7][0-7]\)/\\0\1/g')")
+    mkdirs "$R$_target" 0755
+  done
+  printf '[automount]\nenabled = false\nmountFsTab = true\n' | put_block "$R/etc/wsl.conf" "(setup finch --harden: no drive is mounted whole)"
+elif [ "$asked_init" = wsl ]; then
+  put_block "$R/etc/fstab" "" < /dev/null
+  put_block "$R/etc/wsl.conf" "" < /dev/null
+fi
 
 # 6. Clients: docker config (nerdctl, BuildKit, SOCI) and containers-image tools.
 for d in $docker_configs; do

@@ -34,6 +34,16 @@ elif [ -f "$STATE/wsl.conf.absent" ]; then
   rm -f "$conf" "$STATE/wsl.conf.absent"
 fi
 
+# The blocks install.sh --wsl-mounts wrote (WSL's automount comes back at the next start);
+# a file it made that holds nothing else goes.
+for f in "$R/etc/fstab" "$conf"; do
+  if ! { [ -f "$f" ] && grep -q '^# finch-bridge: begin' "$f"; }; then continue; fi
+  awk 'index($0, "# finch-bridge: begin") == 1 { skip = 1 } !skip { print } index($0, "# finch-bridge: end") == 1 { skip = 0 }' "$f" > "$f.finch-new"
+  made=$STATE/$(basename "$f").made
+  if [ -f "$made" ] && ! grep -q . "$f.finch-new"; then rm -f "$f" "$f.finch-new"; else chmod 0644 "$f.finch-new"; mv -f "$f.finch-new" "$f"; fi
+  rm -f "$made"
+done
+
 rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
   "$R/etc/systemd/system/finch-guest-agent.service" \
   "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \
@@ -53,8 +63,9 @@ fi
 
 # Directories install.sh created, deepest first, if empty.
 if [ -f "$STATE/dirs" ]; then
-  dirs=$(sort -r "$STATE/dirs")
+  sort -r "$STATE/dirs" > "$STATE/dirs.sorted"
   rm -f "$STATE/dirs"
-  for d in $dirs; do rmdir "$R$d" 2>/dev/null || true; done
+  while IFS= read -r d; do rmdir "$R$d" 2>/dev/null || true; done < "$STATE/dirs.sorted"
+  rm -f "$STATE/dirs.sorted"
 fi
 echo "finch credential bridge: guest side removed"

@@ -168,6 +168,119 @@ fn install_fits_the_unit_to_the_link_and_to_wsls_systemd() {
     assert_eq!(snapshot(&s.root), before, "a short key changed the root");
 }
 
+/// `findmnt`'s reading of an fstab (util-linux's libmount, which WSL's `mount -a` runs
+/// through): each entry's source, target and options, escapes undone.
+pub(crate) fn fstab_entries(fstab: &Path) -> Vec<(String, String, String)> {
+    let out = Command::new("findmnt")
+        .args(["--fstab", "--json", "-o", "SOURCE,TARGET,FSTYPE,OPTIONS", "-F"])
+        .arg(fstab)
+        .output()
+        .expect("findmnt (util-linux) runs");
+    assert!(out.status.success(), "findmnt: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["fstype"] == "drvfs")
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+            (s("source"), s("target"), s("options"))
+        })
+        .collect()
+}
+
+/// `--wsl-mounts` (what `setup finch --harden` sends on Windows): WSL's automount goes off in
+/// a marked block of wsl.conf, the given drvfs mounts go into a marked block of fstab (the
+/// mount points made, a name with a space included), a second run changes nothing, a run
+/// without the flag and uninstall.sh each put both files back byte for byte; an
+/// `[automount]` of the distro's own, or a line that is not a drvfs mount under /mnt, changes
+/// nothing.
+#[test]
+fn wsl_mounts_turn_the_automount_off_and_come_out_again() {
+    let s = scratch();
+    let (conf, fstab) = (s.root.join("etc/wsl.conf"), s.root.join("etc/fstab"));
+    let conf_text = "[boot]\nsystemd=true\n";
+    let fstab_text = "# <file system> <mount point> <type>\nLABEL=root / ext4 defaults 0 1\n";
+    std::fs::write(&conf, conf_text).unwrap();
+    std::fs::write(&fstab, fstab_text).unwrap();
+    let mounts = s.bundle.join("wsl-fstab");
+    std::fs::write(
+        &mounts,
+        "# written by setup finch --harden\n\
+         C:\\134Users\\134me\\134AppData\\134Local\\134Temp /mnt/finch-bridge/temp drvfs ro,noatime 0 0\n\
+         C:\\134Users\\134me\\134My\\040Src /mnt/c/Users/me/My\\040Src drvfs rw,noatime 0 0\n",
+    )
+    .unwrap();
+    let mounts_arg = mounts.to_str().unwrap();
+    let with = ["--link-listen", "tcp://127.0.0.1:6127", "--wsl-mounts", mounts_arg];
+    let out = install_with(&s, "wsl", &with);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let wsl = std::fs::read_to_string(&conf).unwrap();
+    assert!(wsl.starts_with(conf_text), "{wsl}");
+    assert!(wsl.contains("[automount]\nenabled = false\nmountFsTab = true\n"), "{wsl}");
+    let tab = std::fs::read_to_string(&fstab).unwrap();
+    assert!(tab.starts_with(fstab_text), "{tab}");
+    assert_eq!(
+        fstab_entries(&fstab),
+        [
+            (
+                r"C:\Users\me\AppData\Local\Temp".to_owned(),
+                "/mnt/finch-bridge/temp".to_owned(),
+                "ro,noatime".to_owned()
+            ),
+            (
+                r"C:\Users\me\My Src".to_owned(),
+                "/mnt/c/Users/me/My Src".to_owned(),
+                "rw,noatime".to_owned()
+            ),
+        ]
+    );
+    assert!(s.root.join("mnt/c/Users/me/My Src").is_dir());
+    assert!(s.root.join("mnt/finch-bridge/temp").is_dir());
+    let first = snapshot(&s.root);
+    assert!(install_with(&s, "wsl", &with).status.success());
+    assert_eq!(snapshot(&s.root), first, "the second run changed something");
+
+    // Without the flag: both files as they were.
+    let out = install_with(&s, "wsl", &["--link-listen", "tcp://127.0.0.1:6127"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), conf_text);
+    assert_eq!(std::fs::read_to_string(&fstab).unwrap(), fstab_text);
+
+    assert!(install_with(&s, "wsl", &with).status.success());
+    uninstall(&s);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), conf_text);
+    assert_eq!(std::fs::read_to_string(&fstab).unwrap(), fstab_text);
+    assert!(!s.root.join("mnt").exists(), "the mount points stayed");
+
+    // A distro with an [automount] of its own, and a line that is not a drvfs mount.
+    let s = scratch();
+    std::fs::write(s.root.join("etc/wsl.conf"), "[automount]\nroot = /win/\n").unwrap();
+    std::fs::copy(&mounts, s.bundle.join("wsl-fstab")).unwrap();
+    let before = snapshot(&s.root);
+    let arg = s.bundle.join("wsl-fstab");
+    let out = install_with(&s, "wsl", &["--wsl-mounts", arg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("already has an [automount] section"), "{err}");
+    assert_eq!(snapshot(&s.root), before);
+    std::fs::write(s.root.join("etc/wsl.conf"), conf_text).unwrap();
+    for bad in [
+        "C: / drvfs rw 0 0\n",
+        "/dev/sda1 /mnt/x ext4 rw 0 0\n",
+        "C: /mnt/c/../../etc drvfs rw 0 0\n",
+    ] {
+        std::fs::write(&arg, bad).unwrap();
+        let before = snapshot(&s.root);
+        let out = install_with(&s, "wsl", &["--wsl-mounts", arg.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(err.contains("is not a drvfs mount under /mnt/"), "{err}");
+        assert_eq!(snapshot(&s.root), before, "{bad}");
+    }
+}
+
 fn uninstall(s: &Scratch) {
     let out = Command::new("sh")
         .arg(repo().join("lima/guest/uninstall.sh"))
