@@ -63,9 +63,8 @@ fi
 
 # Directories install.sh created, deepest first, if empty.
 if [ -f "$STATE/dirs" ]; then
-  sort -r "$STATE/dirs" > "$STATE/dirs.sorted"
+  dirs=$(sort -r "$STATE/dirs")
   rm -f "$STATE/dirs"
-  while IFS= read -r d; do rmdir "$R$d" 2>/dev/null || true; done < "$STATE/dirs.sorted"
-  rm -f "$STATE/dirs.sorted"
+  printf '%s\n' "$dirs" | while IFS= read -r d; do rmdir "$R$d" 2>/dev/null || true; done
 fi
 echo "finch credential bridge: guest side removed"
