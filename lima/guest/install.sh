@@ -281,7 +281,38 @@ put_block() { # FILE HEADER
   [ -f "$1" ] || : > "$STATE/$(basename "$1").made"
   { [ -z "$_rest" ] || printf '%s\n' "$_rest"; printf '%s %s\n%s\n%s\n' "$BEGIN_MARK" "$2" "$_body" "$END_MARK"; } | put "$1" 0644
 }
+# Finch's lines in a VM user's ~/.bashrc (runfinch/finch pkg/config/nerdctl_config_applier.go
+# updateEnvironment) read the host's disk through wslpath: FINCH_DIR, AWS_DIR, DOCKER_CONFIG,
+# /root/.aws, cred-helpers, ~/.finch. With only --wsl-mounts' directories mounted they would
+# print errors at every `finch` command (and `ln -s` a .finch link into the working
+# directory), so each is wrapped in a no-op here-document, kept verbatim: Finch adds a line
+# only when the file does not contain it (addLineToBashrc), so it does not add them again.
+# Without --wsl-mounts (and in uninstall.sh) the wrapping comes out.
+HARDENED=FINCH_BRIDGE_HARDENED
+finch_bashrc() { # FILE on|off
+  _owner=$(stat -c '%u:%g' "$1")
+  _mode=$(stat -c '%a' "$1")
+  [ "$2" = on ] || grep -qx "$HARDENED" "$1" || return 0
+  awk -v m="$HARDENED" -v on="$2" '
+    BEGIN { open = ": <<'"'"'" m "'"'"' # finch-bridge: setup finch --harden keeps this line of Finch from reading the host disk" }
+    $0 == open || $0 == m { next }
+    { line = (n++ ? line "\n" : "") $0 }
+    /\\$/ { next }
+    { if (on == "on" && line ~ /(FINCH_DIR|AWS_DIR)/) print open "\n" line "\n" m; else print line; n = 0 }
+    END { if (n) print line }' "$1" > "$1.finch-awk"
+  # Finch writes the file without a final newline: keep it so.
+  if [ -n "$(tail -c 1 "$1")" ]; then printf '%s' "$(cat "$1.finch-awk")"; else cat "$1.finch-awk"; fi | put "$1" "$_mode"
+  rm -f "$1.finch-awk"
+  chown "$_owner" "$1"
+}
+finch_bashrcs() { # on|off
+  for _rc in "$R"/root/.bashrc "$R"/home/*/.bashrc; do
+    # shellcheck disable=SC2016 # the text Finch writes, not an expansion
+    if [ -f "$_rc" ] && grep -qF 'FINCH_DIR="$(/usr/bin/wslpath' "$_rc"; then finch_bashrc "$_rc" "$1"; fi
+  done
+}
 if [ -n "$wsl_mounts" ]; then
+  finch_bashrcs on
   grep -v '^[[:space:]]*\(#\|$\)' "$wsl_mounts" | put_block "$R/etc/fstab" "(setup finch --harden: only these Windows directories are mounted)"
   # Mount points, made here (mount -a makes none): fstab's octal escapes (\040 for a
   # space) undone through printf's \0NNN.
@@ -291,6 +322,7 @@ if [ -n "$wsl_mounts" ]; then
   done
   printf '[automount]\nenabled = false\nmountFsTab = true\n' | put_block "$R/etc/wsl.conf" "(setup finch --harden: no drive is mounted whole)"
 elif [ "$asked_init" = wsl ]; then
+  finch_bashrcs off
   put_block "$R/etc/fstab" "" < /dev/null
   put_block "$R/etc/wsl.conf" "" < /dev/null
 fi

@@ -44,6 +44,20 @@ for f in "$R/etc/fstab" "$conf"; do
   rm -f "$made"
 done
 
+# Finch's ~/.bashrc lines install.sh --wsl-mounts wrapped in a no-op here-document.
+for rc in "$R"/root/.bashrc "$R"/home/*/.bashrc; do
+  if [ -f "$rc" ] && grep -qx 'FINCH_BRIDGE_HARDENED' "$rc"; then
+    owner=$(stat -c '%u:%g' "$rc")
+    mode=$(stat -c '%a' "$rc")
+    kept=$(grep -vx -e 'FINCH_BRIDGE_HARDENED' -e ": <<'FINCH_BRIDGE_HARDENED' # finch-bridge: setup finch --harden keeps this line of Finch from reading the host disk" "$rc" || true)
+    # Finch writes the file without a final newline: keep it so.
+    if [ -n "$(tail -c 1 "$rc")" ]; then printf '%s' "$kept"; else printf '%s\n' "$kept"; fi > "$rc.finch-new"
+    chmod "$mode" "$rc.finch-new"
+    chown "$owner" "$rc.finch-new"
+    mv -f "$rc.finch-new" "$rc"
+  fi
+done
+
 rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
   "$R/etc/systemd/system/finch-guest-agent.service" \
   "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \

@@ -212,6 +212,21 @@ fn wsl_mounts_turn_the_automount_off_and_come_out_again() {
          C:\\134Users\\134me\\134My\\040Src /mnt/c/Users/me/My\\040Src drvfs rw,noatime 0 0\n",
     )
     .unwrap();
+    // Finch's lines in the VM user's ~/.bashrc, as updateEnvironment writes them for wsl2
+    // with creds_helpers [finchhost] (each added unless the file already contains it).
+    let finch_lines = [
+        r#"FINCH_DIR="$(/usr/bin/wslpath 'C:\Users\me\AppData\Local\.finch')""#,
+        r#"AWS_DIR="$(/usr/bin/wslpath 'C:\Users\me/.aws')""#,
+        r#"export DOCKER_CONFIG="$FINCH_DIR""#,
+        r#"[ -L /root/.aws ] || sudo ln -fsn "$AWS_DIR" /root/.aws"#,
+        "([ -e \"$FINCH_DIR\"/cred-helpers/docker-credential-finchhost ] || \\\n\t\t\t(echo \"error: docker-credential-finchhost not found in $FINCH_DIR/cred-helpers directory.\")) && \\\n\t\t\t([ -L /usr/local/bin/docker-credential-finchhost ] || sudo ln -s \"$FINCH_DIR\"/cred-helpers/docker-credential-finchhost /usr/local/bin)",
+        "[ -L /home/user.linux/.finch ] || ln -s $FINCH_DIR /home/user.linux/.finch",
+    ];
+    let bashrc = s.root.join("home/user/.bashrc");
+    let bashrc_text = format!("# ~/.bashrc\nalias ll='ls -l'\n{}", finch_lines.join("\n"));
+    std::fs::write(&bashrc, &bashrc_text).unwrap();
+    std::fs::set_permissions(&bashrc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&bashrc, Some(501), Some(20)).unwrap();
     let mounts_arg = mounts.to_str().unwrap();
     let with = ["--link-listen", "tcp://127.0.0.1:6127", "--wsl-mounts", mounts_arg];
     let out = install_with(&s, "wsl", &with);
@@ -238,6 +253,38 @@ fn wsl_mounts_turn_the_automount_off_and_come_out_again() {
     );
     assert!(s.root.join("mnt/c/Users/me/My Src").is_dir());
     assert!(s.root.join("mnt/finch-bridge/temp").is_dir());
+    // Finch's lines are still in the file verbatim (so Finch adds none again), and none runs.
+    let rc = std::fs::read_to_string(&bashrc).unwrap();
+    for line in finch_lines {
+        assert!(rc.contains(line), "Finch would add again: {line}\n{rc}");
+    }
+    let meta = std::fs::metadata(&bashrc).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (501, 20, 0o600));
+    let stubs = s.root.join("../stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    std::fs::write(
+        stubs.join("sudo"),
+        "#!/bin/sh\necho ran >> \"$(dirname \"$0\")/sudo.ran\"; exit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(stubs.join("sudo"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .args([
+            "--norc",
+            "-c",
+            r#". "$1"; echo "[${DOCKER_CONFIG-unset}][${FINCH_DIR-unset}]""#,
+            "-",
+        ])
+        .arg(&bashrc)
+        .env("PATH", format!("{}:/usr/bin:/bin", stubs.display()))
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!((said.trim(), err.trim()), ("[unset][unset]", ""), "{rc}");
+    assert!(!stubs.join("sudo.ran").exists(), "a line of Finch ran sudo");
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "a line of Finch made a link");
     let first = snapshot(&s.root);
     assert!(install_with(&s, "wsl", &with).status.success());
     assert_eq!(snapshot(&s.root), first, "the second run changed something");
@@ -247,11 +294,15 @@ fn wsl_mounts_turn_the_automount_off_and_come_out_again() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), conf_text);
     assert_eq!(std::fs::read_to_string(&fstab).unwrap(), fstab_text);
+    assert_eq!(std::fs::read_to_string(&bashrc).unwrap(), bashrc_text);
 
     assert!(install_with(&s, "wsl", &with).status.success());
     uninstall(&s);
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), conf_text);
     assert_eq!(std::fs::read_to_string(&fstab).unwrap(), fstab_text);
+    assert_eq!(std::fs::read_to_string(&bashrc).unwrap(), bashrc_text);
+    let meta = std::fs::metadata(&bashrc).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (501, 20, 0o600));
     assert!(!s.root.join("mnt").exists(), "the mount points stayed");
 
     // A distro with an [automount] of its own, and a line that is not a drvfs mount.
