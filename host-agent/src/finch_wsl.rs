@@ -301,14 +301,160 @@ pub fn store_config_text(text: &str, store: Option<Option<&str>>) -> anyhow::Res
 }
 
 /// The shell command that installs the guest side in Finch's distro, as root: the bundle at
-/// Windows path `bundle` (read through `/mnt/c`), the link on `guest_link`, the distro's
-/// default user (uid `uid`) allowed. `wsl.exe -d DISTRO -u root -- sh -c SCRIPT`.
-pub fn install_script(bundle: &str, guest_link: &str, uid: u32) -> String {
+/// Windows path `bundle` (read through `wslpath`), the link on `guest_link`, the distro's
+/// default user (uid `uid`) allowed; with `harden`, the bundle's `wsl-fstab` as the only
+/// mounts. `wsl.exe -d DISTRO -u root -- sh -c SCRIPT`.
+///
+/// Both root's and the user's `~/.docker` get `credsStore: finchhost`: hardened, Finch's
+/// `DOCKER_CONFIG` (its own directory on C:) is not in the distro, and `sudo -E nerdctl`
+/// reads the config under whichever `HOME` sudo leaves.
+pub fn install_script(bundle: &str, guest_link: &str, uid: u32, harden: bool) -> String {
     let quoted = bundle.replace('\'', "'\\''");
+    let mounts = if harden { " --wsl-mounts \"$b/wsl-fstab\"" } else { "" };
     format!(
-        "set -e; b=$(wslpath -u '{quoted}'); sh \"$b/install.sh\" --bundle \"$b\" --init wsl \
-         --link-listen {guest_link} --link-allow-uid {uid} --allow-uid {uid} --docker-config /root/.docker"
+        "set -e; b=$(wslpath -u '{quoted}'); h=$(getent passwd {uid} | cut -d: -f6); \
+         sh \"$b/install.sh\" --bundle \"$b\" --init wsl --link-listen {guest_link} \
+         --link-allow-uid {uid} --allow-uid {uid} --docker-config /root/.docker \
+         ${{h:+--docker-config \"$h/.docker\"}}{mounts}"
     )
+}
+
+/// Where `setup finch --harden` mounts the user's temporary directory in the distro (read-only):
+/// Lima boots a WSL2 VM by running a script it writes there, through `wslpath`
+/// (lima-vm/lima `pkg/driver/wsl2/vm_windows.go` `provisionVM`).
+pub const TEMP_TARGET: &str = "/mnt/finch-bridge/temp";
+/// Where it mounts the Lima instance's directory (read-only): Lima's boot reads `cidata\` there
+/// (`lima-init.TEMPLATE`: `wslpath CIDataPath`), which it removes and writes anew at each start
+/// (`pkg/cidata/cidata.go` `writeCIDataDir`), so the directory above it is the one mounted.
+pub const LIMA_TARGET: &str = "/mnt/finch-bridge/lima";
+
+/// A Windows directory mounted in Finch's distro once `setup finch --harden` has turned WSL's
+/// drive automount off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrvMount {
+    /// The Windows directory, `C:\Users\me\src`.
+    pub source: String,
+    /// Where the distro sees it.
+    pub target: String,
+    /// Mounted read-write (a share), or read-only.
+    pub writable: bool,
+}
+
+impl DrvMount {
+    /// Its line in the distro's `/etc/fstab`, in libmount's escapes (WSL processes the file
+    /// with `/bin/mount -a`, microsoft/WSL `src/linux/init/config.cpp` `ConfigMountFsTab`;
+    /// `mount.drvfs` takes a directory as its source, `src/linux/init/drvfs.cpp`).
+    pub fn fstab_line(&self) -> String {
+        let mode = if self.writable { "rw" } else { "ro" };
+        format!(
+            "{} {} drvfs {mode},noatime 0 0",
+            fstab_escape(&self.source),
+            fstab_escape(&self.target)
+        )
+    }
+}
+
+/// A field of an fstab line: the characters that end a field or start a comment, and the
+/// backslash itself, as `\NNN` octal (what libmount undoes).
+fn fstab_escape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    for c in field.chars() {
+        match c {
+            ' ' | '\t' | '\\' | '#' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An absolute drive path's drive letter (lower case) and components.
+fn drive_path(path: &str) -> anyhow::Result<(char, Vec<&str>)> {
+    let bytes = path.as_bytes();
+    let drive = match bytes {
+        [d, b':', b'\\' | b'/', ..] if d.is_ascii_alphabetic() => (*d as char).to_ascii_lowercase(),
+        _ => anyhow::bail!("{path:?} is not a directory on a drive (X:\\...)"),
+    };
+    // `,` and `;` separate mount options, where mount.drvfs puts the directory
+    // (`aname=drvfs;path=DIR`); a control character has no place in an fstab line.
+    anyhow::ensure!(
+        !path.chars().any(|c| c == ',' || c == ';' || c.is_control()),
+        "{path:?} has a comma, a semicolon or a control character, which a WSL mount cannot take"
+    );
+    let parts: Vec<&str> = path[3..].split(['\\', '/']).filter(|p| !p.is_empty()).collect();
+    anyhow::ensure!(
+        !parts.iter().any(|p| *p == "." || *p == ".."),
+        "{path:?} has . or .. in it: give the directory itself"
+    );
+    Ok((drive, parts))
+}
+
+/// Where Finch sends a Windows path in its distro: `C:\Users\me\src` is
+/// `/mnt/c/Users/me/src` (runfinch/finch `cmd/finch/nerdctl_windows.go` `convertToWSLPath`,
+/// for the working directory and file arguments), so a share is mounted there.
+pub fn wsl_path(windows: &str) -> anyhow::Result<String> {
+    let (drive, parts) = drive_path(windows)?;
+    let mut out = format!("/mnt/{drive}");
+    for p in parts {
+        out.push('/');
+        out.push_str(p);
+    }
+    Ok(out)
+}
+
+/// Whether Windows path `a` is `b` or holds it (paths compare without regard to case).
+fn holds(a: &str, b: &str) -> bool {
+    let (Ok((da, pa)), Ok((db, pb))) = (drive_path(a), drive_path(b)) else { return false };
+    da == db && pa.len() <= pb.len() && pa.iter().zip(&pb).all(|(x, y)| x.eq_ignore_ascii_case(y))
+}
+
+/// What `setup finch --harden` mounts in Finch's distro instead of whole drives: `temp` and
+/// Lima's `instance` directory read-only (Lima's boot needs both), each of `shares` read-write
+/// where Finch expects it. Refused (nothing changes): a directory that is not on a drive, or
+/// any of them holding or inside one of `protected` (the agent's config, state and keys,
+/// Finch's directory, `~\.aws`, ...), with what it holds.
+pub fn harden_mounts(
+    temp: &str,
+    instance: &str,
+    shares: &[String],
+    protected: &[(String, &str)],
+) -> anyhow::Result<Vec<DrvMount>> {
+    let mut mounts = vec![
+        DrvMount { source: temp.to_owned(), target: TEMP_TARGET.to_owned(), writable: false },
+        DrvMount { source: instance.to_owned(), target: LIMA_TARGET.to_owned(), writable: false },
+    ];
+    for share in shares {
+        let target = wsl_path(share).with_context(|| format!("--share {share}"))?;
+        if !mounts.iter().any(|m| m.target.eq_ignore_ascii_case(&target)) {
+            mounts.push(DrvMount { source: share.clone(), target, writable: true });
+        }
+    }
+    for m in &mounts {
+        drive_path(&m.source)?;
+        for (p, what) in protected {
+            anyhow::ensure!(
+                !holds(&m.source, p) && !holds(p, &m.source),
+                "{} would mount {} in the VM, {} {p} ({what}): nothing was changed",
+                if m.writable { "--share" } else { "--harden" },
+                m.source,
+                if holds(&m.source, p) { "which holds" } else { "which is inside" },
+            );
+        }
+    }
+    // A share inside another is mounted after it.
+    mounts.sort_by(|a, b| a.target.cmp(&b.target));
+    Ok(mounts)
+}
+
+/// The fstab lines for `mounts`, as install.sh `--wsl-mounts` takes them.
+pub fn fstab_text(mounts: &[DrvMount]) -> String {
+    let mut out = String::from(
+        "# finch-host-agent setup finch --harden: the only Windows directories Finch's distro mounts\n",
+    );
+    for m in mounts {
+        out.push_str(&m.fstab_line());
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -410,11 +556,107 @@ mod tests {
 
     #[test]
     fn the_install_command_quotes_the_bundle_path() {
-        let s = install_script("C:\\Users\\o'brien\\b", "vsock://-1:6127", 1000);
+        let s = install_script("C:\\Users\\o'brien\\b", "vsock://-1:6127", 1000, false);
         assert!(s.contains("wslpath -u 'C:\\Users\\o'\\''brien\\b'"), "{s}");
         assert!(
             s.contains("--init wsl --link-listen vsock://-1:6127 --link-allow-uid 1000"),
             "{s}"
         );
+        assert!(!s.contains("--wsl-mounts"), "{s}");
+        let hardened = install_script("C:\\b", "tcp://127.0.0.1:6127", 1000, true);
+        assert!(hardened.ends_with(" --wsl-mounts \"$b/wsl-fstab\""), "{hardened}");
+    }
+
+    #[test]
+    fn windows_paths_go_where_finch_sends_them_in_the_distro() {
+        assert_eq!(wsl_path(r"C:\Users\me\My Src").unwrap(), "/mnt/c/Users/me/My Src");
+        assert_eq!(wsl_path("D:/x//y/").unwrap(), "/mnt/d/x/y");
+        for bad in [r"\\server\share", "relative", r"C:\a\..\b", r"C:\a,b", r"C:\a;b", "C:\\a\nb"] {
+            assert!(wsl_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hardened_mounts_refuse_what_the_bridge_keeps_on_the_host() {
+        let protected = vec![
+            (r"C:\Users\me\AppData\Local\.finch".to_owned(), "Finch's directory"),
+            (r"C:\Users\me\.aws".to_owned(), "AWS credentials"),
+        ];
+        let temp = r"C:\Users\me\AppData\Local\Temp";
+        let lima = r"C:\Program Files\Finch\lima\data\finch";
+        let plan = |shares: &[&str]| {
+            let shares: Vec<String> = shares.iter().map(|s| (*s).to_owned()).collect();
+            harden_mounts(temp, lima, &shares, &protected)
+        };
+        let mounts = plan(&[r"C:\Users\me\src", r"c:\users\me\SRC"]).unwrap();
+        let got: Vec<(&str, &str, bool)> =
+            mounts.iter().map(|m| (m.source.as_str(), m.target.as_str(), m.writable)).collect();
+        assert_eq!(
+            got,
+            [
+                (r"C:\Users\me\src", "/mnt/c/Users/me/src", true),
+                (lima, LIMA_TARGET, false),
+                (temp, TEMP_TARGET, false),
+            ]
+        );
+        // The home holds .aws; a share inside Finch's directory is in it (case aside).
+        for bad in [r"C:\Users\me", r"C:\", r"c:\users\ME\appdata\local\.finch\cred-helpers"] {
+            let e = plan(&[bad]).unwrap_err().to_string();
+            assert!(e.contains("nothing was changed"), "{bad}: {e}");
+        }
+        let e = plan(&[r"C:\Users"]).unwrap_err().to_string();
+        assert!(e.contains("which holds") && e.contains("Finch's directory"), "{e}");
+        let text = fstab_text(&mounts);
+        assert!(text.starts_with('#') && text.lines().count() == 4, "{text}");
+        assert!(
+            text.contains(r"C:\134Program\040Files\134Finch\134lima\134data\134finch /mnt/finch-bridge/lima drvfs ro,noatime 0 0"),
+            "{text}"
+        );
+    }
+
+    /// What libmount (WSL's `mount -a`) reads back from the lines: the same names, spaces,
+    /// backslashes and `#` included.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn util_linux_reads_the_fstab_lines_back() {
+        let t = tempfile::tempdir().unwrap();
+        let mounts = [
+            DrvMount {
+                source: r"C:\Program Files\Finch # 1\lima".to_owned(),
+                target: "/mnt/c/a b/#c".to_owned(),
+                writable: true,
+            },
+            DrvMount {
+                source: "D:\\x\ty".to_owned(),
+                target: "/mnt/d/x\ty".to_owned(),
+                writable: false,
+            },
+        ];
+        let file = t.path().join("fstab");
+        std::fs::write(&file, fstab_text(&mounts)).unwrap();
+        let out = std::process::Command::new("findmnt")
+            .args(["--fstab", "--json", "-o", "SOURCE,TARGET,FSTYPE,OPTIONS", "-F"])
+            .arg(&file)
+            .output()
+            .expect("findmnt (util-linux) runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got: Vec<(String, String, String)> = v["filesystems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let s = |k: &str| f[k].as_str().unwrap().to_owned();
+                (s("source"), s("target"), s("options"))
+            })
+            .collect();
+        let want: Vec<(String, String, String)> = mounts
+            .iter()
+            .map(|m| {
+                let mode = if m.writable { "rw,noatime" } else { "ro,noatime" };
+                (m.source.clone(), m.target.clone(), mode.to_owned())
+            })
+            .collect();
+        assert_eq!(got, want);
     }
 }

@@ -154,8 +154,9 @@ struct SetupFinch {
     /// Undo it: the fragment, the [lima] table setup wrote, and the login service.
     #[arg(long)]
     remove: bool,
-    /// Finch's LIMA_HOME [default: /Applications/Finch/lima/data on macOS; elsewhere
-    /// $LIMA_HOME or ~/.lima].
+    /// Finch's LIMA_HOME [default: /Applications/Finch/lima/data on macOS;
+    /// %ProgramFiles%\Finch\lima\data on Windows (--harden mounts its finch\ read-only);
+    /// elsewhere $LIMA_HOME or ~/.lima].
     #[arg(long, value_name = "DIR")]
     lima_home: Option<PathBuf>,
     /// An instance to serve (repeatable; "*" for all) [default: finch].
@@ -178,11 +179,14 @@ struct SetupFinch {
     template: Option<PathBuf>,
     /// Close the side doors that keep Finch working: no mount holding the home (~/.aws,
     /// ~/.docker, ~/.finch, this agent's config), Finch's own files (finch-cred) read-only.
-    /// Needs the template.
+    /// Needs the template. On Windows: WSL's drive automount off in Finch's distro; only the
+    /// temporary directory and Lima's instance (read-only, Lima's boot reads them) and the
+    /// shares are mounted, through the distro's /etc/fstab.
     #[arg(long)]
     harden: bool,
     /// With --harden: a directory to mount writable instead of the home, for bind mounts
-    /// (repeatable).
+    /// (repeatable; on Windows where Finch expects it, /mnt/c/...: finch commands run from
+    /// inside a share).
     #[arg(long = "share", value_name = "DIR", requires = "harden")]
     shares: Vec<PathBuf>,
     /// Windows: Finch's directory, with finch.yaml, config.json and cred-helpers\ [default:
@@ -581,13 +585,9 @@ fn setup_finch(args: SetupFinch) -> anyhow::Result<()> {
 /// logon task.
 fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !args.harden
-            && args.template.is_none()
-            && args.lima_home.is_none()
-            && args.instances.is_empty(),
-        "--harden, --template, --lima-home and --instance are for Finch on macOS (Lima); on \
-         Windows setup finch takes --finch-dir, --guest-dir, --link, --no-wsl (hardening the \
-         distro's C: automount is not done yet: doctor says how by hand)"
+        args.template.is_none() && args.instances.is_empty(),
+        "--template and --instance are for Finch on macOS (Lima); on Windows setup finch takes \
+         --finch-dir, --guest-dir, --link, --no-wsl, --harden [--share DIR]... [--lima-home DIR]"
     );
     let overrides = args.settings.clone();
     let (config_path, named) = settings::config_file(overrides.config.as_deref())?;
@@ -618,7 +618,12 @@ fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
             paths::write_private(&config_path, text.as_bytes())
         }
     };
+    let fstab_copy = saved.join("wsl-fstab");
     if args.remove {
+        if !args.no_wsl {
+            uninstall_in_distro()?;
+        }
+        let _ = std::fs::remove_file(&fstab_copy);
         for line in finch_wsl::unwire(&finch, &saved)? {
             print(&format!("{line}\n"));
         }
@@ -644,6 +649,11 @@ fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
         args.no_wsl || cfg!(windows),
         "wsl.exe runs only on Windows: pass --no-wsl and install the guest side yourself"
     );
+    let mounts = if args.harden {
+        Some(harden_plan(&args.lima_home, &args.shares, &finch, &config_path, &state_dir)?)
+    } else {
+        None
+    };
     let done = finch_wsl::wire(&finch, &binaries, &saved)?;
     for line in &done.said {
         print(&format!("{line}\n"));
@@ -664,8 +674,32 @@ fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
         None => "hvsock://wsl:6127".parse()?,
     };
     attach(&overrides, &name, Some((link.clone(), None)))?;
-    if !args.no_wsl {
-        install_in_distro(&overrides, &name, &link, &guest_dir, arch, &saved)?;
+    let fstab = mounts.as_deref().map(finch_wsl::fstab_text);
+    if let Some(mounts) = &mounts {
+        for m in mounts {
+            print(&format!(
+                "{} {} at {}\n",
+                if m.writable { "mounts" } else { "mounts read-only" },
+                m.source,
+                m.target
+            ));
+        }
+    }
+    if args.no_wsl {
+        match &fstab {
+            Some(text) => {
+                paths::write_private(&fstab_copy, text.as_bytes())?;
+                print(&format!(
+                    "hardened: give install.sh --wsl-mounts {} in the distro (no drive is mounted whole there)\n",
+                    fstab_copy.display()
+                ));
+            }
+            None => {
+                let _ = std::fs::remove_file(&fstab_copy);
+            }
+        }
+    } else {
+        install_in_distro(&overrides, &name, &link, &binaries, fstab.as_deref())?;
     }
     let run_args: Vec<String> = if named {
         vec!["--config".to_owned(), config_path.display().to_string()]
@@ -677,15 +711,53 @@ fn setup_finch_wsl(args: SetupFinch) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `setup finch --harden` mounts in Finch's distro: the temporary directory, Lima's
+/// instance (from `lima_home`, or Finch's install), the shares; none may hold or be inside
+/// the agent's config, state or Finch's directory, or the home's `.aws`, `.docker`, `.ssh`.
+fn harden_plan(
+    lima_home: &Option<PathBuf>,
+    shares: &[PathBuf],
+    finch: &finch_wsl::FinchDir,
+    config_path: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<Vec<finch_wsl::DrvMount>> {
+    let text = |p: &Path| p.to_string_lossy().into_owned();
+    let lima_home = match lima_home {
+        Some(h) => h.clone(),
+        None => paths::env_path("ProgramFiles")
+            .context("ProgramFiles is not set: give --lima-home")?
+            .join(r"Finch\lima\data"),
+    };
+    let instance = lima_home.join("finch");
+    anyhow::ensure!(
+        instance.is_dir(),
+        "Finch's VM is not in {} (finch vm init makes it; or give --lima-home): nothing was changed",
+        instance.display()
+    );
+    let home = paths::home()?;
+    let mut protected = vec![
+        (text(&finch.dir), "Finch's directory: config.json, finch.yaml"),
+        (text(config_path), "this agent's config"),
+        (text(state_dir), "this agent's state and VM keys"),
+    ];
+    for (dir, what) in
+        [(".aws", "AWS credentials"), (".docker", "docker's config"), (".ssh", "SSH keys")]
+    {
+        protected.push((text(&home.join(dir)), what));
+    }
+    let shares: Vec<String> = shares.iter().map(|s| text(s)).collect();
+    finch_wsl::harden_mounts(&text(&std::env::temp_dir()), &text(&instance), &shares, &protected)
+}
+
 /// Installs the guest side in Finch's distro with `wsl.exe`, as root, from a bundle with the
-/// VM's key that is removed again at once.
+/// VM's key staged in the temporary directory (which the distro reads, hardened too) and
+/// removed again at once; `fstab`, when hardened, goes with it as `wsl-fstab`.
 fn install_in_distro(
     overrides: &Overrides,
     name: &VmName,
     link: &finch_shared::endpoint::Endpoint,
-    guest_dir: &Path,
-    arch: &str,
-    saved: &Path,
+    binaries: &Path,
+    fstab: Option<&str>,
 ) -> anyhow::Result<()> {
     use finch_shared::endpoint::Endpoint;
     let guest_link = match link {
@@ -695,10 +767,12 @@ fn install_in_distro(
     };
     let settings = settings::Settings::load(overrides)?;
     let (key, _) = vm_keys::load_key(&settings, name)?;
-    let instance = lima::Instance { name: name.clone(), dir: saved.join("wsl") };
-    let bundle = instance.bundle();
+    let bundle = std::env::temp_dir().join(format!("finch-bridge-{}", std::process::id()));
     let result = (|| {
-        lima::fill_bundle(&instance, arch, guest_dir, &key)?;
+        lima::write_bundle(&bundle, &lima::read_binaries(binaries)?, &key)?;
+        if let Some(text) = fstab {
+            paths::write_private(&bundle.join("wsl-fstab"), text.as_bytes())?;
+        }
         let uid = std::process::Command::new("wsl.exe")
             .args(["-d", finch_wsl::DISTRO, "--", "id", "-u"])
             .output()
@@ -707,16 +781,43 @@ fn install_in_distro(
             .trim()
             .parse()
             .context("cannot tell the distro's user (wsl.exe -d lima-finch -- id -u)")?;
-        let script = finch_wsl::install_script(&bundle.display().to_string(), &guest_link, uid);
-        let status = std::process::Command::new("wsl.exe")
-            .args(["-d", finch_wsl::DISTRO, "-u", "root", "--", "sh", "-c", &script])
-            .status()
-            .context("cannot run wsl.exe")?;
-        anyhow::ensure!(status.success(), "install.sh in {} failed ({status})", finch_wsl::DISTRO);
-        Ok(())
+        let script = finch_wsl::install_script(
+            &bundle.display().to_string(),
+            &guest_link,
+            uid,
+            fstab.is_some(),
+        );
+        run_in_distro(&script, "install.sh")
     })();
-    let _ = std::fs::remove_dir_all(&instance.dir);
+    let _ = std::fs::remove_dir_all(&bundle);
     result
+}
+
+/// Runs uninstall.sh in Finch's distro (what install.sh changed there, the hardened mounts
+/// included, goes back at the distro's next start).
+fn uninstall_in_distro() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("finch-bridge-{}", std::process::id()));
+    let result = (|| {
+        finch_shared::private::create_dir_all(&dir)?;
+        std::fs::write(dir.join("uninstall.sh"), lima::UNINSTALL_SH)?;
+        let quoted = dir.display().to_string().replace('\'', "'\\''");
+        run_in_distro(
+            &format!("set -e; sh \"$(wslpath -u '{quoted}')/uninstall.sh\""),
+            "uninstall.sh",
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// `wsl.exe -d lima-finch -u root -- sh -c SCRIPT`, which must succeed.
+fn run_in_distro(script: &str, what: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("wsl.exe")
+        .args(["-d", finch_wsl::DISTRO, "-u", "root", "--", "sh", "-c", script])
+        .status()
+        .context("cannot run wsl.exe")?;
+    anyhow::ensure!(status.success(), "{what} in {} failed ({status})", finch_wsl::DISTRO);
+    Ok(())
 }
 
 fn uninstall_service(platform: install::Platform, no_stop: bool) -> anyhow::Result<()> {

@@ -69,31 +69,47 @@ pub fn fill_bundle(
             guest_dir.display()
         )
     })?;
-    let mut binaries = Vec::new();
-    for name in GUEST_BINARIES {
-        let path = from.join(name);
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        binaries.push((name, bytes));
-    }
+    let binaries = read_binaries(&from)?;
     anyhow::ensure!(
         is_instance(&instance.dir),
         "{} is no longer an instance directory (a symbolic link, or gone): nothing written",
         instance.dir.display()
     );
-    let dir = instance.bundle();
-    match std::fs::symlink_metadata(&dir) {
+    write_bundle(&instance.bundle(), &binaries, key)
+}
+
+/// The guest binaries in `from`, read.
+pub fn read_binaries(from: &Path) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
+    GUEST_BINARIES
+        .iter()
+        .map(|name| {
+            let path = from.join(name);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Ok((*name, bytes))
+        })
+        .collect()
+}
+
+/// Writes a bundle into `dir` (made private if missing; a link or file there is replaced):
+/// `binaries`, the install scripts, `key`, then `SHA256SUMS` of all of them.
+pub fn write_bundle(
+    dir: &Path,
+    binaries: &[(&str, Vec<u8>)],
+    key: &LinkKey,
+) -> anyhow::Result<Filled> {
+    match std::fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_dir() => {}
         // A link (or a file) where the bundle goes is removed, never written through.
-        Ok(_) => std::fs::remove_file(&dir)
+        Ok(_) => std::fs::remove_file(dir)
             .with_context(|| format!("{} is not a directory; cannot remove it", dir.display()))?,
         Err(_) => {}
     }
-    finch_shared::private::create_dir_all(&dir)
+    finch_shared::private::create_dir_all(dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut filled = Filled::default();
     let mut sums = String::new();
-    for (name, bytes) in &binaries {
+    for (name, bytes) in binaries {
         put(&dir.join(name), bytes, 0o755, &mut filled)?;
         sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(bytes)));
     }

@@ -52,7 +52,7 @@ pub const MAX_YAML: u64 = 1024 * 1024;
 pub const FRAGMENT: &str = include_str!("../../../lima/finch-credential-bridge.yaml");
 /// The guest scripts a bundle carries.
 const INSTALL_SH: &str = include_str!("../../../lima/guest/install.sh");
-const UNINSTALL_SH: &str = include_str!("../../../lima/guest/uninstall.sh");
+pub const UNINSTALL_SH: &str = include_str!("../../../lima/guest/uninstall.sh");
 /// The guest binaries a bundle carries, from `guest_dir/linux-ARCH/`.
 pub const GUEST_BINARIES: [&str; 2] = ["finch-guest-agent", "docker-credential-finchhost"];
 /// Finch's Lima home on macOS (runfinch/finch `pkg/path`: `<install>/lima/data`).
