@@ -98,7 +98,7 @@ pub fn run(overrides: &Overrides) -> Report {
     if let Some(lima) = &settings.lima {
         check_lima(&mut r, &settings, lima, &adopted);
     }
-    check_finch_helpers(&mut r, &settings.docker_config);
+    check_finch_helpers(&mut r, &settings, overrides);
     check_agent(&mut r, &settings);
     r
 }
@@ -106,7 +106,8 @@ pub fn run(overrides: &Overrides) -> Report {
 /// Finch for Windows keeps `finch.yaml` beside the docker config it shares with its VM: with
 /// `ecr-login` in `creds_helpers` it exports the host's AWS keys into the VM
 /// (runfinch/finch `cmd/finch/nerdctl_remote.go` `ensureRemoteCredentials`).
-fn check_finch_helpers(r: &mut Report, finch_dir: &Path) {
+fn check_finch_helpers(r: &mut Report, settings: &Settings, overrides: &Overrides) {
+    let finch_dir = settings.docker_config.as_path();
     let file = finch_dir.join("finch.yaml");
     let Ok(Some(yaml)) = lima::read_yaml(&file) else { return };
     let helpers: Vec<&str> = yaml["creds_helpers"]
@@ -128,45 +129,92 @@ fn check_finch_helpers(r: &mut Report, finch_dir: &Path) {
     if yaml["vmType"].as_str() != Some("wsl2") {
         return;
     }
-    // WSL mounts every fixed drive read-write in every distro unless its wsl.conf says
-    // `[automount] enabled = false`; Finch's distro does not (finch-core `deps/mkosi/mkosi.images/wsl-rootfs/mkosi.postinst.chroot` appends only `[boot] systemd=true`).
-    let conf = Path::new(r"\\wsl.localhost").join(crate::finch_wsl::DISTRO).join(r"etc\wsl.conf");
-    let automount = std::fs::read_to_string(&conf).ok().map(|t| automount_enabled(&t));
-    if automount == Some(false) {
-        r.ok("finch distro mounts", "C: is not automounted");
-        return;
+    let mut protected = vec![
+        (finch_dir.to_owned(), "Finch's directory: config.json, finch.yaml"),
+        (settings.state_dir.clone(), "this agent's state and VM keys"),
+    ];
+    if let Ok((config, _)) = settings::config_file(overrides.config.as_deref()) {
+        protected.push((config, "this agent's config"));
     }
-    let known = if automount.is_some() {
-        "mounts"
-    } else {
-        "mounts, unless its wsl.conf (unreadable now: is the distro running?) says otherwise,"
-    };
-    r.fail(
-        "finch distro mounts",
-        format!(
-            "Finch's distro {known} C: read-write: a process in the VM reads {} (config.json's auths, the agent's state and VM keys) and %USERPROFILE%\\.aws (Finch links /root/.aws to it) without the bridge",
-            finch_dir.display()
-        ),
-        "in the distro's /etc/wsl.conf set [automount] enabled = false and mount only what builds need through /etc/fstab (mountFsTab = true), then wsl --terminate lima-finch",
-    );
+    if let Ok(home) = paths::home() {
+        protected.push((home.join(".docker"), "docker's config"));
+        protected.push((home.join(".ssh"), "SSH keys"));
+    }
+    check_wsl_mounts(r, finch_dir, &protected);
 }
 
-/// Whether a wsl.conf leaves drive automounting on (WSL's default).
-fn automount_enabled(text: &str) -> bool {
-    let mut section = String::new();
-    let mut enabled = true;
-    for line in text.lines() {
-        let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = name.trim().to_ascii_lowercase();
-        } else if section == "automount"
-            && let Some((k, v)) = line.split_once('=')
-            && k.trim().eq_ignore_ascii_case("enabled")
-        {
-            enabled = !v.trim().eq_ignore_ascii_case("false");
+/// What Finch's distro mounts from Windows (read through `\\wsl.localhost` while it runs):
+/// WSL mounts every fixed drive read-write unless its wsl.conf says `[automount] enabled =
+/// false`, and Finch's does not (finch-core `deps/mkosi/mkosi.images/wsl-rootfs/mkosi.postinst.chroot`
+/// appends only `[boot] systemd=true`); Finch links `/root/.aws` to `%USERPROFILE%\.aws`
+/// (runfinch/finch `pkg/config/nerdctl_config_applier.go` `updateEnvironment`).
+fn check_wsl_mounts(r: &mut Report, finch_dir: &Path, protected: &[(PathBuf, &str)]) {
+    use crate::finch_wsl::{self, DistroMounts, MAX_DISTRO_FILE};
+    let etc = Path::new(r"\\wsl.localhost").join(finch_wsl::DISTRO).join("etc");
+    let read = |name: &str| {
+        lima::read_bounded(&etc.join(name), MAX_DISTRO_FILE)
+            .ok()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let fix = "finch-host-agent setup finch --harden [--share DIR]... (then finch vm stop; finch vm start)";
+    let aws = paths::home().map(|h| h.join(".aws")).ok().filter(|p| p.exists());
+    let Some(conf) = read("wsl.conf") else {
+        r.fail(
+            "finch distro mounts",
+            format!(
+                "Finch's distro mounts, unless its wsl.conf (unreadable now: is the distro running?) says otherwise, C: read-write: a process in the VM reads {} (config.json's auths, the agent's state and VM keys) and %USERPROFILE%\\.aws (Finch links /root/.aws to it) without the bridge",
+                finch_dir.display()
+            ),
+            format!("{fix}: it sets [automount] enabled = false in the distro's wsl.conf and mounts only what builds need through its /etc/fstab"),
+        );
+        if let Some(aws) = aws {
+            r.fail(
+                "finch /root/.aws",
+                format!(
+                    "Finch links /root/.aws in the VM to {}, which the distro mounts unless its wsl.conf says otherwise: root in the VM reads the host's AWS credentials",
+                    aws.display()
+                ),
+                fix,
+            );
         }
+        return;
+    };
+    let distro = DistroMounts::read(&conf, &read("fstab").unwrap_or_default());
+    let exposed: Vec<String> = protected
+        .iter()
+        .filter_map(|(p, what)| {
+            let via = distro.reach(&p.to_string_lossy())?;
+            Some(format!("{} ({what}) through {via}", p.display()))
+        })
+        .collect();
+    if exposed.is_empty() {
+        let list: Vec<String> = distro.mounts.iter().map(|m| m.source.clone()).collect();
+        r.ok("finch distro mounts", format!("no drive whole; only {}", list.join(", ")));
+    } else {
+        r.fail(
+            "finch distro mounts",
+            format!("a process in the VM reads, without the bridge: {}", exposed.join("; ")),
+            fix,
+        );
     }
-    enabled
+    match aws {
+        None => r.ok("finch /root/.aws", "this host has no %USERPROFILE%\\.aws"),
+        Some(aws) => match distro.reach(&aws.to_string_lossy()) {
+            Some(via) => r.fail(
+                "finch /root/.aws",
+                format!(
+                    "Finch links /root/.aws in the VM to {}, which the distro mounts ({via}): root in the VM reads the host's AWS credentials",
+                    aws.display()
+                ),
+                fix,
+            ),
+            None => r.ok(
+                "finch /root/.aws",
+                format!("{} is not mounted in the distro: /root/.aws leads nowhere", aws.display()),
+            ),
+        },
+    }
 }
 
 /// Host paths whose content the bridge keeps on the host, with what each holds.
@@ -571,17 +619,5 @@ pub fn state_dir_fallback(overrides: &Overrides) -> anyhow::Result<PathBuf> {
     match Settings::load(overrides) {
         Ok(s) => Ok(s.state_dir),
         Err(_) => Ok(settings::state_dir_without_file(overrides)?),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn wsl_automount_is_on_unless_wsl_conf_turns_it_off() {
-        use super::automount_enabled;
-        assert!(automount_enabled(""));
-        assert!(automount_enabled("[boot]\nsystemd=true\n"));
-        assert!(!automount_enabled("[automount]\nenabled = false\nmountFsTab = true\n"));
-        assert!(automount_enabled("[automount]\nenabled=true\n[network]\nenabled=false\n"));
     }
 }

@@ -402,7 +402,7 @@ pub fn wsl_path(windows: &str) -> anyhow::Result<String> {
 }
 
 /// Whether Windows path `a` is `b` or holds it (paths compare without regard to case).
-fn holds(a: &str, b: &str) -> bool {
+pub fn holds(a: &str, b: &str) -> bool {
     let (Ok((da, pa)), Ok((db, pb))) = (drive_path(a), drive_path(b)) else { return false };
     da == db && pa.len() <= pb.len() && pa.iter().zip(&pb).all(|(x, y)| x.eq_ignore_ascii_case(y))
 }
@@ -455,6 +455,89 @@ pub fn fstab_text(mounts: &[DrvMount]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Most bytes of the distro's `wsl.conf` or `fstab` read.
+pub const MAX_DISTRO_FILE: u64 = 256 * 1024;
+
+/// What Finch's distro mounts from Windows, from its `/etc/wsl.conf` and `/etc/fstab`.
+#[derive(Debug, Clone, Default)]
+pub struct DistroMounts {
+    /// WSL mounts every fixed drive whole (its default, unless `[automount] enabled = false`).
+    pub automount: bool,
+    /// The drvfs lines of its fstab (what WSL mounts when `mountFsTab` is on, its default).
+    pub mounts: Vec<DrvMount>,
+}
+
+impl DistroMounts {
+    /// Reads `wsl_conf` and `fstab` (either may be empty).
+    pub fn read(wsl_conf: &str, fstab: &str) -> Self {
+        let mounts = fstab
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4 && f[2] == "drvfs").then(|| DrvMount {
+                    source: fstab_unescape(f[0]),
+                    target: fstab_unescape(f[1]),
+                    writable: !f[3].split(',').any(|o| o == "ro"),
+                })
+            })
+            .collect();
+        DistroMounts { automount: automount_enabled(wsl_conf), mounts }
+    }
+
+    /// How the distro reaches Windows path `path`, if it does: WSL's automount of its drive,
+    /// or an fstab mount that holds it.
+    pub fn reach(&self, path: &str) -> Option<String> {
+        if self.automount {
+            let drive = path.get(..2).unwrap_or(path);
+            return Some(format!("{drive} whole, through WSL's automount"));
+        }
+        self.mounts.iter().find(|m| holds(&m.source, path)).map(|m| {
+            format!("{} at {}{}", m.source, m.target, if m.writable { "" } else { " (read-only)" })
+        })
+    }
+}
+
+/// Whether a wsl.conf leaves drive automounting on (WSL's default).
+pub fn automount_enabled(text: &str) -> bool {
+    let mut section = String::new();
+    let mut enabled = true;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_ascii_lowercase();
+        } else if section == "automount"
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim().eq_ignore_ascii_case("enabled")
+        {
+            enabled = !v.trim().eq_ignore_ascii_case("false");
+        }
+    }
+    enabled
+}
+
+/// An fstab field with its `\NNN` octal escapes undone.
+fn fstab_unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -658,5 +741,41 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn wsl_automount_is_on_unless_wsl_conf_turns_it_off() {
+        assert!(automount_enabled(""));
+        assert!(automount_enabled("[boot]\nsystemd=true\n"));
+        assert!(!automount_enabled("[automount]\nenabled = false\nmountFsTab = true\n"));
+        assert!(automount_enabled("[automount]\nenabled=true\n[network]\nenabled=false\n"));
+    }
+
+    #[test]
+    fn the_distro_reaches_what_its_automount_or_fstab_mounts() {
+        let stock = DistroMounts::read("[boot]\nsystemd=true\n", "");
+        assert_eq!(stock.reach(r"C:\Users\me\.aws").unwrap(), "C: whole, through WSL's automount");
+        let mounts = harden_mounts(
+            r"C:\Users\me\AppData\Local\Temp",
+            r"C:\Program Files\Finch\lima\data\finch",
+            &[r"C:\Users\me\My Src".to_owned()],
+            &[],
+        )
+        .unwrap();
+        let conf = "[boot]\nsystemd=true\n[automount]\nenabled = false\nmountFsTab = true\n";
+        let fstab = format!("LABEL=root / ext4 defaults 0 1\n{}", fstab_text(&mounts));
+        let hardened = DistroMounts::read(conf, &fstab);
+        assert_eq!(hardened.mounts, mounts, "the lines read back as written");
+        assert_eq!(hardened.reach(r"C:\Users\me\.aws"), None);
+        assert_eq!(hardened.reach(r"C:\Users\me\AppData\Local\.finch"), None);
+        assert_eq!(
+            hardened.reach(r"c:\users\me\my src\app").unwrap(),
+            r"C:\Users\me\My Src at /mnt/c/Users/me/My Src"
+        );
+        assert_eq!(
+            hardened.reach(r"C:\Users\me\AppData\Local\Temp\x").unwrap(),
+            r"C:\Users\me\AppData\Local\Temp at /mnt/finch-bridge/temp (read-only)"
+        );
+        assert_eq!(fstab_unescape(r"a\040b\134c\9\04"), r"a b\c\9\04");
     }
 }

@@ -334,6 +334,7 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
     // The C: automount: not readable under Wine (no \\wsl.localhost), so said as WSL's default.
     assert!(report.contains("FAIL finch distro mounts: Finch's distro mounts, unless"), "{report}");
     assert!(report.contains("[automount] enabled = false"), "{report}");
+    assert!(report.contains("setup finch --harden"), "{report}");
     let attached = std::fs::read_to_string(state.join("attached.toml")).unwrap();
     assert!(attached.contains(&link), "{attached}");
     // Again: nothing changes.
@@ -341,6 +342,68 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
         setup(&["--finch-dir", &finch_w, "--guest-dir", &guest_w, "--link", &link]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(std::fs::read_to_string(&host_config).unwrap(), host_text);
+
+    // --harden: the lines for the distro's fstab (--no-wsl: written for install.sh
+    // --wsl-mounts), as libmount reads them back: Wine's temporary directory and Lima's
+    // instance read-only, the share read-write where Finch sends it (Z: is Wine's /).
+    let share = b.path("My Src");
+    let lima_home = b.path("lima/data");
+    for d in [&share, &lima_home.join("finch")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (share_w, lima_w) = (winpath(&share), winpath(&lima_home));
+    let harden = ["--harden", "--share", &share_w, "--lima-home", &lima_w];
+    let (code, out, err) = setup(
+        &[&["--finch-dir", &finch_w, "--guest-dir", &guest_w][..], &harden[..], &["--link", &link]]
+            .concat(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("--wsl-mounts"), "{out}");
+    let fstab = state.join("finch-setup/wsl-fstab");
+    let entries = crate::provision::fstab_entries(&fstab);
+    let share_target = format!("/mnt/z{}", share.display());
+    assert!(
+        entries.contains(&(share_w.clone(), share_target, "rw,noatime".to_owned())),
+        "{entries:?}"
+    );
+    let instance = (
+        winpath(&lima_home.join("finch")),
+        "/mnt/finch-bridge/lima".to_owned(),
+        "ro,noatime".to_owned(),
+    );
+    assert!(entries.contains(&instance), "{entries:?}");
+    let temp =
+        entries.iter().find(|e| e.1 == "/mnt/finch-bridge/temp").expect("the temporary directory");
+    assert!(temp.0.starts_with("C:\\") && temp.2 == "ro,noatime", "{temp:?}");
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    // A share that holds the agent's state is refused, and nothing changes.
+    let files = |_: ()| {
+        [finch.join("finch.yaml"), finch.join("config.json"), host_config.clone(), fstab.clone()]
+            .map(|f| std::fs::read(f).unwrap_or_default())
+    };
+    let before = files(());
+    let dir_w = winpath(b.dir.path());
+    let (code, out, err) = setup(&[
+        "--finch-dir",
+        &finch_w,
+        "--guest-dir",
+        &guest_w,
+        "--harden",
+        "--share",
+        &dir_w,
+        "--lima-home",
+        &lima_w,
+        "--link",
+        &link,
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("which holds") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(files(()), before, "a refused share changed a file");
+    // Without --harden again: no mounts to give.
+    let (code, out, err) =
+        setup(&["--finch-dir", &finch_w, "--guest-dir", &guest_w, "--link", &link]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!fstab.exists(), "{out}");
 
     // The VM's key, exported for the guest (install.sh would put it in the distro).
     let key = b.path("link.key");
