@@ -134,11 +134,18 @@ put() { # FILE MODE
   if [ -f "$1" ] && cmp -s "$_tmp" "$1"; then rm -f "$_tmp"; chmod "$2" "$1"; else mv -f "$_tmp" "$1"; put_changed=1; fi
 }
 
-# 2. Binaries.
+# 2. Binaries. The helper is a link in /usr/local/bin to libexec: Finch on Windows links its
+#    cred-helpers into /usr/local/bin from ~/.bashrc unless a link is there already
+#    (`[ -L ... ] || sudo ln -s ...`), so a plain file would make that line fail, loudly, at
+#    every finch command.
 mkdirs "$R/usr/local/bin" 0755
-for f in finch-guest-agent docker-credential-finchhost; do
-  put "$R/usr/local/bin/$f" 0755 < "$bundle/$f"
-done
+put "$R/usr/local/bin/finch-guest-agent" 0755 < "$bundle/finch-guest-agent"
+mkdirs "$R/usr/local/libexec/finch-bridge" 0755
+put "$R/usr/local/libexec/finch-bridge/docker-credential-finchhost" 0755 < "$bundle/docker-credential-finchhost"
+helper_link=../libexec/finch-bridge/docker-credential-finchhost
+if [ "$(readlink "$R/usr/local/bin/docker-credential-finchhost" 2>/dev/null)" != "$helper_link" ]; then
+  ln -sfn "$helper_link" "$R/usr/local/bin/docker-credential-finchhost"
+fi
 
 # 3. The key: root only.
 mkdirs "$R/etc/finch-guest-agent" 0700

@@ -69,6 +69,7 @@ rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" 
   "$R/etc/finch-guest-agent/link.key" \
   "$R/usr/local/libexec/finch-guest-agent-start" \
   "$R/usr/local/bin/docker-credential-finchhost" \
+  "$R/usr/local/libexec/finch-bridge/docker-credential-finchhost" \
   "$R/usr/local/bin/finch-guest-agent"
 if [ "$R" = "" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload || true

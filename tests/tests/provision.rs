@@ -362,6 +362,14 @@ fn guest_install_is_idempotent_and_uninstall_restores_the_tree() {
         assert_eq!(mode(&r.join("etc/finch-guest-agent/link.key")), 0o600);
         assert_eq!(std::fs::read(r.join("etc/finch-guest-agent/link.key")).unwrap(), s.key);
         assert_eq!(mode(&r.join("usr/local/bin/finch-guest-agent")), 0o755);
+        // A link, so Finch's `[ -L /usr/local/bin/docker-credential-finchhost ] || sudo ln -s`
+        // (Windows, at every shell) leaves it alone instead of failing on a plain file.
+        let helper = r.join("usr/local/bin/docker-credential-finchhost");
+        assert!(std::fs::symlink_metadata(&helper).unwrap().file_type().is_symlink(), "{init}");
+        assert_eq!(
+            std::fs::read(&helper).unwrap(),
+            std::fs::read(bin("docker-credential-finchhost")).unwrap()
+        );
         let config: serde_json::Value = serde_json::from_slice(
             &std::fs::read(r.join("home/user/.finch-vm-config/config.json")).unwrap(),
         )
@@ -960,8 +968,9 @@ fn setup_finch_wires_finchs_template_and_the_agent_rewires_it_after_an_upgrade()
     }
     let (ok, out) = setup(&["--share", "/x"]);
     assert!(!ok && out.contains("--harden"), "--share without --harden: {out}");
-    // Not taken silently where it does nothing yet: Windows.
-    let (ok, out) = cli.run(&["setup", "finch", "--platform", "windows", "--no-wsl", "--harden"]);
+    // Not taken silently where it means nothing: Finch's template on Windows.
+    let windows = ["setup", "finch", "--platform", "windows", "--no-wsl", "--template", "/x"];
+    let (ok, out) = cli.run(&windows);
     assert!(!ok && out.contains("are for Finch on macOS"), "{out}");
 
     let (ok, out) = setup(&["--remove"]);
