@@ -12,7 +12,8 @@ use finch_shared::key::LinkKey;
 pub use finch_shared::link::HEARTBEAT_MISSES;
 use finch_shared::link::{Flow, Role, Shutdown, Timing, drive};
 use finch_shared::message::{
-    Handshake, LINK_VERSION_LIST_CUT, LinkMsg, Outcome, Request, WireError,
+    Handshake, LINK_VERSION_LIST_CUT, LINK_VERSION_TOKENS, LinkMsg, Outcome, Request, Token,
+    TokenRequest, WireError,
 };
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -258,33 +259,64 @@ struct Answering {
     vm: VmName,
     resolver: Arc<Resolver>,
     version: u16,
-    answering: JoinSet<(u64, Outcome)>,
-    waiting: std::collections::VecDeque<(u64, Request)>,
+    answering: JoinSet<Answered>,
+    waiting: std::collections::VecDeque<Asked>,
     budget: RequestBudget,
 }
 
+/// A guest's request: a credential operation, or (version 4) a scoped token.
+#[derive(Debug)]
+enum Asked {
+    Credential(u64, Request),
+    Token(u64, TokenRequest),
+}
+
+/// Its answer.
+enum Answered {
+    Credential(u64, Outcome),
+    Token(u64, Result<Token, WireError>),
+}
+
 impl Answering {
-    fn start(&mut self, id: u64, request: Request) {
+    fn start(&mut self, asked: Asked) {
         let resolver = self.resolver.clone();
         let name = self.vm.clone();
-        self.answering.spawn(async move { (id, resolver.handle(&name, request).await) });
+        self.answering.spawn(async move {
+            match asked {
+                Asked::Credential(id, request) => {
+                    Answered::Credential(id, resolver.handle(&name, request).await)
+                }
+                Asked::Token(id, request) => {
+                    Answered::Token(id, resolver.token(&name, request).await)
+                }
+            }
+        });
     }
 }
 
 impl Role for Answering {
     fn on_message(&mut self, msg: LinkMsg, out: &FrameQueue) -> Flow {
-        let LinkMsg::Request { id, request } = msg else {
-            return Flow::End("protocol error: the guest sent a response".to_owned());
+        let asked = match msg {
+            LinkMsg::Request { id, request } => Asked::Credential(id, request),
+            LinkMsg::TokenRequest { id, request } if self.version >= LINK_VERSION_TOKENS => {
+                Asked::Token(id, request)
+            }
+            _ => {
+                return Flow::End("protocol error: the guest sent a message it may not".to_owned());
+            }
         };
         if self.answering.len() + self.waiting.len() >= MAX_IN_FLIGHT {
-            let outcome =
-                Err(WireError::unavailable("host agent busy: too many requests in flight"));
-            Flow::from_send(out.send(&LinkMsg::Response { id, outcome }))
+            let busy = WireError::unavailable("host agent busy: too many requests in flight");
+            let answer = match asked {
+                Asked::Credential(id, _) => LinkMsg::Response { id, outcome: Err(busy) },
+                Asked::Token(id, _) => LinkMsg::TokenResponse { id, outcome: Err(busy) },
+            };
+            Flow::from_send(out.send(&answer))
         } else if self.waiting.is_empty() && self.budget.take(Instant::now()) {
-            self.start(id, request);
+            self.start(asked);
             Flow::Go
         } else {
-            self.waiting.push_back((id, request));
+            self.waiting.push_back(asked);
             Flow::Go
         }
     }
@@ -293,18 +325,25 @@ impl Role for Answering {
         tokio::select! {
             () = tokio::time::sleep_until(self.budget.next()), if !self.waiting.is_empty() => {
                 while !self.waiting.is_empty() && self.budget.take(Instant::now()) {
-                    if let Some((id, request)) = self.waiting.pop_front() {
-                        self.start(id, request);
+                    if let Some(asked) = self.waiting.pop_front() {
+                        self.start(asked);
                     }
                 }
                 Flow::Go
             }
             Some(done) = self.answering.join_next(), if !self.answering.is_empty() => {
-                let Ok((id, outcome)) = done else {
-                    tracing::error!(vm = %self.vm, "a request task failed; the guest will time out");
-                    return Flow::Go;
-                };
-                Flow::from_send(send_response(out, self.version, id, outcome))
+                match done {
+                    Ok(Answered::Credential(id, outcome)) => {
+                        Flow::from_send(send_response(out, self.version, id, outcome))
+                    }
+                    Ok(Answered::Token(id, outcome)) => {
+                        Flow::from_send(out.send(&LinkMsg::TokenResponse { id, outcome }))
+                    }
+                    Err(_) => {
+                        tracing::error!(vm = %self.vm, "a request task failed; the guest will time out");
+                        Flow::Go
+                    }
+                }
             }
             else => std::future::pending().await,
         }

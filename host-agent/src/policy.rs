@@ -50,11 +50,19 @@ pub struct Policy {
     pub erase: Rule,
     /// `list`: the registries whose names and usernames the VM may see.
     pub list: Rule,
+    /// `pull` and `push`: the repositories the VM may get scoped tokens for (none by default).
+    pub tokens: crate::source::token::TokenPolicy,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { get: Rule::any(), store: Rule::any(), erase: Rule::any(), list: Rule::any() }
+        Policy {
+            get: Rule::any(),
+            store: Rule::any(),
+            erase: Rule::any(),
+            list: Rule::any(),
+            tokens: crate::source::token::TokenPolicy::default(),
+        }
     }
 }
 

@@ -6,9 +6,10 @@ use std::ffi::OsString;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use finch_shared::Secret;
 use finch_shared::limit::{LogGate, cap};
 use finch_shared::message::{
-    ListEntry, MAX_LIST_ENTRIES, Op, Outcome, Request, Response, WireError,
+    ListEntry, MAX_LIST_ENTRIES, Op, Outcome, Request, Response, Token, TokenRequest, WireError,
 };
 use finch_shared::registry::Registry;
 
@@ -19,6 +20,7 @@ use crate::settings::Settings;
 use crate::source::docker_config::{ConfigCache, DockerConfig, PlainAuths};
 use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;
+use crate::source::token::{Broker, Scope, Stored};
 use crate::source::{Credential, CredentialSource, SourceError, SourceKind, keychain};
 use crate::status::StatusBoard;
 
@@ -187,6 +189,7 @@ pub struct Resolver {
     board: Arc<StatusBoard>,
     gates: Gates,
     audit_gates: Gates,
+    broker: std::sync::OnceLock<Result<Broker, WireError>>,
 }
 
 /// A log gate per VM, bounded in number.
@@ -223,7 +226,107 @@ impl Resolver {
             board,
             gates: Gates::new(REJECTION_WINDOW, REJECTION_BURST),
             audit_gates: Gates::new(AUDIT_WINDOW, AUDIT_BURST),
+            broker: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A scoped token for VM `vm` (link version 4): the scopes asked for are cut to what the
+    /// VM's `pull`/`push` policy grants (nothing by default), and the registry's stored
+    /// credential (found as a `get` would find it; none: anonymously) is exchanged at the
+    /// registry's own token realm. One audit line per token: scopes granted and refused, the
+    /// token's lifetime; never the token.
+    pub async fn token(&self, vm: &str, request: TokenRequest) -> Result<Token, WireError> {
+        let started = Instant::now();
+        self.board.count_request(vm);
+        let current = self.current();
+        let checked = (|| {
+            let registry = Registry::parse(&request.registry)
+                .map_err(|e| WireError::BadRequest { reason: e.to_string() })?;
+            let scopes =
+                request.scopes.iter().map(|s| Scope::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            if scopes.is_empty() {
+                return Err(WireError::BadRequest {
+                    reason: "a token request names no scope".into(),
+                });
+            }
+            let Some(vm_settings) = current.settings.vms.get(vm) else {
+                return Err(WireError::Denied {
+                    reason: format!("VM {vm} is no longer configured"),
+                });
+            };
+            Ok((registry, scopes, vm_settings.policy.tokens.clone()))
+        })();
+        let (registry, scopes, policy) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.rejected_as(vm, "token", &e);
+                return Err(e);
+            }
+        };
+        let (granted, refused) = policy.intersect(&registry, &scopes);
+        let text = |v: &[Scope]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let (granted_text, refused_text) = (text(&granted), text(&refused));
+        let (source, outcome) = if granted.is_empty() {
+            let reason = format!(
+                "the host's policy for VM {vm} grants no token for {} on {registry}",
+                refused_text.join(" ")
+            );
+            ("-".to_owned(), Err(WireError::Denied { reason }))
+        } else {
+            self.exchange(&current, vm, &registry, &granted).await
+        };
+        let outcome = outcome.map(|(token, expires_in)| Token {
+            token,
+            expires_in,
+            granted: granted_text.clone(),
+        });
+        if let Some(suppressed) = self.audit_gates.admit(vm) {
+            tracing::info!(
+                target: AUDIT_TARGET,
+                vm,
+                op = "token",
+                registry = registry.key(),
+                source,
+                result = outcome.as_ref().map_or_else(WireError::class, |_| "ok"),
+                granted = ?granted_text,
+                refused = ?refused_text,
+                lifetime_s = outcome.as_ref().map_or(0, |t| t.expires_in),
+                reason = ?cap(outcome.as_ref().err().map_or("", reason_text), MAX_AUDIT_REASON),
+                ms = started.elapsed().as_millis() as u64,
+                suppressed,
+            );
+        }
+        outcome
+    }
+
+    /// The exchange behind [`Resolver::token`]: the stored credential, then the broker.
+    async fn exchange(
+        &self,
+        current: &Current,
+        vm: &str,
+        registry: &Registry,
+        granted: &[Scope],
+    ) -> (String, Result<(Secret, u32), WireError>) {
+        let broker = match self.broker.get_or_init(Broker::new) {
+            Ok(b) => b,
+            Err(e) => return ("-".to_owned(), Err(e.clone())),
+        };
+        let get = Request::Get { server: registry.key() };
+        let (source, stored) = match dispatch(current, vm, get, Some(registry), &Rule::any()).await
+        {
+            (source, Ok(Response::Credential { username, secret })) => {
+                (source, Some(Stored { username, secret }))
+            }
+            (source, Err(WireError::NotFound)) => (source, None),
+            (source, Err(e)) => return (source, Err(e)),
+            (source, Ok(_)) => {
+                return (
+                    source,
+                    Err(WireError::Internal { reason: "a get answered no credential".into() }),
+                );
+            }
+        };
+        (source, broker.token(vm, registry, granted, stored.as_ref()).await)
     }
 
     /// What requests are answered from now.
@@ -277,6 +380,11 @@ impl Resolver {
 
     /// The audit line of a refused request, if the VM's log gate lets it through.
     fn rejected(&self, vm: &str, op: Op, e: &WireError) {
+        self.rejected_as(vm, op.as_str(), e);
+    }
+
+    /// [`Resolver::rejected`] for an operation named `op`.
+    fn rejected_as(&self, vm: &str, op: &str, e: &WireError) {
         if let Some(suppressed) = self.gates.admit(vm) {
             let reason = match e {
                 WireError::BadRequest { reason } | WireError::Denied { reason } => reason.as_str(),
@@ -285,7 +393,7 @@ impl Resolver {
             tracing::info!(
                 target: AUDIT_TARGET,
                 vm,
-                op = op.as_str(),
+                op,
                 registry = "-",
                 source = "-",
                 result = e.class(),
@@ -298,14 +406,17 @@ impl Resolver {
 }
 
 fn reason_of(outcome: &Outcome) -> &str {
-    match outcome {
-        Err(
-            WireError::Unavailable { reason }
-            | WireError::Internal { reason }
-            | WireError::Denied { reason }
-            | WireError::BadRequest { reason },
-        ) => reason.as_str(),
-        _ => "",
+    outcome.as_ref().err().map_or("", reason_text)
+}
+
+/// An error's reason, for the audit line.
+fn reason_text(e: &WireError) -> &str {
+    match e {
+        WireError::Unavailable { reason }
+        | WireError::Internal { reason }
+        | WireError::Denied { reason }
+        | WireError::BadRequest { reason } => reason.as_str(),
+        WireError::NotFound => "",
     }
 }
 

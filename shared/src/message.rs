@@ -12,8 +12,15 @@ use crate::Secret;
 /// [`Response::ListCut`]. Version 3 seals every frame after the handshake
 /// ([`crate::seal`]) and puts the offered versions in the handshake's transcript; versions 1
 /// and 2 sent those frames in plaintext and are no longer spoken, so an older peer is told
-/// "no common protocol version" and nothing else.
-pub const LINK_VERSIONS: &[u16] = &[3];
+/// "no common protocol version" and nothing else. Version 4 adds [`LinkMsg::TokenRequest`]
+/// and [`LinkMsg::TokenResponse`] (scoped registry tokens); a version 3 peer never sees them.
+pub const LINK_VERSIONS: &[u16] = &[3, 4];
+
+/// The first link version that may carry token requests.
+pub const LINK_VERSION_TOKENS: u16 = 4;
+
+/// Most scopes one token request may ask for.
+pub const MAX_SCOPES: usize = 16;
 
 /// The first link version that may carry [`Response::ListCut`].
 pub const LINK_VERSION_LIST_CUT: u16 = 2;
@@ -279,6 +286,37 @@ pub enum RejectReason {
     Unexpected,
 }
 
+/// Guest → host (link version 4): a bearer token for `registry`, limited to `scopes`
+/// (`repository:NAME:ACTIONS`, as the registry's challenge asked for them). The host learns
+/// the registry's token realm from the registry itself, never from this request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The registry, as the image reference names it (`host[:port]`).
+    pub registry: String,
+    /// The scopes asked for.
+    #[serde(
+        serialize_with = "bounded_vec::serialize",
+        deserialize_with = "bounded_vec::deserialize::<_, _, MAX_SCOPES>"
+    )]
+    pub scopes: Vec<String>,
+}
+
+/// Host → guest: a token limited to `granted` (the scopes asked for that the VM's policy
+/// allows), good for `expires_in` seconds from when it was issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// The bearer token.
+    pub token: Secret,
+    /// Seconds it stays valid.
+    pub expires_in: u32,
+    /// The scopes it carries.
+    #[serde(
+        serialize_with = "bounded_vec::serialize",
+        deserialize_with = "bounded_vec::deserialize::<_, _, MAX_SCOPES>"
+    )]
+    pub granted: Vec<String>,
+}
+
 /// Frames on an established link (protocol version 1), both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LinkMsg {
@@ -305,6 +343,20 @@ pub enum LinkMsg {
     Pong {
         /// The ping's sequence number.
         seq: u64,
+    },
+    /// Guest → host (version 4): a scoped token; `id` shares the requests' numbering.
+    TokenRequest {
+        /// Request id.
+        id: u64,
+        /// What is asked for.
+        request: TokenRequest,
+    },
+    /// Host → guest (version 4): the answer to token request `id`.
+    TokenResponse {
+        /// Request id.
+        id: u64,
+        /// The token, or why not.
+        outcome: Result<Token, WireError>,
     },
 }
 

@@ -87,6 +87,26 @@ fn golden_encodings() {
     );
     golden(LinkMsg::Ping { seq: 7 }, "0207");
     golden(LinkMsg::Pong { seq: 7 }, "0307");
+    // Version 4: scoped tokens.
+    golden(
+        LinkMsg::TokenRequest {
+            id: 1,
+            request: TokenRequest { registry: "r".into(), scopes: vec!["s".into()] },
+        },
+        "04010172010173",
+    );
+    golden(
+        LinkMsg::TokenResponse {
+            id: 1,
+            outcome: Ok(Token {
+                token: Secret::new("t".into()),
+                expires_in: 300,
+                granted: vec!["s".into()],
+            }),
+        },
+        "0501000174ac02010173",
+    );
+    golden(LinkMsg::TokenResponse { id: 2, outcome: Err(WireError::NotFound) }, "05020100");
     golden(HelperCall { version: 1, request: Request::List }, "0103");
     // Version 2 (link and helper): a list cut to fit, with the count left out.
     golden(HelperCall { version: HELPER_VERSION, request: Request::List }, "0203");
@@ -166,6 +186,19 @@ fn link_msg() -> impl Strategy<Value = LinkMsg> {
         (any::<u64>(), outcome()).prop_map(|(id, outcome)| LinkMsg::Response { id, outcome }),
         any::<u64>().prop_map(|seq| LinkMsg::Ping { seq }),
         any::<u64>().prop_map(|seq| LinkMsg::Pong { seq }),
+        (any::<u64>(), text(), proptest::collection::vec(text(), 0..=MAX_SCOPES)).prop_map(
+            |(id, registry, scopes)| LinkMsg::TokenRequest {
+                id,
+                request: TokenRequest { registry, scopes }
+            }
+        ),
+        (any::<u64>(), text(), any::<u32>(), proptest::collection::vec(text(), 0..=MAX_SCOPES))
+            .prop_map(|(id, token, expires_in, granted)| LinkMsg::TokenResponse {
+                id,
+                outcome: Ok(Token { token: Secret::new(token), expires_in, granted })
+            }),
+        (any::<u64>(), wire_error())
+            .prop_map(|(id, e)| LinkMsg::TokenResponse { id, outcome: Err(e) }),
     ]
 }
 

@@ -25,6 +25,9 @@
 //!   a root container, and a scan of the VM's disk for the test's secrets.
 //! * `aarch64`: the static aarch64 guest binaries (Finch on Apple Silicon) under
 //!   `qemu-aarch64-static`, answering a `get` through the x86_64 host agent.
+//! * `tokens`: scoped tokens, the host's half: the link's token request answered by
+//!   exchanging the stored password at a real docker-registry's token realm (`auth: token`,
+//!   a token server in `tests/tokens/`), cut to the VM's `pull`/`push` policy.
 //! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
 //!   Linux guest agent over `tcp://`, answering from Wine's Credential Manager and from a
 //!   Windows host helper; its named-pipe control channel, `doctor`, `install --print`.
@@ -52,5 +55,6 @@ mod protocol;
 mod provision;
 mod readme;
 mod reference;
+mod tokens;
 mod vm;
 mod wine;

@@ -13,6 +13,7 @@ use super::{ConfigError, KeyStore, Layer, LimaSettings, NUMBERS, VmName};
 use crate::platform::paths::{default_guest_dir, env_path, home};
 use crate::policy::{Pattern, Policy, Rule};
 use crate::source::ecr::{EcrRule, EcrSettings, RegistryMatch};
+use crate::source::token::{RepoPattern, TokenPolicy};
 
 /// What the file says, checked.
 #[derive(Debug, Default)]
@@ -104,6 +105,8 @@ struct SchemaPolicy {
     store: Option<Vec<Spanned<String>>>,
     erase: Option<Vec<Spanned<String>>>,
     list: Option<Vec<Spanned<String>>>,
+    pull: Option<Vec<Spanned<String>>>,
+    push: Option<Vec<Spanned<String>>>,
 }
 
 /// Parses and checks the config file `text`, read from `file`.
@@ -223,11 +226,24 @@ impl Spans<'_> {
                     None => Ok(Rule::any()),
                     Some(list) => self.rule(list, &format!("{key}.policy.{op}")),
                 };
+                let repos = |r: &Option<Vec<Spanned<String>>>, op: &str| {
+                    r.iter()
+                        .flatten()
+                        .map(|p| {
+                            RepoPattern::parse(p.get_ref())
+                                .map_err(|e| self.error(p.span(), &format!("{key}.policy.{op}"), e))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                };
                 Policy {
                     get: rule(&p.get, "get")?,
                     store: rule(&p.store, "store")?,
                     erase: rule(&p.erase, "erase")?,
                     list: rule(&p.list, "list")?,
+                    tokens: TokenPolicy {
+                        pull: repos(&p.pull, "pull")?,
+                        push: repos(&p.push, "push")?,
+                    },
                 }
             }
         };

@@ -13,6 +13,7 @@ pub mod docker_config;
 pub mod ecr;
 pub mod exec_helper;
 pub mod keychain;
+pub mod token;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,0 +1,237 @@
+//! Scoped tokens, the host's half (issue 22; link version 4): a guest asks the host agent for
+//! a token over the link, and the host exchanges the stored password at the registry's own
+//! token realm for a token carrying only the scopes the VM's `pull`/`push` policy grants.
+//! Real parts: Debian's docker-registry with `auth: token` (TLS), trusting a token server
+//! the test writes (`tests/tokens/token_server.py`: RS256 JWTs with `x5c`, grants per user,
+//! one log line per request). The test plays the guest end of the link itself.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use finch_shared::codec;
+use finch_shared::frame::{read_frame, write_frame};
+use finch_shared::key::LinkKey;
+use finch_shared::message::{Handshake, LinkMsg, Token, TokenRequest, WireError};
+use finch_shared::seal::Session;
+use finch_tests::{Bridge, Proc, STARTUP, run_ok, wait_until};
+
+const USER: &str = "alice";
+const PASSWORD: &str = "tok-Pa55word-91c2";
+const SERVICE: &str = "finch-test-registry";
+/// Lifetime of the token server's tokens.
+const LIFETIME: u32 = 300;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A self-signed certificate for `san`, and its key.
+fn self_signed(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName={san}"))
+            // Its own trust anchor, so not a CA (rustls refuses a CA as an end entity).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        "openssl",
+    );
+    (cert, key)
+}
+
+/// The guest end of one link, played by the test.
+struct Guest {
+    stream: UnixStream,
+    session: Session,
+    next: u64,
+}
+
+impl Guest {
+    fn accept(listener: &UnixListener, key: LinkKey) -> Guest {
+        let mut stream = finch_tests::accept_within(listener, STARTUP);
+        let hello: Handshake = codec::decode(&read_frame(&mut stream).unwrap()).unwrap();
+        let (guest, answer) =
+            finch_shared::handshake::GuestHandshake::answer(key, "boot", hello).unwrap();
+        write_frame(&mut stream, &codec::encode(&answer).unwrap()).unwrap();
+        let proof: Handshake = codec::decode(&read_frame(&mut stream).unwrap()).unwrap();
+        let (established, session) = guest.finish(proof).unwrap();
+        assert_eq!(established.version, 4, "the link speaks version 4");
+        Guest { stream, session, next: 1 }
+    }
+
+    fn send(&mut self, msg: &LinkMsg) {
+        let sealed = self.session.sealer.seal(&codec::encode(msg).unwrap()).unwrap();
+        write_frame(&mut self.stream, &sealed).unwrap();
+    }
+
+    /// Asks for a token and waits for its answer, answering the host's pings meanwhile.
+    fn token(&mut self, registry: &str, scopes: &[&str]) -> Result<Token, WireError> {
+        let id = self.next;
+        self.next += 1;
+        let request = TokenRequest {
+            registry: registry.to_owned(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        self.send(&LinkMsg::TokenRequest { id, request });
+        loop {
+            let frame = read_frame(&mut self.stream).unwrap();
+            let msg: LinkMsg = codec::decode(&self.session.opener.open(&frame).unwrap()).unwrap();
+            match msg {
+                LinkMsg::Ping { seq } => self.send(&LinkMsg::Pong { seq }),
+                LinkMsg::TokenResponse { id: got, outcome } if got == id => return outcome,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What the registry answers `method url` with `token`.
+fn registry_says(ca: &Path, method: &str, url: &str, token: &Token) -> String {
+    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens/probe.py");
+    let out = Command::new("python3")
+        .arg(probe)
+        .arg(ca)
+        .args([method, url])
+        .env("TOKEN", token.token.expose())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "probe: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The token server's log: one JSON object per request.
+fn token_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The host exchanges the stored password at the registry's realm (learned from the
+/// registry's challenge) for a token the registry honours only for what the policy grants:
+/// `pull` of `a` (asked with `push` too, the push is cut); `b` and any push are refused by
+/// the policy before anything is sent; the same scopes again come from the cache; the
+/// password reaches the token server only with a grant to exchange; nothing secret is logged.
+#[test]
+fn the_host_exchanges_the_password_for_a_token_the_registry_scopes() {
+    let tools = ["docker-registry", "openssl", "python3"];
+    if !finch_tests::require(
+        "the_host_exchanges_the_password_for_a_token_the_registry_scopes",
+        &tools,
+    ) {
+        return;
+    }
+    let (registry_port, token_port) = (free_port(), free_port());
+    let registry = format!("127.0.0.1:{registry_port}");
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+    };
+    let mut b = Bridge::new(&format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#));
+    let dir = b.path("tokens");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (tls, tls_key) = self_signed(&dir, "tls", "IP:127.0.0.1");
+    let (signing, signing_key) = self_signed(&dir, "signing", "DNS:token-issuer");
+    let users = dir.join("users.json");
+    let grants = serde_json::json!({USER: {"password": PASSWORD, "grants": {"a": ["pull", "push"], "b": ["pull", "push"]}}});
+    std::fs::write(&users, grants.to_string()).unwrap();
+    let log = dir.join("token-server.log");
+    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens/token_server.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(server).arg(token_port.to_string()).args([
+        &tls,
+        &tls_key,
+        &signing_key,
+        &signing,
+        &users,
+        &log,
+    ]);
+    cmd.args(["token-issuer", &LIFETIME.to_string()]);
+    let token_server = Proc::spawn("token-server", cmd, &dir.join("token-server.out"));
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
+             http:\n  addr: {registry}\n  tls:\n    certificate: {tls}\n    key: {tls_key}\n\
+             auth:\n  token:\n    realm: https://127.0.0.1:{token_port}/token\n    service: {SERVICE}\n\
+             \x20   issuer: token-issuer\n    rootcertbundle: {signing}\n",
+            root = dir.join("data").display(),
+            tls = tls.display(),
+            tls_key = tls_key.display(),
+            signing = signing.display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve").arg(&config);
+    let registry_proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
+    let up = wait_until(STARTUP, || {
+        std::net::TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", token_port)).is_ok()
+    });
+    assert!(up, "{}\n{}", registry_proc.output(), token_server.output());
+
+    // The VM may pull `a`, nothing else; the host trusts the test's TLS certificate.
+    std::fs::write(b.host_config(), format!("[vm.itvm.policy]\npull = [\"{registry}/a\"]\n"))
+        .unwrap();
+    let listener_path = b.path("guest.sock");
+    let listener = UnixListener::bind(&listener_path).unwrap();
+    b.host_dials = Some(listener_path);
+    b.host_env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
+    b.start_host();
+    let key = LinkKey::load(&b.path("link.key")).unwrap();
+    let mut guest = Guest::accept(&listener, key);
+
+    let token = guest.token(&registry, &["repository:a:pull,push"]).unwrap();
+    assert_eq!(token.granted, ["repository:a:pull"], "the push was not cut");
+    assert_eq!(token.expires_in, LIFETIME);
+    let base = format!("https://{registry}/v2");
+    // Authorized for `a` (unknown there yet: 404), not for `b`, and never to push.
+    assert_eq!(registry_says(&tls, "GET", &format!("{base}/a/tags/list"), &token), "404");
+    assert_eq!(registry_says(&tls, "GET", &format!("{base}/b/tags/list"), &token), "401");
+    assert_eq!(registry_says(&tls, "POST", &format!("{base}/a/blobs/uploads/"), &token), "401");
+
+    // Again: from the cache, no second exchange.
+    let again = guest.token(&registry, &["repository:a:pull,push"]).unwrap();
+    assert_eq!(again.token.expose(), token.token.expose());
+    assert!(again.expires_in <= LIFETIME);
+    // Refused by the policy before anything leaves the host.
+    for scopes in [&["repository:b:pull"][..], &["repository:a:push"]] {
+        match guest.token(&registry, scopes) {
+            Err(WireError::Denied { reason }) => {
+                assert!(reason.contains("grants no token"), "{reason}")
+            }
+            other => panic!("{scopes:?}: {other:?}"),
+        }
+    }
+    match guest.token(&registry, &["registry:catalog:*"]) {
+        Err(WireError::BadRequest { .. }) => {}
+        other => panic!("a catalog scope: {other:?}"),
+    }
+    let lines = token_log(&log);
+    assert_eq!(lines.len(), 1, "one exchange: {lines:?}");
+    assert_eq!(lines[0]["password"], true);
+    assert_eq!(lines[0]["user"], USER);
+    assert_eq!(
+        lines[0]["asked"],
+        serde_json::json!(["repository:a:pull"]),
+        "asked only what was granted"
+    );
+
+    let host_log = b.host_log();
+    assert!(host_log.contains("op=\"token\""), "no audit line:\n{host_log}");
+    assert!(host_log.contains("refused=[\"repository:b:pull\"]"), "{host_log}");
+    for secret in [PASSWORD, token.token.expose(), &auth] {
+        assert!(!host_log.contains(secret), "a secret in the host log");
+    }
+    drop(guest);
+}
