@@ -443,12 +443,16 @@ mod tests {
 
         #[tokio::test]
         async fn a_response_from_the_guest_ends_the_link() {
-            let (served, guest, _stop) = link();
-            let msg = LinkMsg::Response { id: 1, outcome: Err(WireError::NotFound) };
-            guest.out.send(&msg).unwrap();
-            let reason =
-                tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
-            assert_eq!(reason, "protocol error: the guest sent a response");
+            for msg in [
+                LinkMsg::Response { id: 1, outcome: Err(WireError::NotFound) },
+                LinkMsg::TokenResponse { id: 1, outcome: Err(WireError::NotFound) },
+            ] {
+                let (served, guest, _stop) = link();
+                guest.out.send(&msg).unwrap();
+                let reason =
+                    tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
+                assert_eq!(reason, "protocol error: the guest sent a message it may not");
+            }
         }
 
         #[tokio::test]
