@@ -18,6 +18,8 @@ use finch_tests::{Bridge, Proc, STARTUP, run_ok, wait_until};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "tok-Pa55word-91c2";
+/// The user's identity (refresh) token at the token server.
+const REFRESH: &str = "tok-refresh-5d1e77";
 const SERVICE: &str = "finch-test-registry";
 /// Lifetime of the token server's tokens.
 const LIFETIME: u32 = 300;
@@ -94,9 +96,8 @@ impl Guest {
 
 /// What the registry answers `method url` with `token`.
 fn registry_says(ca: &Path, method: &str, url: &str, token: &Token) -> String {
-    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens/probe.py");
     let out = Command::new("python3")
-        .arg(probe)
+        .arg(script("probe.py"))
         .arg(ca)
         .args([method, url])
         .env("TOKEN", token.token.expose())
@@ -115,6 +116,94 @@ fn token_log(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A token server and a docker-registry trusting it (TLS on 127.0.0.1), and a host agent
+/// whose docker config holds `auth_entry` for the registry (none when empty) and whose VM may
+/// pull what `pull` names, dialing the test's guest end.
+struct Scene {
+    b: Bridge,
+    guest: Guest,
+    registry: String,
+    tls: PathBuf,
+    log: PathBuf,
+    _procs: Vec<Proc>,
+}
+
+impl Scene {
+    fn start(auth_entry: &str, pull: &str) -> Option<Scene> {
+        let tools = ["docker-registry", "openssl", "python3"];
+        if !finch_tests::require("scoped tokens", &tools) {
+            return None;
+        }
+        let (registry_port, token_port) = (free_port(), free_port());
+        let registry = format!("127.0.0.1:{registry_port}");
+        let auths = if auth_entry.is_empty() {
+            "{}".to_owned()
+        } else {
+            format!(r#"{{"auths":{{"{registry}":{auth_entry}}}}}"#)
+        };
+        let mut b = Bridge::new(&auths);
+        let dir = b.path("tokens");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (tls, tls_key) = self_signed(&dir, "tls", "IP:127.0.0.1");
+        let (signing, signing_key) = self_signed(&dir, "signing", "DNS:token-issuer");
+        let users = dir.join("users.json");
+        let grants = serde_json::json!({USER: {
+            "password": PASSWORD,
+            "refresh_token": REFRESH,
+            "grants": {"a": ["pull", "push"], "b": ["pull", "push"]},
+        }});
+        std::fs::write(&users, grants.to_string()).unwrap();
+        let log = dir.join("token-server.log");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script("token_server.py")).arg(token_port.to_string());
+        cmd.args([&tls, &tls_key, &signing_key, &signing, &users, &log]);
+        cmd.args(["token-issuer", &LIFETIME.to_string()]);
+        let token_server = Proc::spawn("token-server", cmd, &dir.join("token-server.out"));
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
+                 http:\n  addr: {registry}\n  tls:\n    certificate: {tls}\n    key: {tls_key}\n\
+                 auth:\n  token:\n    realm: https://127.0.0.1:{token_port}/token\n    service: {SERVICE}\n\
+                 \x20   issuer: token-issuer\n    rootcertbundle: {signing}\n",
+                root = dir.join("data").display(),
+                tls = tls.display(),
+                tls_key = tls_key.display(),
+                signing = signing.display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let registry_proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
+        let up = wait_until(STARTUP, || {
+            std::net::TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", token_port)).is_ok()
+        });
+        assert!(up, "{}\n{}", registry_proc.output(), token_server.output());
+        let pull = pull.replace("REGISTRY", &registry);
+        std::fs::write(b.host_config(), format!("[vm.itvm.policy]\npull = {pull}\n")).unwrap();
+        let listener_path = b.path("guest.sock");
+        let listener = UnixListener::bind(&listener_path).unwrap();
+        b.host_dials = Some(listener_path);
+        // The host trusts the test's TLS certificate (rustls-native-certs reads SSL_CERT_FILE).
+        b.host_env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
+        b.start_host();
+        let key = LinkKey::load(&b.path("link.key")).unwrap();
+        let guest = Guest::accept(&listener, key);
+        Some(Scene { b, guest, registry, tls, log, _procs: vec![token_server, registry_proc] })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}/v2/{path}", self.registry)
+    }
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens").join(name)
+}
+
 /// The host exchanges the stored password at the registry's realm (learned from the
 /// registry's challenge) for a token the registry honours only for what the policy grants:
 /// `pull` of `a` (asked with `push` too, the push is cut); `b` and any push are refused by
@@ -122,116 +211,128 @@ fn token_log(path: &Path) -> Vec<serde_json::Value> {
 /// password reaches the token server only with a grant to exchange; nothing secret is logged.
 #[test]
 fn the_host_exchanges_the_password_for_a_token_the_registry_scopes() {
-    let tools = ["docker-registry", "openssl", "python3"];
-    if !finch_tests::require(
-        "the_host_exchanges_the_password_for_a_token_the_registry_scopes",
-        &tools,
-    ) {
-        return;
-    }
-    let (registry_port, token_port) = (free_port(), free_port());
-    let registry = format!("127.0.0.1:{registry_port}");
     let auth = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
     };
-    let mut b = Bridge::new(&format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#));
-    let dir = b.path("tokens");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (tls, tls_key) = self_signed(&dir, "tls", "IP:127.0.0.1");
-    let (signing, signing_key) = self_signed(&dir, "signing", "DNS:token-issuer");
-    let users = dir.join("users.json");
-    let grants = serde_json::json!({USER: {"password": PASSWORD, "grants": {"a": ["pull", "push"], "b": ["pull", "push"]}}});
-    std::fs::write(&users, grants.to_string()).unwrap();
-    let log = dir.join("token-server.log");
-    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens/token_server.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(server).arg(token_port.to_string()).args([
-        &tls,
-        &tls_key,
-        &signing_key,
-        &signing,
-        &users,
-        &log,
-    ]);
-    cmd.args(["token-issuer", &LIFETIME.to_string()]);
-    let token_server = Proc::spawn("token-server", cmd, &dir.join("token-server.out"));
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
-             http:\n  addr: {registry}\n  tls:\n    certificate: {tls}\n    key: {tls_key}\n\
-             auth:\n  token:\n    realm: https://127.0.0.1:{token_port}/token\n    service: {SERVICE}\n\
-             \x20   issuer: token-issuer\n    rootcertbundle: {signing}\n",
-            root = dir.join("data").display(),
-            tls = tls.display(),
-            tls_key = tls_key.display(),
-            signing = signing.display(),
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new("docker-registry");
-    cmd.arg("serve").arg(&config);
-    let registry_proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
-    let up = wait_until(STARTUP, || {
-        std::net::TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", token_port)).is_ok()
-    });
-    assert!(up, "{}\n{}", registry_proc.output(), token_server.output());
-
-    // The VM may pull `a`, nothing else; the host trusts the test's TLS certificate.
-    std::fs::write(b.host_config(), format!("[vm.itvm.policy]\npull = [\"{registry}/a\"]\n"))
-        .unwrap();
-    let listener_path = b.path("guest.sock");
-    let listener = UnixListener::bind(&listener_path).unwrap();
-    b.host_dials = Some(listener_path);
-    b.host_env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
-    b.start_host();
-    let key = LinkKey::load(&b.path("link.key")).unwrap();
-    let mut guest = Guest::accept(&listener, key);
-
-    let token = guest.token(&registry, &["repository:a:pull,push"]).unwrap();
+    let Some(mut s) = Scene::start(&format!(r#"{{"auth":"{auth}"}}"#), r#"["REGISTRY/a"]"#) else {
+        return;
+    };
+    let registry = s.registry.clone();
+    let token = s.guest.token(&registry, &["repository:a:pull,push"]).unwrap();
     assert_eq!(token.granted, ["repository:a:pull"], "the push was not cut");
     assert_eq!(token.expires_in, LIFETIME);
-    let base = format!("https://{registry}/v2");
     // Authorized for `a` (unknown there yet: 404), not for `b`, and never to push.
-    assert_eq!(registry_says(&tls, "GET", &format!("{base}/a/tags/list"), &token), "404");
-    assert_eq!(registry_says(&tls, "GET", &format!("{base}/b/tags/list"), &token), "401");
-    assert_eq!(registry_says(&tls, "POST", &format!("{base}/a/blobs/uploads/"), &token), "401");
+    assert_eq!(registry_says(&s.tls, "GET", &s.url("a/tags/list"), &token), "404");
+    assert_eq!(registry_says(&s.tls, "GET", &s.url("b/tags/list"), &token), "401");
+    assert_eq!(registry_says(&s.tls, "POST", &s.url("a/blobs/uploads/"), &token), "401");
 
     // Again: from the cache, no second exchange.
-    let again = guest.token(&registry, &["repository:a:pull,push"]).unwrap();
+    let again = s.guest.token(&registry, &["repository:a:pull,push"]).unwrap();
     assert_eq!(again.token.expose(), token.token.expose());
     assert!(again.expires_in <= LIFETIME);
     // Refused by the policy before anything leaves the host.
     for scopes in [&["repository:b:pull"][..], &["repository:a:push"]] {
-        match guest.token(&registry, scopes) {
+        match s.guest.token(&registry, scopes) {
             Err(WireError::Denied { reason }) => {
                 assert!(reason.contains("grants no token"), "{reason}")
             }
             other => panic!("{scopes:?}: {other:?}"),
         }
     }
-    match guest.token(&registry, &["registry:catalog:*"]) {
+    match s.guest.token(&registry, &["registry:catalog:*"]) {
         Err(WireError::BadRequest { .. }) => {}
         other => panic!("a catalog scope: {other:?}"),
     }
-    let lines = token_log(&log);
+    let lines = token_log(&s.log);
     assert_eq!(lines.len(), 1, "one exchange: {lines:?}");
-    assert_eq!(lines[0]["password"], true);
+    assert_eq!((&lines[0]["how"], &lines[0]["password"]), (&"basic".into(), &true.into()));
     assert_eq!(lines[0]["user"], USER);
     assert_eq!(
         lines[0]["asked"],
         serde_json::json!(["repository:a:pull"]),
-        "asked only what was granted"
+        "asked beyond the grant"
     );
 
-    let host_log = b.host_log();
+    let host_log = s.b.host_log();
     assert!(host_log.contains("op=\"token\""), "no audit line:\n{host_log}");
     assert!(host_log.contains("refused=[\"repository:b:pull\"]"), "{host_log}");
     for secret in [PASSWORD, token.token.expose(), &auth] {
         assert!(!host_log.contains(secret), "a secret in the host log");
     }
-    drop(guest);
+}
+
+/// An identity token (`identitytoken` in the docker config: user `<token>`) is exchanged
+/// with the OAuth2 refresh-token grant; with nothing stored, the host asks anonymously and
+/// the token carries nothing the registry would let a stranger read.
+#[test]
+fn identity_tokens_use_the_refresh_grant_and_nothing_stored_is_anonymous() {
+    let Some(mut s) =
+        Scene::start(&format!(r#"{{"identitytoken":"{REFRESH}"}}"#), r#"["REGISTRY/*"]"#)
+    else {
+        return;
+    };
+    let registry = s.registry.clone();
+    let token = s.guest.token(&registry, &["repository:a:pull"]).unwrap();
+    assert_eq!(registry_says(&s.tls, "GET", &s.url("a/tags/list"), &token), "404");
+    let lines = token_log(&s.log);
+    assert_eq!((&lines[0]["how"], &lines[0]["user"]), (&"refresh_token".into(), &USER.into()));
+    assert!(!s.b.host_log().contains(REFRESH), "the identity token in the host log");
+
+    let Some(mut s) = Scene::start("", r#"["REGISTRY/*"]"#) else { return };
+    let registry = s.registry.clone();
+    let token = s.guest.token(&registry, &["repository:a:pull"]).unwrap();
+    assert_eq!(registry_says(&s.tls, "GET", &s.url("a/tags/list"), &token), "401");
+    let lines = token_log(&s.log);
+    assert_eq!((&lines[0]["how"], &lines[0]["password"]), (&"anonymous".into(), &false.into()));
+}
+
+/// A registry whose realm never answers holds a token request for the call deadline (10 s),
+/// then it is answered `unavailable`; a challenge far beyond 8 KiB is not read as one (the
+/// registry keeps the `get` path: not found); neither takes the link down.
+#[test]
+fn a_hung_realm_or_a_huge_challenge_holds_nothing() {
+    let Some(mut s) = Scene::start("", r#"["*"]"#) else { return };
+    let dir = s.b.path("stubs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (tls, tls_key) = (s.tls.clone(), s.tls.with_extension("key"));
+    // Accepts connections and never says a word.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming().take(2).flatten() {
+            held.push(c);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    let mut procs = Vec::new();
+    let mut stub = |name: &str, challenge: String| {
+        let port = free_port();
+        let file = dir.join(format!("{name}.challenge"));
+        std::fs::write(&file, challenge).unwrap();
+        let mut cmd = Command::new("python3");
+        cmd.arg(script("stub_registry.py")).arg(port.to_string()).args([&tls, &tls_key, &file]);
+        procs.push(Proc::spawn(name, cmd, &dir.join(format!("{name}.out"))));
+        let up = wait_until(STARTUP, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "{name} did not listen");
+        format!("127.0.0.1:{port}")
+    };
+    let hung_registry =
+        stub("hung", format!(r#"Bearer realm="https://127.0.0.1:{hung_port}/token",service="x""#));
+    let huge_registry = stub(
+        "huge",
+        format!(r#"Bearer realm="https://127.0.0.1:1/{}",service="x""#, "x".repeat(100_000)),
+    );
+    match s.guest.token(&hung_registry, &["repository:a:pull"]) {
+        Err(WireError::Unavailable { reason }) => {
+            assert!(reason.contains("did not answer within 10 s"), "{reason}")
+        }
+        other => panic!("a hung realm: {other:?}"),
+    }
+    assert_eq!(s.guest.token(&huge_registry, &["repository:a:pull"]), Err(WireError::NotFound));
+    // The link is still up: the real registry still answers.
+    let registry = s.registry.clone();
+    assert!(s.guest.token(&registry, &["repository:a:pull"]).is_ok());
+    drop(held);
 }

@@ -49,6 +49,23 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def do_POST(self):
+        """The OAuth2 refresh-token grant: the user whose refresh_token the form names."""
+        with open(USERS) as f:
+            users = json.load(f)
+        length = int(self.headers.get("Content-Length", "0"))
+        form = parse_qs(self.rfile.read(min(length, 65536)).decode())
+        refresh = form.get("refresh_token", [""])[0]
+        user = next((u for u, e in users.items() if refresh and e.get("refresh_token") == refresh), None)
+        if form.get("grant_type") != ["refresh_token"] or user is None:
+            self.answer(401, {"error": "invalid_grant"})
+            self.log(None, False, form, [], "refresh_token")
+            return
+        access = self.grant(users[user]["grants"], form)
+        token = self.issue(user, form, access)
+        self.answer(200, {"access_token": token, "expires_in": int(EXPIRES_IN)})
+        self.log(user, True, form, access, "refresh_token")
+
     def do_GET(self):
         with open(USERS) as f:
             users = json.load(f)
@@ -63,7 +80,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.log(name, False, query, [])
                 return
             user, password_ok = name, True
-        grants = users[user]["grants"] if user else {}
+        access = self.grant(users[user]["grants"] if user else {}, query)
+        token = self.issue(user, query, access)
+        self.answer(200, {"token": token, "access_token": token, "expires_in": int(EXPIRES_IN)})
+        self.log(user, password_ok, query, access, "basic" if user else "anonymous")
+
+    def grant(self, grants, query):
         access = []
         for scope in (s for q in query.get("scope", []) for s in q.split(" ")):
             kind, _, rest = scope.partition(":")
@@ -71,20 +93,20 @@ class Handler(BaseHTTPRequestHandler):
             allowed = [a for a in actions.split(",") if a in grants.get(name, [])]
             if kind == "repository" and allowed:
                 access.append({"type": "repository", "name": name, "actions": allowed})
+        return access
+
+    def issue(self, user, query, access):
         now = int(time.time())
-        expires = int(EXPIRES_IN)
-        token = jwt({
+        return jwt({
             "iss": ISSUER,
             "sub": user or "",
             "aud": query.get("service", [""])[0],
-            "exp": now + expires,
+            "exp": now + int(EXPIRES_IN),
             "nbf": now - 1,
             "iat": now,
             "jti": str(uuid.uuid4()),
             "access": access,
         })
-        self.answer(200, {"token": token, "access_token": token, "expires_in": expires})
-        self.log(user, password_ok, query, access)
 
     def answer(self, status, body):
         data = json.dumps(body).encode()
@@ -94,9 +116,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log(self, user, password_ok, query, access):
+    def log(self, user, password_ok, query, access, how="basic"):
         line = {
             "peer": self.client_address[0],
+            "how": how,
             "password": password_ok,
             "user": user,
             "asked": query.get("scope", []),

@@ -421,7 +421,7 @@ impl Broker {
             query.push(("scope", scope));
         }
         let request = match stored {
-            Some(s) if s.username == "<token>" => {
+            Some(s) if s.username == finch_shared::docker_config::TOKEN_USERNAME => {
                 let mut form = query.clone();
                 form.extend([
                     ("grant_type", "refresh_token"),
