@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use finch_shared::io::{FrameQueue, QueueError};
 use finch_shared::link::{Flow, Role, Timing, drive};
-use finch_shared::message::{LinkMsg, Outcome, Request, WireError};
+use finch_shared::message::{
+    LINK_VERSION_TOKENS, LinkMsg, Outcome, Request, Token, TokenRequest, WireError,
+};
 use finch_shared::seal::Session;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
@@ -36,7 +38,66 @@ fn stalled_error() -> WireError {
 /// Frames waiting to be written to the host.
 const WRITE_QUEUE: usize = MAX_IN_FLIGHT + 64;
 
-type Call = (Request, oneshot::Sender<Outcome>);
+/// A caller's request and where its answer goes.
+#[derive(Debug)]
+enum Call {
+    /// A helper call.
+    Credential(Request, oneshot::Sender<Outcome>),
+    /// A scoped token (link version 4).
+    Token(TokenRequest, oneshot::Sender<TokenOutcome>),
+}
+
+/// The answer to a token request.
+type TokenOutcome = Result<Token, WireError>;
+
+/// Where the answer to a request sent on the link goes.
+#[derive(Debug)]
+enum Waiter {
+    Credential(oneshot::Sender<Outcome>),
+    Token(oneshot::Sender<TokenOutcome>),
+}
+
+impl Waiter {
+    fn fail(self, e: WireError) {
+        match self {
+            Waiter::Credential(tx) => drop(tx.send(Err(e))),
+            Waiter::Token(tx) => drop(tx.send(Err(e))),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiter::Credential(tx) => tx.is_closed(),
+            Waiter::Token(tx) => tx.is_closed(),
+        }
+    }
+}
+
+impl Call {
+    fn split(self) -> (LinkMsgFor, Waiter) {
+        match self {
+            Call::Credential(request, tx) => {
+                (LinkMsgFor::Credential(request), Waiter::Credential(tx))
+            }
+            Call::Token(request, tx) => (LinkMsgFor::Token(request), Waiter::Token(tx)),
+        }
+    }
+}
+
+/// A request before it has an id.
+enum LinkMsgFor {
+    Credential(Request),
+    Token(TokenRequest),
+}
+
+impl LinkMsgFor {
+    fn with_id(self, id: u64) -> LinkMsg {
+        match self {
+            LinkMsgFor::Credential(request) => LinkMsg::Request { id, request },
+            LinkMsgFor::Token(request) => LinkMsg::TokenRequest { id, request },
+        }
+    }
+}
 
 /// Why a call sent to the link got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +114,8 @@ type Closer = (u64, oneshot::Sender<()>);
 #[derive(Debug, Clone)]
 struct Handle {
     generation: u64,
+    /// The link's protocol version.
+    version: u16,
     calls: mpsc::Sender<Call>,
 }
 
@@ -84,6 +147,24 @@ impl LinkSlot {
     /// no link, it waits a bounded time for one, unless the link is known to be down (none
     /// for longer than the link wait): then it answers at once.
     pub async fn request(&self, request: Request) -> Outcome {
+        let handle = self.handle().await?;
+        let (tx, answer) = oneshot::channel();
+        self.send(&handle, Call::Credential(request, tx), answer).await?
+    }
+
+    /// Asks the host for a scoped token (link version 4); a host that speaks an older
+    /// version has none to give (not found: the caller keeps the `get` path).
+    pub async fn token(&self, request: TokenRequest) -> TokenOutcome {
+        let handle = self.handle().await?;
+        if handle.version < LINK_VERSION_TOKENS {
+            return Err(WireError::NotFound);
+        }
+        let (tx, answer) = oneshot::channel();
+        self.send(&handle, Call::Token(request, tx), answer).await?
+    }
+
+    /// The current link: waited for a bounded time unless the link is known to be down.
+    async fn handle(&self) -> Result<Handle, WireError> {
         let mut rx = self.current.subscribe();
         let known_down = self.down_since().is_some_and(|t| t.elapsed() >= self.link_wait);
         let wait = if known_down { Duration::ZERO } else { self.link_wait };
@@ -92,23 +173,31 @@ impl LinkSlot {
             _ => None,
         };
         let handle = waited.flatten().or_else(|| rx.borrow().clone());
-        let Some(handle) = handle else {
+        handle.ok_or_else(|| {
             let waited = if known_down {
                 "it has been down for a while".to_owned()
             } else {
                 format!("waited {} ms", self.link_wait.as_millis())
             };
-            return Err(WireError::unavailable(format!(
+            WireError::unavailable(format!(
                 "no link to the host agent ({waited}): is finch-host-agent running on the host?"
-            )));
-        };
-        let (tx, answer) = oneshot::channel();
+            ))
+        })
+    }
+
+    /// Hands `call` to the link and waits a bounded time for its answer on `answer`.
+    async fn send<T>(
+        &self,
+        handle: &Handle,
+        call: Call,
+        answer: oneshot::Receiver<Result<T, WireError>>,
+    ) -> Result<Result<T, WireError>, WireError> {
         let call = async {
-            handle.calls.send((request, tx)).await.map_err(|_| Unanswered::Closed)?;
+            handle.calls.send(call).await.map_err(|_| Unanswered::Closed)?;
             answer.await.map_err(|_| Unanswered::Lost)
         };
         match tokio::time::timeout(self.request_timeout, call).await {
-            Ok(Ok(outcome)) => outcome,
+            Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(Unanswered::Closed)) => {
                 Err(WireError::unavailable("the link to the host agent closed"))
             }
@@ -133,8 +222,14 @@ impl LinkSlot {
 
     /// Makes `stream` (already authenticated) the active link, closing the previous one, and
     /// serves it until it ends.
-    pub async fn run<S>(&self, stream: S, session: Session, heartbeat: Duration, shutdown: Shutdown)
-    where
+    pub async fn run<S>(
+        &self,
+        stream: S,
+        session: Session,
+        version: u16,
+        heartbeat: Duration,
+        shutdown: Shutdown,
+    ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -148,7 +243,7 @@ impl LinkSlot {
             );
             let _ = closer.send(());
         }
-        self.current.send_replace(Some(Handle { generation, calls: calls_tx }));
+        self.current.send_replace(Some(Handle { generation, version, calls: calls_tx }));
         self.set_down_since(None);
         tracing::info!(link = generation, "host link up");
         let timing = Timing { heartbeat, write_queue: WRITE_QUEUE, write_deadline: IO_TIMEOUT };
@@ -179,12 +274,18 @@ impl LinkSlot {
     }
 }
 
+/// An answer from the host, by kind.
+enum Answer {
+    Credential(Outcome),
+    Token(TokenOutcome),
+}
+
 /// The guest's end of a link: it sends the helpers' calls with ids, matches answers to
 /// them, and answers every waiting caller at once when the host stalls or the link ends.
 struct Calling {
     calls: mpsc::Receiver<Call>,
     close: oneshot::Receiver<()>,
-    pending: HashMap<u64, oneshot::Sender<Outcome>>,
+    pending: HashMap<u64, Waiter>,
     next_id: u64,
     last_heard: Instant,
     /// A ping sent and not answered by any frame yet: past [`STALL_AFTER`], the host is
@@ -206,9 +307,10 @@ impl Calling {
         }
     }
 
-    fn call(&mut self, (request, tx): Call, out: &FrameQueue) -> Flow {
+    fn call(&mut self, call: Call, out: &FrameQueue) -> Flow {
+        let (msg, waiter) = call.split();
         if self.stalled {
-            let _ = tx.send(Err(stalled_error()));
+            waiter.fail(stalled_error());
             return Flow::Go;
         }
         // Nothing heard for a while: ask the host to show it is there, so a host that
@@ -220,22 +322,22 @@ impl Calling {
             self.probe = Some(Instant::now());
         }
         if self.pending.len() >= MAX_IN_FLIGHT {
-            self.pending.retain(|_, tx| !tx.is_closed());
+            self.pending.retain(|_, w| !w.is_closed());
         }
         if self.pending.len() >= MAX_IN_FLIGHT {
-            let _ = tx.send(Err(WireError::unavailable("too many requests in flight")));
+            waiter.fail(WireError::unavailable("too many requests in flight"));
             return Flow::Go;
         }
         let id = self.next_id;
         self.next_id += 1;
-        match out.send(&LinkMsg::Request { id, request }) {
+        match out.send(&msg.with_id(id)) {
             Ok(()) => {
-                self.pending.insert(id, tx);
+                self.pending.insert(id, waiter);
                 Flow::Go
             }
             Err(e @ (QueueError::Codec(_) | QueueError::Seal(_))) => {
                 let reason = format!("the request cannot be sent: {e}");
-                let _ = tx.send(Err(WireError::BadRequest { reason }));
+                waiter.fail(WireError::BadRequest { reason });
                 Flow::Go
             }
             Err(e) => Flow::End(e.to_string()),
@@ -245,19 +347,22 @@ impl Calling {
 
 impl Role for Calling {
     fn on_message(&mut self, msg: LinkMsg, _out: &FrameQueue) -> Flow {
-        match msg {
-            LinkMsg::Response { id, outcome } => {
-                match self.pending.remove(&id) {
-                    // The caller may have given up; nothing to do then.
-                    Some(tx) => {
-                        let _ = tx.send(outcome);
-                    }
-                    None => tracing::debug!(id, "answer for a request no longer waiting"),
-                }
-                Flow::Go
-            }
-            _ => Flow::End("protocol error: the host sent a request".to_owned()),
+        let (id, answered) = match msg {
+            LinkMsg::Response { id, outcome } => (id, Answer::Credential(outcome)),
+            LinkMsg::TokenResponse { id, outcome } => (id, Answer::Token(outcome)),
+            _ => return Flow::End("protocol error: the host sent a request".to_owned()),
+        };
+        // The caller may have given up; nothing to do then. An answer of the other kind
+        // than its request is the host's error: the caller is told, the link goes on.
+        match (self.pending.remove(&id), answered) {
+            (Some(Waiter::Credential(tx)), Answer::Credential(outcome)) => drop(tx.send(outcome)),
+            (Some(Waiter::Token(tx)), Answer::Token(outcome)) => drop(tx.send(outcome)),
+            (Some(waiter), _) => waiter.fail(WireError::Internal {
+                reason: "the host answered another kind of request".into(),
+            }),
+            (None, _) => tracing::debug!(id, "answer for a request no longer waiting"),
         }
+        Flow::Go
     }
 
     async fn next_event(&mut self, out: &FrameQueue) -> Flow {
@@ -273,8 +378,8 @@ impl Role for Calling {
                 self.stalled = true;
                 tracing::warn!(waited_ms = STALL_AFTER.as_millis() as u64, waiting = self.pending.len(), "the host agent is not answering: calls are answered unavailable until it does");
                 // Every caller waiting is answered now, not when the link is declared dead.
-                for (_, tx) in self.pending.drain() {
-                    let _ = tx.send(Err(stalled_error()));
+                for (_, waiter) in self.pending.drain() {
+                    waiter.fail(stalled_error());
                 }
                 Flow::Go
             }
@@ -329,7 +434,8 @@ mod tests {
         // Fill the pipe: pings, and requests nobody will read.
         for _ in 0..20 {
             let (tx, _rx) = oneshot::channel();
-            let _ = calls_tx.try_send((Request::Get { server: "h".repeat(100) }, tx));
+            let _ =
+                calls_tx.try_send(Call::Credential(Request::Get { server: "h".repeat(100) }, tx));
         }
         tokio::time::sleep(Duration::from_millis(80)).await;
         stop.fire();
@@ -358,11 +464,80 @@ mod tests {
             drive(ours, session, timing, &mut Calling::new(calls, close), shutdown).await
         });
         let (tx, answer) = oneshot::channel();
-        calls_tx.send((Request::List, tx)).await.unwrap();
+        calls_tx.send(Call::Credential(Request::List, tx)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let _ = close_tx.send(());
         assert_eq!(driver.await.unwrap(), "replaced by a new link");
         assert!(answer.await.is_err(), "the caller was not released");
         drop(theirs);
+    }
+
+    /// A host that answers every request at once: tokens carry the scopes asked for.
+    struct AnsweringHost;
+
+    impl Role for AnsweringHost {
+        fn on_message(&mut self, msg: LinkMsg, out: &FrameQueue) -> Flow {
+            let answer = match msg {
+                LinkMsg::TokenRequest { id, request } => LinkMsg::TokenResponse {
+                    id,
+                    outcome: Ok(Token {
+                        token: finch_shared::Secret::new(format!("t-{}", request.registry)),
+                        expires_in: 60,
+                        granted: request.scopes,
+                    }),
+                },
+                LinkMsg::Request { id, .. } => {
+                    LinkMsg::Response { id, outcome: Ok(finch_shared::message::Response::Done) }
+                }
+                _ => return Flow::Go,
+            };
+            Flow::from_send(out.send(&answer))
+        }
+
+        async fn next_event(&mut self, _out: &FrameQueue) -> Flow {
+            std::future::pending().await
+        }
+    }
+
+    /// Token requests go over a version 4 link and their answers come back to the caller,
+    /// beside credential calls; over a version 3 link the host has no tokens to give (not
+    /// found: the caller keeps the `get` path), and nothing is sent.
+    #[tokio::test]
+    async fn token_requests_are_answered_on_a_version_4_link_only() {
+        for version in [4, 3] {
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            let (_stop, shutdown) = Shutdown::new();
+            let key = finch_shared::key::LinkKey::from_bytes(&[1; 32]).unwrap();
+            let guest = Session::new(&key, b"t", finch_shared::seal::Role::Guest);
+            let host = Session::new(&key, b"t", finch_shared::seal::Role::Host);
+            let timing = Timing {
+                heartbeat: Duration::from_secs(5),
+                write_queue: WRITE_QUEUE,
+                write_deadline: IO_TIMEOUT,
+            };
+            let host_shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                drive(theirs, host, timing, &mut AnsweringHost, host_shutdown).await
+            });
+            let slot = LinkSlot::new(Duration::from_secs(1), Duration::from_secs(5));
+            let running = slot.clone();
+            tokio::spawn(async move {
+                running.run(ours, guest, version, Duration::from_secs(5), shutdown).await
+            });
+            let request = TokenRequest {
+                registry: "reg.example".into(),
+                scopes: vec!["repository:a:pull".into()],
+            };
+            let token = slot.token(request).await;
+            if version == 4 {
+                let token = token.unwrap();
+                assert_eq!(token.token.expose(), "t-reg.example");
+                assert_eq!(token.granted, ["repository:a:pull"]);
+            } else {
+                assert_eq!(token, Err(WireError::NotFound));
+            }
+            let done = slot.request(Request::Erase { server: "reg.example".into() }).await;
+            assert_eq!(done, Ok(finch_shared::message::Response::Done), "version {version}");
+        }
     }
 }

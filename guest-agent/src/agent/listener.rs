@@ -280,7 +280,7 @@ async fn authenticate<S>(
     match outcome {
         Ok(Ok((established, session))) => {
             tracing::info!(vm = ?established.vm, version = established.version, "host authenticated");
-            slot.run(stream, session, settings.heartbeat, shutdown).await;
+            slot.run(stream, session, established.version, settings.heartbeat, shutdown).await;
         }
         Ok(Err(e)) => settings.refused("link handshake failed; connection closed", &e.to_string()),
         Err(_) => settings.refused("link handshake timed out; connection closed", ""),
