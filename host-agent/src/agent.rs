@@ -52,9 +52,13 @@ pub struct Prepared {
 }
 
 /// Loads the settings for `overrides` and adopts the Lima instances they serve, saying what
-/// discovery left out.
-pub fn load(overrides: &Overrides) -> anyhow::Result<(Settings, Adopted)> {
+/// discovery left out; with the Lima home's [`LimaStamp`] taken before discovery, so a change
+/// made while the agent acts on what it found (an instance gone and made again by `vm init`)
+/// differs from it and is seen at the next check. (The agent's own writes differ from it too:
+/// one more reload, which finds everything wired and writes nothing.)
+pub fn load(overrides: &Overrides) -> anyhow::Result<(Settings, Adopted, LimaStamp)> {
     let mut settings = Settings::load(overrides)?;
+    let stamp = lima_stamp(&settings);
     let adopted = crate::lima::adopt(&mut settings, &paths::home().unwrap_or_default());
     if adopted.left_out > 0 {
         tracing::warn!(
@@ -63,12 +67,12 @@ pub fn load(overrides: &Overrides) -> anyhow::Result<(Settings, Adopted)> {
             "Lima home: instances or entries past the bound are not served"
         );
     }
-    Ok((settings, adopted))
+    Ok((settings, adopted, stamp))
 }
 
 /// Loads settings and keys for `overrides`; creates the state directory and missing keys.
 pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
-    let (settings, adopted) = load(overrides)?;
+    let (settings, adopted, lima_stamp) = load(overrides)?;
     paths::private_dir(&settings.state_dir)?;
     let mut keys = BTreeMap::new();
     for name in settings.vms.keys() {
@@ -83,7 +87,6 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
             crate::vm_keys::os_vault(settings.keychain_timeout)
         });
     }
-    let lima_stamp = lima_stamp(&settings);
     Ok(Prepared { settings, keys, lima_stamp })
 }
 

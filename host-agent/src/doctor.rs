@@ -47,7 +47,7 @@ impl Report {
 pub fn run(overrides: &Overrides) -> Report {
     let mut r = Report::default();
     let (settings, adopted) = match crate::agent::load(overrides) {
-        Ok((s, adopted)) => {
+        Ok((s, adopted, _)) => {
             let found =
                 if s.config_file_found { "parses" } else { "not present (defaults in use)" };
             r.ok("config", format!("{} {found}", s.config_file.display()));
