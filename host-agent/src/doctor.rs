@@ -129,17 +129,9 @@ fn check_finch_helpers(r: &mut Report, settings: &Settings, overrides: &Override
     if yaml["vmType"].as_str() != Some("wsl2") {
         return;
     }
-    let mut protected = vec![
-        (finch_dir.to_owned(), "Finch's directory: config.json, finch.yaml"),
-        (settings.state_dir.clone(), "this agent's state and VM keys"),
-    ];
-    if let Ok((config, _)) = settings::config_file(overrides.config.as_deref()) {
-        protected.push((config, "this agent's config"));
-    }
-    if let Ok(home) = paths::home() {
-        protected.push((home.join(".docker"), "docker's config"));
-        protected.push((home.join(".ssh"), "SSH keys"));
-    }
+    let config = settings::config_file(overrides.config.as_deref()).ok().map(|(c, _)| c);
+    let protected =
+        crate::finch_wsl::protected(finch_dir, config, &settings.state_dir, paths::home().ok());
     check_wsl_mounts(r, finch_dir, &protected);
 }
 

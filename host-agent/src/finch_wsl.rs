@@ -407,6 +407,30 @@ pub fn holds(a: &str, b: &str) -> bool {
     da == db && pa.len() <= pb.len() && pa.iter().zip(&pb).all(|(x, y)| x.eq_ignore_ascii_case(y))
 }
 
+/// What the bridge keeps on the host, which no mount of Finch's distro may reach: Finch's
+/// directory, the agent's config and state, and the home's `.aws`, `.docker`, `.ssh`; each
+/// with what it holds.
+pub fn protected(
+    finch_dir: &Path,
+    config: Option<PathBuf>,
+    state_dir: &Path,
+    home: Option<PathBuf>,
+) -> Vec<(PathBuf, &'static str)> {
+    let mut out = vec![
+        (finch_dir.to_owned(), "Finch's directory: config.json, finch.yaml"),
+        (state_dir.to_owned(), "this agent's state and VM keys"),
+    ];
+    out.extend(config.map(|c| (c, "this agent's config")));
+    if let Some(home) = home {
+        for (dir, what) in
+            [(".aws", "AWS credentials"), (".docker", "docker's config"), (".ssh", "SSH keys")]
+        {
+            out.push((home.join(dir), what));
+        }
+    }
+    out
+}
+
 /// What `setup finch --harden` mounts in Finch's distro instead of whole drives: `temp` and
 /// Lima's `instance` directory read-only (Lima's boot needs both), each of `shares` read-write
 /// where Finch expects it. Refused (nothing changes): a directory that is not on a drive, or

@@ -735,16 +735,11 @@ fn harden_plan(
         instance.display()
     );
     let home = paths::home()?;
-    let mut protected = vec![
-        (text(&finch.dir), "Finch's directory: config.json, finch.yaml"),
-        (text(config_path), "this agent's config"),
-        (text(state_dir), "this agent's state and VM keys"),
-    ];
-    for (dir, what) in
-        [(".aws", "AWS credentials"), (".docker", "docker's config"), (".ssh", "SSH keys")]
-    {
-        protected.push((text(&home.join(dir)), what));
-    }
+    let protected: Vec<(String, &str)> =
+        finch_wsl::protected(&finch.dir, Some(config_path.to_owned()), state_dir, Some(home))
+            .into_iter()
+            .map(|(p, what)| (text(&p), what))
+            .collect();
     let shares: Vec<String> = shares.iter().map(|s| text(s)).collect();
     finch_wsl::harden_mounts(&text(&std::env::temp_dir()), &text(&instance), &shares, &protected)
 }

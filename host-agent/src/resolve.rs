@@ -299,7 +299,8 @@ impl Resolver {
         outcome
     }
 
-    /// The exchange behind [`Resolver::token`]: the stored credential, then the broker.
+    /// The exchange behind [`Resolver::token`]: the cache, else the stored credential and
+    /// the broker. The first item names where the token came from, for the audit line.
     async fn exchange(
         &self,
         current: &Current,
@@ -311,6 +312,9 @@ impl Resolver {
             Ok(b) => b,
             Err(e) => return ("-".to_owned(), Err(e.clone())),
         };
+        if let Some(hit) = broker.cached(vm, registry, granted) {
+            return ("cache".to_owned(), Ok(hit));
+        }
         let get = Request::Get { server: registry.key() };
         let (source, stored) = match dispatch(current, vm, get, Some(registry), &Rule::any()).await
         {
@@ -326,7 +330,7 @@ impl Resolver {
                 );
             }
         };
-        (source, broker.token(vm, registry, granted, stored.as_ref()).await)
+        (source, broker.fetch(vm, registry, granted, stored.as_ref()).await)
     }
 
     /// What requests are answered from now.

@@ -761,3 +761,18 @@ pub mod aws {
         }
     }
 }
+
+/// Writes a self-signed RSA certificate (`cert`, PEM) for `san` (`IP:…` or `DNS:…`, also
+/// its CN) and its key (`key`), valid two days, with `extensions` added (`-addext`).
+pub fn self_signed_cert(cert: &Path, key: &Path, san: &str, extensions: &[&str]) {
+    let cn = san.split_once(':').map_or(san, |(_, v)| v);
+    let mut cmd = Command::new("openssl");
+    cmd.args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={cn}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName={san}"));
+    for e in extensions {
+        cmd.args(["-addext", e]);
+    }
+    run_ok(cmd.arg("-keyout").arg(key).arg("-out").arg(cert), "openssl");
+}

@@ -47,19 +47,7 @@ pub(crate) fn registry_files(
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     let (cert, key) = (certs.join("ca.crt"), dir.join("registry.key"));
-    let cn = san.split_once(':').map_or(san, |(_, v)| v);
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
-            .arg(format!("/CN={cn}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName={san}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-        "openssl",
-    );
+    finch_tests::self_signed_cert(&cert, &key, san, &[]);
     let htpasswd = dir.join("htpasswd");
     let out = Command::new("htpasswd").args(["-Bbn", user, password]).output().unwrap();
     assert!(out.status.success());

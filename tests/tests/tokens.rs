@@ -14,7 +14,7 @@ use finch_shared::frame::{read_frame, write_frame};
 use finch_shared::key::LinkKey;
 use finch_shared::message::{Handshake, LinkMsg, Token, TokenRequest, WireError};
 use finch_shared::seal::Session;
-use finch_tests::{Bridge, Proc, STARTUP, run_ok, wait_until};
+use finch_tests::{Bridge, Proc, STARTUP, wait_until};
 
 const USER: &str = "alice";
 const PASSWORD: &str = "tok-Pa55word-91c2";
@@ -28,23 +28,11 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A self-signed certificate for `san`, and its key.
+/// A self-signed certificate for `san` that is its own trust anchor (not a CA: rustls
+/// refuses a CA as an end entity), and its key.
 fn self_signed(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
-            .arg(format!("/CN={name}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName={san}"))
-            // Its own trust anchor, so not a CA (rustls refuses a CA as an end entity).
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-        "openssl",
-    );
+    finch_tests::self_signed_cert(&cert, &key, san, &["basicConstraints=critical,CA:FALSE"]);
     (cert, key)
 }
 
@@ -189,6 +177,8 @@ impl Scene {
         b.host_dials = Some(listener_path);
         // The host trusts the test's TLS certificate (rustls-native-certs reads SSL_CERT_FILE).
         b.host_env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
+        // Trace: every level of the token path is checked for the test's secrets.
+        b.host_env.push(("RUST_LOG".into(), "trace".into()));
         b.start_host();
         let key = LinkKey::load(&b.path("link.key")).unwrap();
         let guest = Guest::accept(&listener, key);
@@ -255,7 +245,16 @@ fn the_host_exchanges_the_password_for_a_token_the_registry_scopes() {
     );
 
     let host_log = s.b.host_log();
+    assert!(host_log.contains(" TRACE "), "trace was not in force");
     assert!(host_log.contains("op=\"token\""), "no audit line:\n{host_log}");
+    // The second token came from the cache without asking the credential source.
+    let sources: Vec<&str> = host_log
+        .lines()
+        .filter(|l| l.contains("op=\"token\"") && l.contains("result=\"ok\""))
+        .filter_map(|l| l.split("source=").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(sources.len(), 2, "{host_log}");
+    assert!(sources[0] != "\"cache\"" && sources[1] == "\"cache\"", "{sources:?}");
     assert!(host_log.contains("refused=[\"repository:b:pull\"]"), "{host_log}");
     for secret in [PASSWORD, token.token.expose(), &auth] {
         assert!(!host_log.contains(secret), "a secret in the host log");
@@ -277,7 +276,11 @@ fn identity_tokens_use_the_refresh_grant_and_nothing_stored_is_anonymous() {
     assert_eq!(registry_says(&s.tls, "GET", &s.url("a/tags/list"), &token), "404");
     let lines = token_log(&s.log);
     assert_eq!((&lines[0]["how"], &lines[0]["user"]), (&"refresh_token".into(), &USER.into()));
-    assert!(!s.b.host_log().contains(REFRESH), "the identity token in the host log");
+    let host_log = s.b.host_log();
+    assert!(host_log.contains(" TRACE "), "trace was not in force");
+    for secret in [REFRESH, token.token.expose()] {
+        assert!(!host_log.contains(secret), "a secret in the host log");
+    }
 
     let Some(mut s) = Scene::start("", r#"["REGISTRY/*"]"#) else { return };
     let registry = s.registry.clone();

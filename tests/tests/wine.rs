@@ -377,11 +377,11 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
     assert!(temp.0.starts_with("C:\\") && temp.2 == "ro,noatime", "{temp:?}");
     assert_eq!(entries.len(), 3, "{entries:?}");
     // A share that holds the agent's state is refused, and nothing changes.
-    let files = |_: ()| {
+    let files = || {
         [finch.join("finch.yaml"), finch.join("config.json"), host_config.clone(), fstab.clone()]
             .map(|f| std::fs::read(f).unwrap_or_default())
     };
-    let before = files(());
+    let before = files();
     let dir_w = winpath(b.dir.path());
     let (code, out, err) = setup(&[
         "--finch-dir",
@@ -398,7 +398,7 @@ fn windows_setup_finch_under_wine_wires_finchs_own_helper_mechanism() {
     ]);
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("which holds") && err.contains("nothing was changed"), "{err}");
-    assert_eq!(files(()), before, "a refused share changed a file");
+    assert_eq!(files(), before, "a refused share changed a file");
     // Without --harden again: no mounts to give.
     let (code, out, err) =
         setup(&["--finch-dir", &finch_w, "--guest-dir", &guest_w, "--link", &link]);

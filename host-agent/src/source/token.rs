@@ -345,21 +345,29 @@ impl Broker {
         Ok(Broker { client, cache: Mutex::default(), challenges: Mutex::default() })
     }
 
-    /// A token for `vm` on `registry` carrying `granted`, from the cache or the registry's
-    /// realm (with `stored` when there is one; anonymously otherwise). The answer is the
-    /// token and the seconds it stays valid.
-    pub async fn token(
+    /// The cached token for `vm` on `registry` carrying `granted`, if one is still given out,
+    /// and the seconds it stays valid. Asked first, so a hit costs no credential lookup.
+    pub fn cached(
+        &self,
+        vm: &str,
+        registry: &Registry,
+        granted: &[Scope],
+    ) -> Option<(Secret, u32)> {
+        lock(&self.cache).get(&cache_key(vm, registry, granted), Instant::now())
+    }
+
+    /// A new token for `vm` on `registry` carrying `granted`, from the registry's realm (with
+    /// `stored` when there is one; anonymously otherwise), cached. The answer is the token
+    /// and the seconds it stays valid.
+    pub async fn fetch(
         &self,
         vm: &str,
         registry: &Registry,
         granted: &[Scope],
         stored: Option<&Stored>,
     ) -> Result<(Secret, u32), WireError> {
+        let key = cache_key(vm, registry, granted);
         let scopes: Vec<String> = granted.iter().map(ToString::to_string).collect();
-        let key = (vm.to_owned(), registry.key(), scopes.join(" "));
-        if let Some(hit) = lock(&self.cache).get(&key, Instant::now()) {
-            return Ok(hit);
-        }
         let challenge = self.challenge(registry).await?;
         let issued = Instant::now();
         let (token, lifetime) = self.exchange(&challenge, &scopes, stored).await?;
@@ -514,6 +522,12 @@ impl Broker {
             ))),
         }
     }
+}
+
+/// A cache entry's key: the VM, the registry and the scopes.
+fn cache_key(vm: &str, registry: &Registry, granted: &[Scope]) -> (String, String, String) {
+    let scopes: Vec<String> = granted.iter().map(ToString::to_string).collect();
+    (vm.to_owned(), registry.key(), scopes.join(" "))
 }
 
 /// The body, at most [`MAX_TOKEN_BODY`] bytes, within [`CALL_DEADLINE`].
