@@ -99,6 +99,12 @@ struct ServeArgs {
     /// policy; the path is taken back whenever something replaces it.
     #[arg(long, value_name = "PATH")]
     finch_creds_socket: Option<PathBuf>,
+    /// Run the registry front on this loopback address (127.0.0.1:6128 is install.sh's
+    /// choice): containerd's hosts.toml names it as a host of each scoped registry, and its
+    /// clients get short-lived scoped tokens from the host instead of passwords. Callers are
+    /// checked by uid like the helper's.
+    #[arg(long, value_name = "IP:PORT")]
+    front_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -152,6 +158,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         finch_creds_socket: args.finch_creds_socket,
+        front_listen: args.front_listen,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

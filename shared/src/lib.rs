@@ -20,6 +20,7 @@
 
 #[cfg(feature = "tokio")]
 pub mod accept;
+pub mod challenge;
 pub mod codec;
 pub mod docker_config;
 pub mod endpoint;

@@ -6,8 +6,11 @@
 //! * [`helper_socket`]: the unix socket the helper calls; peers checked by uid.
 //! * [`listener`]: accepts the host's link and runs the handshake (guest side).
 //! * [`link`]: the established link: request ids, answers in any order, heartbeat.
+//! * [`front`]: the registry front (optional): containerd's requests forwarded to the
+//!   registries, with scoped tokens from the host instead of passwords.
 
 pub mod finch_creds;
+pub mod front;
 pub mod helper_socket;
 pub mod link;
 pub mod listener;
@@ -67,6 +70,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Finch's credential socket (`/run/user/UID/finch-creds.sock`), answered by the bridge.
     pub finch_creds_socket: Option<PathBuf>,
+    /// Where the registry front listens (loopback), if it runs.
+    pub front_listen: Option<std::net::SocketAddr>,
 }
 
 /// Fires once when the agent should stop; every task selects on it.
@@ -101,7 +106,7 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let link_uids: Arc<[u32]> = [0, me].iter().chain(&config.link_allow_uids).copied().collect();
 
     let helper = helper_socket::HelperSocket::bind(&config.helper_socket, config.socket_group)?;
-    let calls = helper_socket::Shared::new(slot.clone(), helper_uids);
+    let calls = helper_socket::Shared::new(slot.clone(), helper_uids.clone());
     let finch = config.finch_creds_socket.clone().map(finch_creds::FinchCredsSocket::new);
     let link_listener = listener::LinkListener::bind(
         &config.link_listen,
@@ -113,16 +118,29 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         link = %config.link_listen,
         "guest agent ready"
     );
+    let front = config
+        .front_listen
+        .map(|addr| front::Front::bind(addr, slot.clone(), helper_uids.clone()))
+        .transpose()?;
+    if let Some(front) = &front {
+        tracing::info!(listen = %front.local_addr(), "registry front ready");
+    }
     let settings = listener::LinkSettings::new(config.key, link_uids, config.heartbeat);
     let finch_creds = async {
         if let Some(finch) = finch {
             finch.run(calls.clone(), shutdown.clone()).await;
         }
     };
+    let front = async {
+        if let Some(front) = front {
+            front.run(shutdown.clone()).await;
+        }
+    };
     tokio::join!(
         helper.run(calls.clone(), shutdown.clone()),
         link_listener.run(slot.clone(), settings, shutdown.clone()),
         finch_creds,
+        front,
     );
     slot.close();
     tracing::info!("guest agent stopped");

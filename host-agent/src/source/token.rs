@@ -20,8 +20,6 @@ use tokio::time::Instant;
 
 /// Most bytes of a scope string.
 pub const MAX_SCOPE_LEN: usize = 256;
-/// Most bytes of a `WWW-Authenticate` header read.
-pub const MAX_CHALLENGE: usize = 8 * 1024;
 /// Most bytes of a token answer read.
 pub const MAX_TOKEN_BODY: usize = 64 * 1024;
 /// Most tokens cached per VM; the oldest goes first.
@@ -207,35 +205,12 @@ pub struct Challenge {
 /// that is `https://`, or `http://` to a loopback address (a password never crosses a
 /// network in the clear).
 pub fn parse_challenge(header: &str) -> Option<Challenge> {
-    if header.len() > MAX_CHALLENGE {
+    let parsed = finch_shared::challenge::Challenge::parse(header)?;
+    if !parsed.is("bearer") {
         return None;
     }
-    let (scheme, params) = header.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let mut realm = None;
-    let mut service = None;
-    let mut rest = params.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once('=')?;
-        let after = after.trim_start();
-        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
-            let end = quoted.find('"')?;
-            (&quoted[..end], quoted[end + 1..].trim_start())
-        } else {
-            match after.find(',') {
-                Some(i) => (&after[..i], &after[i..]),
-                None => (after, ""),
-            }
-        };
-        match key.trim().to_ascii_lowercase().as_str() {
-            "realm" => realm = Some(value.to_owned()),
-            "service" => service = Some(value.to_owned()),
-            _ => {}
-        }
-        rest = next.trim_start_matches(',').trim_start();
-    }
+    let realm = parsed.param("realm").map(str::to_owned);
+    let service = parsed.param("service").map(str::to_owned);
     let realm = realm?;
     let uri: hyper::Uri = realm.parse().ok()?;
     let loopback = uri
@@ -579,6 +554,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use finch_shared::challenge::MAX_CHALLENGE;
 
     #[test]
     fn scopes_are_repository_pulls_and_pushes_only() {

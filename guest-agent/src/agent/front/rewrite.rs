@@ -1,0 +1,340 @@
+//! What the registry front changes on the way through, as functions of text: where a
+//! request goes, the challenge and `Location` a client sees, and the token answer. No I/O.
+
+use finch_shared::challenge::Challenge;
+use finch_shared::message::MAX_SCOPES;
+use finch_shared::registry::Registry;
+
+/// Where Docker Hub's registry API is served (`docker.io` names the registry, not the host).
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// The front's token endpoint: `/token/<registry>`.
+pub const TOKEN_PATH: &str = "/token/";
+
+/// A request the front refuses, with the status and the message the client is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// Registry error code (distribution's spec).
+    pub code: &'static str,
+    /// What is wrong, for the client.
+    pub message: String,
+}
+
+impl Refusal {
+    fn bad(message: impl Into<String>) -> Refusal {
+        Refusal { status: 400, code: "UNSUPPORTED", message: message.into() }
+    }
+}
+
+/// What a request to the front is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `/token/<registry>`: a token, from the host's broker.
+    Token(Registry),
+    /// `/v2/…?ns=<registry>`: forwarded to the registry, with this path and query (`ns`
+    /// taken out).
+    Forward {
+        /// The registry, as containerd's `ns` names it.
+        registry: Registry,
+        /// Path and query to send upstream.
+        path_and_query: String,
+    },
+}
+
+/// Routes a request by its path and query.
+pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
+    if let Some(name) = path.strip_prefix(TOKEN_PATH) {
+        return registry(&percent_decode(name)?).map(Route::Token);
+    }
+    if path != "/v2" && !path.starts_with("/v2/") {
+        return Err(Refusal {
+            status: 404,
+            code: "NAME_UNKNOWN",
+            message: "finch's registry front serves /v2/ and /token/ only".into(),
+        });
+    }
+    let mut ns = None;
+    let mut kept = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("ns", value)) => {
+                let value = percent_decode(value)?;
+                if ns.as_ref().is_some_and(|n| *n != value) {
+                    return Err(Refusal::bad("two different ns= parameters"));
+                }
+                ns = Some(value);
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let Some(ns) = ns else {
+        return Err(Refusal::bad(
+            "no ns= parameter: this is finch's registry front; name it as a host of the \
+             registry in containerd's hosts.toml",
+        ));
+    };
+    let registry = registry(&ns)?;
+    let path_and_query =
+        if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
+    Ok(Route::Forward { registry, path_and_query })
+}
+
+/// A registry name as `ns=` or the token path gives it: `host[:port]` and nothing else.
+fn registry(name: &str) -> Result<Registry, Refusal> {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
+        && !name.is_empty();
+    if !plain {
+        return Err(Refusal::bad("the registry is not a host[:port]"));
+    }
+    Registry::parse(name).map_err(|e| Refusal::bad(format!("the registry: {e}")))
+}
+
+/// `host[:port]` the registry's API is served at.
+pub fn upstream_authority(registry: &Registry) -> String {
+    if registry.is_docker_hub() { DOCKER_HUB_API.to_owned() } else { registry.host_port() }
+}
+
+/// The challenge a client sees for upstream's `header`: a Bearer challenge's realm becomes
+/// the front's token endpoint for `registry` (the rest is kept: service, scope, error).
+/// Anything else, or a challenge that does not parse, is `None` (sent as it came).
+pub fn challenge(header: &str, registry: &Registry, origin: &str) -> Option<String> {
+    let mut c = Challenge::parse(header)?;
+    if !c.is("bearer") {
+        return None;
+    }
+    c.set("realm", format!("{origin}{TOKEN_PATH}{}", registry.host_port()));
+    Some(c.render())
+}
+
+/// Whether upstream's challenge asks for Basic credentials (ECR's does).
+pub fn is_basic(header: &str) -> bool {
+    Challenge::parse(header).is_some_and(|c| c.is("basic"))
+}
+
+/// The `Location` a client sees for upstream's `location`: a path on the registry, or an
+/// absolute URL on it, becomes the same path on the front with `ns=<registry>` (containerd
+/// 1.6 adds no `ns` to an upload's next request, and drops its credentials when the host
+/// changes). A URL elsewhere (blob storage) is `None`: passed through as it came.
+pub fn location(location: &str, registry: &Registry, origin: &str) -> Option<String> {
+    let path_and_query = if location.starts_with('/') && !location.starts_with("//") {
+        location.to_owned()
+    } else {
+        let uri: hyper::Uri = location.parse().ok()?;
+        let authority = uri.authority()?;
+        let upstream = upstream_authority(registry);
+        let same_host = authority.as_str().eq_ignore_ascii_case(&upstream)
+            || (authority.port_u16() == Some(443)
+                && registry.port().is_none()
+                && authority.host().eq_ignore_ascii_case(&upstream));
+        if uri.scheme_str() != Some("https") || !same_host {
+            return None;
+        }
+        uri.path_and_query()?.as_str().to_owned()
+    };
+    let sep = if path_and_query.contains('?') { '&' } else { '?' };
+    Some(format!("{origin}{path_and_query}{sep}ns={}", percent_encode(&registry.host_port())))
+}
+
+/// The scopes a token request asks for: every `scope` parameter of the query and of a form
+/// body, each split at spaces (OAuth2's form), each once.
+pub fn scopes(query: Option<&str>, form: Option<&str>) -> Result<Vec<String>, Refusal> {
+    let mut out: Vec<String> = Vec::new();
+    for text in [query, form].into_iter().flatten() {
+        for pair in text.split('&') {
+            let Some(("scope", value)) = pair.split_once('=') else { continue };
+            for scope in percent_decode(&value.replace('+', " "))?.split(' ') {
+                if !scope.is_empty() && !out.iter().any(|s| s == scope) {
+                    out.push(scope.to_owned());
+                }
+            }
+        }
+    }
+    if out.len() > MAX_SCOPES {
+        return Err(Refusal::bad(format!("more than {MAX_SCOPES} scopes")));
+    }
+    if out.is_empty() {
+        return Err(Refusal::bad("a token request names no scope"));
+    }
+    Ok(out)
+}
+
+/// The token answer, in both spellings distribution's spec allows (`token` for the token
+/// flow, `access_token` for OAuth2's).
+pub fn token_body(token: &str, expires_in: u32) -> String {
+    serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in })
+        .to_string()
+}
+
+/// A registry error body (distribution's spec), the message JSON-escaped.
+pub fn error_body(code: &str, message: &str) -> String {
+    serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string()
+}
+
+/// Decodes `%XX` escapes; `None` (a refusal) for a broken escape or text that is not UTF-8.
+fn percent_decode(text: &str) -> Result<String, Refusal> {
+    let bad = || Refusal::bad("a broken %-escape in the request");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// Escapes what a query value cannot carry as is (a registry name needs `:` and `[]` only).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "http://127.0.0.1:6128";
+
+    fn reg(name: &str) -> Registry {
+        Registry::parse(name).unwrap()
+    }
+
+    #[test]
+    fn requests_are_routed_by_ns_and_ns_is_taken_out() {
+        assert_eq!(
+            route("/v2/a/manifests/latest", Some("ns=r.example%3A5000")).unwrap(),
+            Route::Forward {
+                registry: reg("r.example:5000"),
+                path_and_query: "/v2/a/manifests/latest".into()
+            }
+        );
+        assert_eq!(
+            route(
+                "/v2/a/blobs/uploads/u",
+                Some("_state=x%3D&ns=r.example&digest=sha256%3A1&ns=r.example")
+            )
+            .unwrap(),
+            Route::Forward {
+                registry: reg("r.example"),
+                path_and_query: "/v2/a/blobs/uploads/u?_state=x%3D&digest=sha256%3A1".into()
+            }
+        );
+        assert_eq!(
+            route("/token/r.example:5000", None).unwrap(),
+            Route::Token(reg("r.example:5000"))
+        );
+        assert_eq!(
+            route("/token/docker.io", Some("scope=x")).unwrap(),
+            Route::Token(reg("docker.io"))
+        );
+    }
+
+    #[test]
+    fn requests_the_front_cannot_place_are_refused() {
+        assert_eq!(route("/v2/a/manifests/x", None).unwrap_err().status, 400);
+        assert_eq!(route("/v2/", Some("ns=a&ns=b")).unwrap_err().status, 400);
+        assert_eq!(route("/metrics", Some("ns=a")).unwrap_err().status, 404);
+        for ns in ["evil.example/x", "user@r.example", "r.example%2Fx", "", "%zz", "a%ff"] {
+            let err = route("/v2/", Some(&format!("ns={ns}"))).unwrap_err();
+            assert_eq!(err.status, 400, "{ns}");
+        }
+        assert_eq!(route("/token/evil.example%2Fx", None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn bearer_challenges_point_at_the_front_and_keep_the_rest() {
+        let up = r#"Bearer realm="https://auth.example/token",service="registry",scope="repository:a:pull",error="insufficient_scope""#;
+        let seen = challenge(up, &reg("r.example:5000"), ORIGIN).unwrap();
+        let c = Challenge::parse(&seen).unwrap();
+        assert_eq!(c.param("realm"), Some("http://127.0.0.1:6128/token/r.example:5000"));
+        assert_eq!(c.param("service"), Some("registry"));
+        assert_eq!(c.param("scope"), Some("repository:a:pull"));
+        assert_eq!(c.param("error"), Some("insufficient_scope"));
+        let hub = challenge(up, &reg("docker.io"), ORIGIN).unwrap();
+        assert!(hub.contains("/token/docker.io\""), "{hub}");
+
+        assert_eq!(challenge(r#"Basic realm="https://x/""#, &reg("r"), ORIGIN), None);
+        assert!(is_basic(r#"Basic realm="https://x/""#));
+        assert!(!is_basic(up));
+    }
+
+    #[test]
+    fn locations_on_the_registry_come_back_to_the_front() {
+        let r = reg("r.example:5000");
+        assert_eq!(
+            location("/v2/a/blobs/uploads/u?_state=s", &r, ORIGIN).unwrap(),
+            "http://127.0.0.1:6128/v2/a/blobs/uploads/u?_state=s&ns=r.example%3A5000"
+        );
+        assert_eq!(
+            location("https://r.example:5000/v2/a/blobs/uploads/u", &r, ORIGIN).unwrap(),
+            "http://127.0.0.1:6128/v2/a/blobs/uploads/u?ns=r.example%3A5000"
+        );
+        let ecr = reg("1.dkr.ecr.us-east-1.amazonaws.com");
+        assert!(
+            location("https://1.dkr.ecr.us-east-1.amazonaws.com:443/v2/x", &ecr, ORIGIN).is_some()
+        );
+        // Blob storage, plain http to the registry, protocol-relative: passed through.
+        for elsewhere in [
+            "https://bucket.s3.amazonaws.com/blob?X-Amz-Signature=s",
+            "http://r.example:5000/v2/a",
+            "//evil.example/v2/a",
+        ] {
+            assert_eq!(location(elsewhere, &r, ORIGIN), None, "{elsewhere}");
+        }
+        let hub = reg("docker.io");
+        assert!(
+            location("https://registry-1.docker.io/v2/x", &hub, ORIGIN)
+                .unwrap()
+                .ends_with("?ns=docker.io")
+        );
+    }
+
+    #[test]
+    fn token_requests_give_their_scopes_each_once() {
+        assert_eq!(
+            scopes(
+                Some("service=s&scope=repository%3Aa%3Apull&scope=repository:b:pull,push"),
+                None
+            )
+            .unwrap(),
+            ["repository:a:pull", "repository:b:pull,push"]
+        );
+        assert_eq!(
+            scopes(
+                None,
+                Some("grant_type=password&scope=repository:a:pull+repository:a:pull&client_id=c")
+            )
+            .unwrap(),
+            ["repository:a:pull"]
+        );
+        assert_eq!(scopes(Some("service=s"), None).unwrap_err().status, 400);
+        let many: Vec<String> =
+            (0..=MAX_SCOPES).map(|i| format!("scope=repository:r{i}:pull")).collect();
+        assert_eq!(scopes(Some(&many.join("&")), None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn answers_are_json_with_everything_escaped() {
+        let body: serde_json::Value = serde_json::from_str(&token_body("t\"k", 300)).unwrap();
+        assert_eq!(body["token"], "t\"k");
+        assert_eq!(body["access_token"], "t\"k");
+        assert_eq!(body["expires_in"], 300);
+        let err: serde_json::Value =
+            serde_json::from_str(&error_body("DENIED", "a \"b\"\n")).unwrap();
+        assert_eq!(err["errors"][0]["message"], "a \"b\"\n");
+    }
+}
