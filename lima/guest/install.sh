@@ -7,7 +7,7 @@
 #   install.sh --bundle DIR [--root DIR] [--init systemd|wsl|none]
 #              [--link-listen ENDPOINT] [--link-listen-non-loopback] [--link-allow-uid UID]... [--allow-uid UID]...
 #              [--socket-group GROUP] [--docker-config DIR]... [--finch-creds-uid UID]
-#              [--wsl-mounts FILE]
+#              [--wsl-mounts FILE] [--scoped REGISTRY]... [--front-listen IP:PORT]
 #
 # The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
 # link.key (this VM's key, from `finch-host-agent key-path NAME` on the host). Nothing is
@@ -19,6 +19,12 @@
 # /usr/bin/docker-credential-finchhost asks), and sshd refuses remote (reverse) socket
 # forwards, so Finch's host credserver, which Lima reverse-forwards to that path, is never
 # reachable in the VM. Lima's own forwards (guest to host: its agent, the link) still work.
+#
+# --scoped REGISTRY (host[:port], repeatable; docker.io for Docker Hub): the agent runs its
+# registry front on --front-listen (default 127.0.0.1:6128) and containerd's
+# /etc/containerd/certs.d/REGISTRY/hosts.toml names it as the registry's host, so nerdctl and
+# ctr get short-lived tokens scoped by the host's pull/push policy instead of the password.
+# A hosts.toml the bridge did not write is never replaced (nothing is installed).
 set -eu
 
 root=/
@@ -31,6 +37,8 @@ first_uid=
 docker_configs=
 finch_uid=
 wsl_mounts=
+scoped=
+front_listen=
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root=$2; shift 2 ;;
@@ -44,6 +52,8 @@ while [ $# -gt 0 ]; do
     --docker-config) docker_configs="$docker_configs $2"; shift 2 ;;
     --finch-creds-uid) finch_uid=$2; shift 2 ;;
     --wsl-mounts) wsl_mounts=$2; shift 2 ;;
+    --scoped) scoped="$scoped $2"; shift 2 ;;
+    --front-listen) front_listen=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +63,20 @@ case "$finch_uid" in ""|*[!0-9]*) [ -z "$finch_uid" ] || { echo "install.sh: --f
 case "$link_listen" in
   "") if [ "$init" = wsl ]; then link_listen=vsock://-1:6127; else link_listen=unix:///run/finch-guest-agent/link.sock; fi ;;
 esac
+for _r in $scoped; do
+  case "$_r" in
+    *[!A-Za-z0-9.:-]*|:*|*:|*::*|*:*:*|.*|*..*) echo "install.sh: --scoped $_r: a registry is host[:port]" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$scoped" ]; then
+  front_listen=${front_listen:-127.0.0.1:6128}
+  case "$front_listen" in
+    127.*:[0-9]*|"[::1]":[0-9]*) ;;
+    *) echo "install.sh: --front-listen $front_listen: a loopback IP:PORT (127.0.0.1:6128)" >&2; exit 2 ;;
+  esac
+elif [ -n "$front_listen" ]; then
+  echo "install.sh: --front-listen goes with --scoped" >&2; exit 2
+fi
 asked_init=$init
 R=${root%/}
 STATE=$R/var/lib/finch-guest-agent
@@ -82,6 +106,19 @@ case "$link_listen" in
   tcp://*) families="AF_UNIX AF_INET AF_INET6" ;;
   *) echo "install.sh: --link-listen $link_listen: use unix://PATH, vsock://CID:PORT or tcp://HOST:PORT" >&2; exit 2 ;;
 esac
+# The registry front listens on loopback TCP and reaches registries over the VM's network.
+case "$families" in *AF_INET*) ;; *) [ -z "$scoped" ] || families="$families AF_INET AF_INET6" ;; esac
+# containerd's hosts.toml per scoped registry: one the bridge did not write stays, and
+# nothing is installed.
+HOSTS_MARK='# Written by the finch credential bridge install.sh (--scoped); uninstall.sh removes it.'
+hosts_toml() { echo "$R/etc/containerd/certs.d/$1/hosts.toml"; }
+for _r in $scoped; do
+  _f=$(hosts_toml "$_r")
+  if [ -f "$_f" ] && [ "$(head -n 1 "$_f")" != "$HOSTS_MARK" ]; then
+    echo "install.sh: $_f is not the bridge's; add the front as a host of $_r there yourself, or take it out; nothing installed" >&2
+    exit 1
+  fi
+done
 # The WSL mounts: each line is FSTAB's "SOURCE TARGET drvfs OPTIONS 0 0", the target under
 # /mnt/, nothing else; wsl.conf may not already have an [automount] of its own.
 BEGIN_MARK='# finch-bridge: begin'
@@ -160,6 +197,7 @@ fi
 args="--link-listen $link_listen --link-key-file /etc/finch-guest-agent/link.key$allow_args"
 [ -z "$socket_group" ] || args="$args --socket-group $socket_group"
 [ -z "$finch_uid" ] || args="$args --finch-creds-socket /run/user/$finch_uid/finch-creds.sock"
+[ -z "$scoped" ] || args="$args --front-listen $front_listen"
 mkdirs "$R/etc/default" 0755
 printf '# Written by the finch credential bridge install.sh.\nFINCH_GUEST_AGENT_ARGS="%s"\n' "$args" | put "$R/etc/default/finch-guest-agent" 0644
 
@@ -351,8 +389,27 @@ done
 mkdirs "$R/etc/containers/registries.conf.d" 0755
 printf '# Written by the finch credential bridge install.sh.\n# finchhost alone: with containers-auth.json after it, a store the host refuses (or a link\n# that is down) would land in containers/auth.json in the runtime dir, in the VM.\ncredential-helpers = ["finchhost"]\n' \
   | put "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" 0644
+
+# 7. Scoped registries: containerd (nerdctl, ctr) asks the front, which asks the host for
+#    tokens. A registry no longer --scoped loses the hosts.toml the bridge wrote for it.
+if [ -f "$STATE/hosts-toml" ]; then
+  while read -r _r; do
+    case " $scoped " in *" $_r "*) ;; *) rm -f "$(hosts_toml "$_r")" ;; esac
+  done < "$STATE/hosts-toml"
+  rm -f "$STATE/hosts-toml"
+fi
+for _r in $scoped; do
+  _server=https://$_r
+  [ "$_r" != docker.io ] || _server=https://registry-1.docker.io
+  mkdirs "$R/etc/containerd/certs.d/$_r" 0755
+  printf '%s\nserver = "%s"\n\n[host."http://%s/r/%s"]\n  capabilities = ["pull", "resolve", "push"]\n' \
+    "$HOSTS_MARK" "$_server" "$front_listen" "$_r" \
+    | put "$(hosts_toml "$_r")" 0644
+  echo "$_r" >> "$STATE/hosts-toml"
+done
 finch_note=
 [ -z "$finch_uid" ] || finch_note=", Finch credential socket of uid $finch_uid"
+[ -z "$scoped" ] || finch_note="$finch_note, scoped:$scoped"
 [ -z "${wsl_unstarted:-}" ] || exit 1
 [ -z "$wsl_systemd" ] || init="systemd, WSL's"
 echo "finch credential bridge: guest side installed (init: $init, link: $link_listen$finch_note)"

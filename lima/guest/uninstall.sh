@@ -58,6 +58,15 @@ for rc in "$R"/root/.bashrc "$R"/home/*/.bashrc; do
   fi
 done
 
+# containerd's hosts.toml files install.sh --scoped wrote.
+if [ -f "$STATE/hosts-toml" ]; then
+  while read -r r; do
+    f=$R/etc/containerd/certs.d/$r/hosts.toml
+    if [ -f "$f" ] && head -n 1 "$f" | grep -q '^# Written by the finch credential bridge'; then rm -f "$f"; fi
+  done < "$STATE/hosts-toml"
+  rm -f "$STATE/hosts-toml"
+fi
+
 rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
   "$R/etc/systemd/system/finch-guest-agent.service" \
   "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \

@@ -776,3 +776,68 @@ pub fn self_signed_cert(cert: &Path, key: &Path, san: &str, extensions: &[&str])
     }
     run_ok(cmd.arg("-keyout").arg(key).arg("-out").arg(cert), "openssl");
 }
+
+/// A network namespace of the test's own, with its loopback up and `/etc/netns/NAME/hosts`
+/// (which `ip netns exec` mounts over `/etc/hosts`) mapping names to addresses. The
+/// namespace, its veth pairs and that directory are removed on drop; no system file is
+/// touched.
+#[derive(Debug)]
+pub struct Netns {
+    /// The namespace's name (`finch-TAG-PID`).
+    pub name: String,
+    links: Vec<String>,
+}
+
+impl Netns {
+    /// A namespace whose hosts file maps each `(address, name)`, and `localhost`.
+    pub fn new(tag: &str, hosts: &[(&str, &str)]) -> Netns {
+        let name = format!("finch-{tag}-{}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]), "ip netns add");
+        let ns = Netns { name, links: Vec::new() };
+        run_ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]), "lo up");
+        let etc = ns.etc();
+        std::fs::create_dir_all(&etc).expect("mkdir /etc/netns/NAME");
+        let mut text = "127.0.0.1 localhost\n".to_owned();
+        for (addr, host) in hosts {
+            text.push_str(&format!("{addr} {host}\n"));
+        }
+        std::fs::write(etc.join("hosts"), text).expect("write the namespace's hosts");
+        ns
+    }
+
+    /// A veth pair between this namespace and the test's: `outside/30` on the test's end
+    /// (named `fb<id>h`), `inside/30` in the namespace, both up. Returns the test's end.
+    pub fn veth(&mut self, id: u32, outside: &str, inside: &str) -> String {
+        let (out_if, in_if) = (format!("fb{id}h"), format!("fb{id}g"));
+        let ip = |args: &[&str]| run_ok(Command::new("ip").args(args), "ip");
+        ip(&["link", "add", &out_if, "type", "veth", "peer", "name", &in_if, "netns", &self.name]);
+        self.links.push(out_if.clone());
+        ip(&["addr", "add", &format!("{outside}/30"), "dev", &out_if]);
+        ip(&["link", "set", &out_if, "up"]);
+        ip(&["-n", &self.name, "addr", "add", &format!("{inside}/30"), "dev", &in_if]);
+        ip(&["-n", &self.name, "link", "set", &in_if, "up"]);
+        out_if
+    }
+
+    /// `/etc/netns/NAME`.
+    pub fn etc(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.name)
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for link in &self.links {
+            let _ = Command::new("ip").args(["link", "del", link]).status();
+        }
+        let _ = std::fs::remove_dir_all(self.etc());
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}

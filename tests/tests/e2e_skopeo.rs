@@ -95,36 +95,46 @@ pub(crate) fn make_oci_image(dir: &Path, work: &Path) {
 
 /// A one-layer OCI image layout at `dir`, tag `v1`, whose layer is the tree `content`.
 pub(crate) fn make_oci_image_of(dir: &Path, content: &Path, work: &Path) {
+    make_oci_image_layers(dir, &[content], work);
+}
+
+/// An OCI image layout at `dir`, tag `v1`, with one layer per tree in `contents`.
+pub(crate) fn make_oci_image_layers(dir: &Path, contents: &[&Path], work: &Path) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
-    let layer_tar = work
-        .join(format!("layer-{}.tar", dir.file_name().and_then(|n| n.to_str()).unwrap_or("image")));
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(content)
-            .args(["--owner=0", "--group=0", "-cf"])
-            .arg(&layer_tar)
-            .arg("."),
-        "tar",
-    );
-    let layer = std::fs::read(&layer_tar).unwrap();
     let put = |bytes: &[u8]| {
         let hex = sha256_hex(bytes);
         std::fs::write(blobs.join(&hex), bytes).unwrap();
         (format!("sha256:{hex}"), bytes.len())
     };
-    let (layer_digest, layer_size) = put(&layer);
+    let mut layers = Vec::new();
+    for (i, content) in contents.iter().enumerate() {
+        let image = dir.file_name().and_then(|n| n.to_str()).unwrap_or("image");
+        let layer_tar = work.join(format!("layer-{image}-{i}.tar"));
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(content)
+                .args(["--owner=0", "--group=0", "-cf"])
+                .arg(&layer_tar)
+                .arg("."),
+            "tar",
+        );
+        layers.push(put(&std::fs::read(&layer_tar).unwrap()));
+    }
+    let diff_ids: Vec<&String> = layers.iter().map(|(d, _)| d).collect();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
     });
     let (config_digest, config_size) = put(config.to_string().as_bytes());
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}]
+        "layers": layers.iter().map(|(digest, size)| serde_json::json!(
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
+        )).collect::<Vec<_>>()
     });
     let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
     let index = serde_json::json!({

@@ -250,54 +250,6 @@ fn moto_rejects_unknown_keys() {
     assert_no_secret(SECRET_KEY, &[("host log", &b.host_log()), ("helper", err)]);
 }
 
-/// A network namespace of the test's own, with its loopback up and `/etc/netns/NAME/hosts`
-/// (which `ip netns exec` mounts over `/etc/hosts`) mapping `names` to 127.0.0.1. Both are
-/// removed on drop; no system file is touched.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(names: &[&str]) -> Netns {
-        let name = format!("finch-ecr-{}", std::process::id());
-        finch_tests::run_ok(
-            std::process::Command::new("ip").args(["netns", "add", &name]),
-            "ip netns add",
-        );
-        let ns = Netns { name };
-        finch_tests::run_ok(
-            std::process::Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]),
-            "lo up",
-        );
-        let etc = ns.etc();
-        std::fs::create_dir_all(&etc).unwrap();
-        let mut hosts = "127.0.0.1 localhost\n".to_owned();
-        for n in names {
-            hosts.push_str(&format!("127.0.0.1 {n}\n"));
-        }
-        std::fs::write(etc.join("hosts"), hosts).unwrap();
-        ns
-    }
-
-    fn etc(&self) -> std::path::PathBuf {
-        std::path::Path::new("/etc/netns").join(&self.name)
-    }
-
-    /// A command run inside the namespace.
-    fn cmd(&self, program: &str) -> std::process::Command {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(self.etc());
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 #[test]
 fn skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token() {
     const TOOLS: &[&str] =
@@ -313,7 +265,7 @@ fn skopeo_pushes_and_pulls_an_ecr_named_registry_with_the_hosts_token() {
     fake.control(&format!(r#"{{"password": "{TOKEN}"}}"#));
     let b = ecr_bridge("{}", "", &fake);
 
-    let ns = Netns::new(&[PRIVATE]);
+    let ns = finch_tests::Netns::new("ecr", &[("127.0.0.1", PRIVATE)]);
     let (config, certs) = crate::e2e_skopeo::registry_files(
         d,
         "127.0.0.1:443",

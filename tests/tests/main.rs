@@ -28,6 +28,9 @@
 //! * `tokens`: scoped tokens, the host's half: the link's token request answered by
 //!   exchanging the stored password at a real docker-registry's token realm (`auth: token`,
 //!   a token server in `tests/tokens/`), cut to the VM's `pull`/`push` policy.
+//! * `front`: scoped tokens end to end: containerd's `ctr` in a network namespace (the VM)
+//!   pushes and pulls through the guest agent's registry front, wired by install.sh's
+//!   hosts.toml, with tokens the host exchanged for the password it never sends the VM.
 //! * `wine`: the Windows host agent (`x86_64-pc-windows-gnu`, release) under Wine, dialing a
 //!   Linux guest agent over `tcp://`, answering from Wine's Credential Manager and from a
 //!   Windows host helper; its named-pipe control channel, `doctor`, `install --print`.
@@ -47,6 +50,7 @@ mod boundary;
 mod e2e_skopeo;
 mod ecr;
 mod finch;
+mod front;
 mod hostconfig;
 mod keychain;
 mod lima_vm;

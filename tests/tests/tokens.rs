@@ -16,8 +16,8 @@ use finch_shared::message::{Handshake, LinkMsg, Token, TokenRequest, WireError};
 use finch_shared::seal::Session;
 use finch_tests::{Bridge, Proc, STARTUP, wait_until};
 
-const USER: &str = "alice";
-const PASSWORD: &str = "tok-Pa55word-91c2";
+pub(crate) const USER: &str = "alice";
+pub(crate) const PASSWORD: &str = "tok-Pa55word-91c2";
 /// The user's identity (refresh) token at the token server.
 const REFRESH: &str = "tok-refresh-5d1e77";
 const SERVICE: &str = "finch-test-registry";
@@ -30,7 +30,7 @@ fn free_port() -> u16 {
 
 /// A self-signed certificate for `san` that is its own trust anchor (not a CA: rustls
 /// refuses a CA as an end entity), and its key.
-fn self_signed(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     finch_tests::self_signed_cert(&cert, &key, san, &["basicConstraints=critical,CA:FALSE"]);
     (cert, key)
@@ -96,12 +96,70 @@ fn registry_says(ca: &Path, method: &str, url: &str, token: &Token) -> String {
 }
 
 /// The token server's log: one JSON object per request.
-fn token_log(path: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn token_log(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The test's token server (`tests/tokens/token_server.py`) on 127.0.0.1, TLS, granting
+/// [`USER`] pull and push on `a` and `b` with tokens living `lifetime` seconds.
+pub(crate) struct TokenServer {
+    pub(crate) proc: Proc,
+    pub(crate) port: u16,
+    pub(crate) log: PathBuf,
+    signing: PathBuf,
+}
+
+impl TokenServer {
+    pub(crate) fn start(dir: &Path, tls: &Path, tls_key: &Path, lifetime: u32) -> TokenServer {
+        let port = free_port();
+        let (signing, signing_key) = self_signed(dir, "signing", "DNS:token-issuer");
+        let users = dir.join("users.json");
+        let grants = serde_json::json!({USER: {
+            "password": PASSWORD,
+            "refresh_token": REFRESH,
+            "grants": {"a": ["pull", "push"], "b": ["pull", "push"], "slow": ["pull", "push"]},
+        }});
+        std::fs::write(&users, grants.to_string()).unwrap();
+        let log = dir.join("token-server.log");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script("token_server.py")).arg(port.to_string());
+        cmd.args([tls, tls_key, &signing_key, &signing, &users, &log]);
+        cmd.args(["token-issuer", &lifetime.to_string()]);
+        let proc = Proc::spawn("token-server", cmd, &dir.join("token-server.out"));
+        let up = wait_until(STARTUP, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "{}", proc.output());
+        TokenServer { proc, port, log, signing }
+    }
+
+    /// Debian's docker-registry on `addr` (TLS), trusting this token server.
+    pub(crate) fn registry(&self, dir: &Path, addr: &str, tls: &Path, tls_key: &Path) -> Proc {
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
+                 http:\n  addr: {addr}\n  tls:\n    certificate: {tls}\n    key: {tls_key}\n\
+                 auth:\n  token:\n    realm: https://127.0.0.1:{port}/token\n    service: {SERVICE}\n\
+                 \x20   issuer: token-issuer\n    rootcertbundle: {signing}\n",
+                root = dir.join("data").display(),
+                tls = tls.display(),
+                tls_key = tls_key.display(),
+                port = self.port,
+                signing = self.signing.display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
+        let up = wait_until(STARTUP, || std::net::TcpStream::connect(addr).is_ok());
+        assert!(up, "{}", proc.output());
+        proc
+    }
 }
 
 /// A token server and a docker-registry trusting it (TLS on 127.0.0.1), and a host agent
@@ -122,7 +180,7 @@ impl Scene {
         if !finch_tests::require("scoped tokens", &tools) {
             return None;
         }
-        let (registry_port, token_port) = (free_port(), free_port());
+        let registry_port = free_port();
         let registry = format!("127.0.0.1:{registry_port}");
         let auths = if auth_entry.is_empty() {
             "{}".to_owned()
@@ -133,43 +191,9 @@ impl Scene {
         let dir = b.path("tokens");
         std::fs::create_dir_all(&dir).unwrap();
         let (tls, tls_key) = self_signed(&dir, "tls", "IP:127.0.0.1");
-        let (signing, signing_key) = self_signed(&dir, "signing", "DNS:token-issuer");
-        let users = dir.join("users.json");
-        let grants = serde_json::json!({USER: {
-            "password": PASSWORD,
-            "refresh_token": REFRESH,
-            "grants": {"a": ["pull", "push"], "b": ["pull", "push"]},
-        }});
-        std::fs::write(&users, grants.to_string()).unwrap();
-        let log = dir.join("token-server.log");
-        let mut cmd = Command::new("python3");
-        cmd.arg(script("token_server.py")).arg(token_port.to_string());
-        cmd.args([&tls, &tls_key, &signing_key, &signing, &users, &log]);
-        cmd.args(["token-issuer", &LIFETIME.to_string()]);
-        let token_server = Proc::spawn("token-server", cmd, &dir.join("token-server.out"));
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
-                 http:\n  addr: {registry}\n  tls:\n    certificate: {tls}\n    key: {tls_key}\n\
-                 auth:\n  token:\n    realm: https://127.0.0.1:{token_port}/token\n    service: {SERVICE}\n\
-                 \x20   issuer: token-issuer\n    rootcertbundle: {signing}\n",
-                root = dir.join("data").display(),
-                tls = tls.display(),
-                tls_key = tls_key.display(),
-                signing = signing.display(),
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&config);
-        let registry_proc = Proc::spawn("docker-registry", cmd, &dir.join("registry.log"));
-        let up = wait_until(STARTUP, || {
-            std::net::TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", token_port)).is_ok()
-        });
-        assert!(up, "{}\n{}", registry_proc.output(), token_server.output());
+        let issuer = TokenServer::start(&dir, &tls, &tls_key, LIFETIME);
+        let registry_proc = issuer.registry(&dir, &registry, &tls, &tls_key);
+        let (log, token_server) = (issuer.log, issuer.proc);
         let pull = pull.replace("REGISTRY", &registry);
         std::fs::write(b.host_config(), format!("[vm.itvm.policy]\npull = {pull}\n")).unwrap();
         let listener_path = b.path("guest.sock");

@@ -304,11 +304,12 @@ impl Shared {
         let client_auth = headers.contains_key(header::AUTHORIZATION);
         let bodyless = matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream();
         let mut injected = false;
-        if !client_auth && self.asks_basic(&registry) {
-            if let Some(auth) = self.basic(&registry).await {
-                headers.insert(header::AUTHORIZATION, auth);
-                injected = true;
-            }
+        if !client_auth
+            && self.asks_basic(&registry)
+            && let Some(auth) = self.basic(&registry).await
+        {
+            headers.insert(header::AUTHORIZATION, auth);
+            injected = true;
         }
         let deadline = if body.is_end_stream() { ANSWER_TIMEOUT } else { UPLOAD_TIMEOUT };
         let body = Idle::new(body).boxed();

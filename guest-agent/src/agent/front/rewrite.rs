@@ -9,6 +9,9 @@ use finch_shared::registry::Registry;
 pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
 /// The front's token endpoint: `/token/<registry>`.
 pub const TOKEN_PATH: &str = "/token/";
+/// The front's API root per registry: `/r/<registry>/v2/…`, what install.sh's hosts.toml
+/// names (containerd 1.6 adds no `ns` to a push's requests, so the path carries it).
+pub const REGISTRY_PATH: &str = "/r/";
 
 /// A request the front refuses, with the status and the message the client is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +35,8 @@ impl Refusal {
 pub enum Route {
     /// `/token/<registry>`: a token, from the host's broker.
     Token(Registry),
-    /// `/v2/…?ns=<registry>`: forwarded to the registry, with this path and query (`ns`
-    /// taken out).
+    /// `/r/<registry>/v2/…`, or `/v2/…?ns=<registry>`: forwarded to the registry, with
+    /// this path and query (`ns` taken out).
     Forward {
         /// The registry, as containerd's `ns` names it.
         registry: Registry,
@@ -47,21 +50,28 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
     if let Some(name) = path.strip_prefix(TOKEN_PATH) {
         return registry(&percent_decode(name)?).map(Route::Token);
     }
+    let (in_path, path) = match path.strip_prefix(REGISTRY_PATH) {
+        Some(rest) => {
+            let (name, api) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            (Some(percent_decode(name)?), api)
+        }
+        None => (None, path),
+    };
     if path != "/v2" && !path.starts_with("/v2/") {
         return Err(Refusal {
             status: 404,
             code: "NAME_UNKNOWN",
-            message: "finch's registry front serves /v2/ and /token/ only".into(),
+            message: "finch's registry front serves /r/REGISTRY/v2/, /v2/ and /token/ only".into(),
         });
     }
-    let mut ns = None;
+    let mut ns = in_path;
     let mut kept = Vec::new();
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("ns", value)) => {
                 let value = percent_decode(value)?;
                 if ns.as_ref().is_some_and(|n| *n != value) {
-                    return Err(Refusal::bad("two different ns= parameters"));
+                    return Err(Refusal::bad("two different registries in one request"));
                 }
                 ns = Some(value);
             }
@@ -70,8 +80,8 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
     }
     let Some(ns) = ns else {
         return Err(Refusal::bad(
-            "no ns= parameter: this is finch's registry front; name it as a host of the \
-             registry in containerd's hosts.toml",
+            "no registry named: this is finch's registry front; name \
+             http://127.0.0.1:PORT/r/REGISTRY as a host of the registry in containerd's hosts.toml",
         ));
     };
     let registry = registry(&ns)?;
@@ -113,9 +123,9 @@ pub fn is_basic(header: &str) -> bool {
 }
 
 /// The `Location` a client sees for upstream's `location`: a path on the registry, or an
-/// absolute URL on it, becomes the same path on the front with `ns=<registry>` (containerd
-/// 1.6 adds no `ns` to an upload's next request, and drops its credentials when the host
-/// changes). A URL elsewhere (blob storage) is `None`: passed through as it came.
+/// absolute URL on it, becomes the same path under the front's `/r/<registry>` (containerd
+/// drops its credentials when an upload's host changes, and 1.6 adds no `ns` to it). A URL
+/// elsewhere (blob storage) is `None`: passed through as it came.
 pub fn location(location: &str, registry: &Registry, origin: &str) -> Option<String> {
     let path_and_query = if location.starts_with('/') && !location.starts_with("//") {
         location.to_owned()
@@ -132,8 +142,7 @@ pub fn location(location: &str, registry: &Registry, origin: &str) -> Option<Str
         }
         uri.path_and_query()?.as_str().to_owned()
     };
-    let sep = if path_and_query.contains('?') { '&' } else { '?' };
-    Some(format!("{origin}{path_and_query}{sep}ns={}", percent_encode(&registry.host_port())))
+    Some(format!("{origin}{REGISTRY_PATH}{}{path_and_query}", registry.host_port()))
 }
 
 /// The scopes a token request asks for: every `scope` parameter of the query and of a form
@@ -190,19 +199,6 @@ fn percent_decode(text: &str) -> Result<String, Refusal> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// Escapes what a query value cannot carry as is (a registry name needs `:` and `[]` only).
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +243,9 @@ mod tests {
     fn requests_the_front_cannot_place_are_refused() {
         assert_eq!(route("/v2/a/manifests/x", None).unwrap_err().status, 400);
         assert_eq!(route("/v2/", Some("ns=a&ns=b")).unwrap_err().status, 400);
+        assert_eq!(route("/r/a/v2/", Some("ns=b")).unwrap_err().status, 400);
+        assert_eq!(route("/r/a/metrics", None).unwrap_err().status, 404);
+        assert_eq!(route("/r/evil.example%2Fx/v2/", None).unwrap_err().status, 400);
         assert_eq!(route("/metrics", Some("ns=a")).unwrap_err().status, 404);
         for ns in ["evil.example/x", "user@r.example", "r.example%2Fx", "", "%zz", "a%ff"] {
             let err = route("/v2/", Some(&format!("ns={ns}"))).unwrap_err();
@@ -277,11 +276,11 @@ mod tests {
         let r = reg("r.example:5000");
         assert_eq!(
             location("/v2/a/blobs/uploads/u?_state=s", &r, ORIGIN).unwrap(),
-            "http://127.0.0.1:6128/v2/a/blobs/uploads/u?_state=s&ns=r.example%3A5000"
+            "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u?_state=s"
         );
         assert_eq!(
             location("https://r.example:5000/v2/a/blobs/uploads/u", &r, ORIGIN).unwrap(),
-            "http://127.0.0.1:6128/v2/a/blobs/uploads/u?ns=r.example%3A5000"
+            "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u"
         );
         let ecr = reg("1.dkr.ecr.us-east-1.amazonaws.com");
         assert!(
@@ -296,10 +295,9 @@ mod tests {
             assert_eq!(location(elsewhere, &r, ORIGIN), None, "{elsewhere}");
         }
         let hub = reg("docker.io");
-        assert!(
-            location("https://registry-1.docker.io/v2/x", &hub, ORIGIN)
-                .unwrap()
-                .ends_with("?ns=docker.io")
+        assert_eq!(
+            location("https://registry-1.docker.io/v2/x", &hub, ORIGIN).unwrap(),
+            "http://127.0.0.1:6128/r/docker.io/v2/x"
         );
     }
 

@@ -1,0 +1,352 @@
+//! Scoped tokens end to end (issue 22): containerd in the VM gets short-lived tokens cut to
+//! the host's policy, never the password. Real parts: Debian's containerd and `ctr` in a
+//! network namespace of the test's own (the VM: guest agent with its registry front,
+//! containerd, the hosts.toml install.sh writes), Debian's docker-registry with `auth: token`
+//! on a veth address the namespace reaches, the test's token server on the host's
+//! 127.0.0.1 (which the namespace cannot reach), and the host agent outside, holding the
+//! password.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use finch_tests::{Bridge, Netns, Proc, STARTUP, run_ok, wait_until};
+
+use crate::e2e_skopeo::make_oci_image_layers;
+use crate::tokens::{PASSWORD, TokenServer, USER, self_signed, token_log};
+
+const TOOLS: &[&str] =
+    &["ip", "tc", "containerd", "ctr", "docker-registry", "openssl", "python3", "tar", "curl"];
+/// The tokens' lifetime: a pull of several layers outlives it.
+const LIFETIME: u32 = 5;
+/// The front's address in the namespace (its own loopback).
+const FRONT: &str = "127.0.0.1:6128";
+
+/// The VM: a network namespace with the guest agent (front on [`FRONT`]) and containerd.
+struct Vm {
+    ns: Netns,
+    /// The host's end of the veth pair (rate-limited for the slow pull).
+    veth: String,
+    sock: PathBuf,
+    hosts_dir: PathBuf,
+    root: PathBuf,
+    _containerd: Proc,
+}
+
+impl Vm {
+    /// `ctr` in the namespace, in containerd namespace `namespace`.
+    fn ctr(&self, namespace: &str, args: &[&str]) -> Output {
+        let mut cmd = self.ns.cmd("ctr");
+        cmd.arg("--address").arg(&self.sock).args(["-n", namespace]).args(args);
+        cmd.output().unwrap()
+    }
+
+    /// `ctr … images push|pull --hosts-dir` through the front, with `more` flags.
+    fn through_front(&self, namespace: &str, verb: &str, image: &str, more: &[&str]) -> Output {
+        let hosts = self.hosts_dir.display().to_string();
+        let mut args = vec!["images", verb, "--hosts-dir", &hosts];
+        if verb == "pull" {
+            args.extend(["--snapshotter", "native"]);
+        }
+        args.extend(more);
+        args.push(image);
+        self.ctr(namespace, &args)
+    }
+
+    /// `curl` in the namespace: the status, then the body.
+    fn curl(&self, method: &str, url: &str, bearer: Option<&str>) -> (String, String) {
+        let mut cmd = self.ns.cmd("curl");
+        cmd.args(["-s", "-X", method, "-w", "\n%{http_code}", url]);
+        if let Some(token) = bearer {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.to_owned(), body.to_owned())
+    }
+
+    /// A token from the front's `/token`, as containerd would ask for it.
+    fn token(&self, registry: &str, scope: &str) -> String {
+        let url = format!("http://{FRONT}/token/{registry}?service=x&scope={scope}");
+        let (status, body) = self.curl("GET", &url, None);
+        assert_eq!(status, "200", "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        answer["token"].as_str().unwrap().to_owned()
+    }
+}
+
+/// `out`'s text, failing the test (with the guest agent's last log lines) unless it exited 0.
+fn ok(b: &Bridge, out: &Output, what: &str) -> String {
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        let tail = |log: String| {
+            let mut lines: Vec<String> = log.lines().rev().take(30).map(str::to_owned).collect();
+            lines.reverse();
+            lines.join("\n")
+        };
+        let (guest, host) = (tail(b.guest_log()), tail(b.host_log()));
+        panic!("{what} failed:\n{text}\nguest agent:\n{guest}\nhost agent:\n{host}");
+    }
+    text
+}
+
+/// Starts containerd in `ns` with everything under `dir`; content is not shared between
+/// containerd namespaces, so each pull fetches for real.
+fn start_containerd(ns: &Netns, dir: &Path) -> (Proc, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let sock = dir.join("containerd.sock");
+    let config = dir.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n\
+             [plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = ns.cmd("containerd");
+    cmd.arg("--config").arg(&config);
+    let proc = Proc::spawn("containerd", cmd, &dir.join("containerd.log"));
+    assert!(wait_until(STARTUP, || sock.exists()), "containerd:\n{}", proc.output());
+    (proc, sock)
+}
+
+/// The guest bundle install.sh takes: this build's binaries, their sums, a key.
+fn bundle(dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for name in ["finch-guest-agent", "docker-credential-finchhost"] {
+        std::fs::copy(finch_tests::bin(name), bundle.join(name)).unwrap();
+    }
+    finch_tests::write_key(&bundle.join("link.key"), 7);
+    run_ok(
+        Command::new("sh")
+            .current_dir(&bundle)
+            .args(["-c", "sha256sum finch-guest-agent docker-credential-finchhost > SHA256SUMS"]),
+        "sha256sum",
+    );
+    bundle
+}
+
+/// An image layout of `layers` layers, each a file of `size` random bytes, as a tar
+/// `ctr images import` reads.
+fn image_tar(dir: &Path, name: &str, layers: usize, size: usize) -> PathBuf {
+    let work = dir.join(format!("{name}-work"));
+    let contents: Vec<PathBuf> = (0..layers)
+        .map(|i| {
+            let content = work.join(format!("layer{i}"));
+            std::fs::create_dir_all(&content).unwrap();
+            // Bytes that differ per layer and per image (xorshift), so no blob is shared.
+            let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ ((i as u64 + 1) << 32) ^ name.len() as u64;
+            let bytes: Vec<u8> = (0..size)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            std::fs::write(content.join("data.bin"), bytes).unwrap();
+            content
+        })
+        .collect();
+    let layout = dir.join(name);
+    let refs: Vec<&Path> = contents.iter().map(PathBuf::as_path).collect();
+    make_oci_image_layers(&layout, &refs, &work);
+    let tar = dir.join(format!("{name}.tar"));
+    run_ok(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg("."), "tar");
+    tar
+}
+
+/// containerd pushes and pulls through the front with tokens the host got for it: the
+/// password reaches the token server only from the host; a pull-only repository refuses the
+/// push and the registry holds nothing new; a pull token is refused for push and for another
+/// repository; tokens living 5 s carry a pull that takes longer; the VM's helper gets no
+/// password; nothing secret in any log or file of the VM.
+#[test]
+fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
+    let test = "containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only";
+    if !finch_tests::require(test, TOOLS) || !finch_tests::require_root(test) {
+        return;
+    }
+    let net = std::process::id() % 200 + 20;
+    let (outside, inside) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
+    let registry = format!("{outside}:5000");
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+    };
+    let mut b = Bridge::new(&format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#));
+    let dir = b.path("front");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The VM's network: its own namespace, a veth pair to the host.
+    let mut ns = Netns::new("front", &[]);
+    let veth = ns.veth(net, &outside, &inside);
+
+    // The registry on the host's veth address; the token server on the host's loopback.
+    let (tls, tls_key) = self_signed(&dir, "tls", &format!("IP:{outside},IP:127.0.0.1"));
+    let issuer = TokenServer::start(&dir, &tls, &tls_key, LIFETIME);
+    let _registry_proc = issuer.registry(&dir, &registry, &tls, &tls_key);
+    std::fs::write(
+        b.host_config(),
+        format!(
+            "[vm.itvm.policy]\nget = []\npull = [\"{registry}/a\", \"{registry}/b\", \"{registry}/slow\"]\n\
+             push = [\"{registry}/a\", \"{registry}/slow\"]\n"
+        ),
+    )
+    .unwrap();
+
+    // The VM's side, wired by install.sh --scoped; the agent runs in the namespace.
+    let vm_root = dir.join("vm-root");
+    std::fs::create_dir_all(&vm_root).unwrap();
+    let bundle = bundle(&dir);
+    let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lima/guest/install.sh");
+    let mut cmd = Command::new("sh");
+    cmd.arg(&install).arg("--bundle").arg(&bundle).arg("--root").arg(&vm_root);
+    let said = run_ok(cmd.args(["--init", "none", "--scoped", &registry]), "install.sh");
+    assert!(said.contains("scoped:"), "{said}");
+    let defaults = std::fs::read_to_string(vm_root.join("etc/default/finch-guest-agent")).unwrap();
+    assert!(defaults.contains(&format!("--front-listen {FRONT}")), "{defaults}");
+    let runner = dir.join("in-vm");
+    finch_tests::write_script(&runner, &format!("exec ip netns exec {} \"$@\"", ns.name));
+    b.guest_exec = Some((runner, finch_tests::bin_dir()));
+    b.guest_flags = vec!["--front-listen".into(), FRONT.into()];
+    for env in [&mut b.guest_env, &mut b.host_env] {
+        env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
+        env.push(("RUST_LOG".into(), "trace".into()));
+    }
+    b.start();
+    let (containerd, sock) = start_containerd(&ns, &dir.join("containerd"));
+    let vm = Vm {
+        ns,
+        veth,
+        sock,
+        hosts_dir: vm_root.join("etc/containerd/certs.d"),
+        root: dir.join("containerd"),
+        _containerd: containerd,
+    };
+
+    // Push `a` and pull it back in another containerd namespace, through the front.
+    let image_a = format!("{registry}/a:v1");
+    let tar = image_tar(&dir, "small", 1, 64 * 1024);
+    let base = format!("{registry}/a");
+    let tar_arg = tar.display().to_string();
+    ok(
+        &b,
+        &vm.ctr("push", &["images", "import", "--all-platforms", "--base-name", &base, &tar_arg]),
+        "import",
+    );
+    ok(&b, &vm.through_front("push", "push", &image_a, &[]), "push a");
+    ok(&b, &vm.through_front("pull", "pull", &image_a, &[]), "pull a");
+    let listed = ok(&b, &vm.ctr("pull", &["images", "ls", "-q"]), "ls");
+    assert!(listed.contains(&image_a), "{listed}");
+
+    // `b` may be pulled, not pushed: the push fails and the registry holds no `b`.
+    let image_b = format!("{registry}/b:v1");
+    ok(&b, &vm.ctr("push", &["images", "tag", &image_a, &image_b]), "tag");
+    let refused = vm.through_front("push", "push", &image_b, &[]);
+    assert!(!refused.status.success(), "a push the policy does not grant succeeded");
+    let b_pull = vm.token(&registry, "repository:b:pull");
+    let (status, body) =
+        vm.curl("GET", &format!("http://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&b_pull));
+    assert_eq!(status, "404", "the registry holds a b: {body}");
+
+    // A token for `a:pull` is good for that only: not for `b`, not for a push.
+    let a_pull = vm.token(&registry, "repository:a:pull");
+    let (status, _) =
+        vm.curl("GET", &format!("http://{FRONT}/v2/a/tags/list?ns={registry}"), Some(&a_pull));
+    assert_eq!(status, "200");
+    let (status, _) =
+        vm.curl("GET", &format!("http://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&a_pull));
+    assert_eq!(status, "401");
+    let upload = format!("http://{FRONT}/v2/a/blobs/uploads/?ns={registry}");
+    let (status, _) = vm.curl("POST", &upload, Some(&a_pull));
+    assert_eq!(status, "401");
+
+    // Tokens living 5 s carry a pull that takes longer: five 4 MiB layers at 8 Mbit/s, one
+    // after the other. (containerd 1.6 keeps a token until a 401, and distribution accepts
+    // one 60 s past its expiry: the pull needs no second token.) The next client, later,
+    // gets a fresh token: the host never hands out one that has expired.
+    let image_slow = format!("{registry}/slow:v1");
+    let tar = image_tar(&dir, "slow", 5, 4 << 20);
+    let base = format!("{registry}/slow");
+    let tar_arg = tar.display().to_string();
+    ok(
+        &b,
+        &vm.ctr("push", &["images", "import", "--all-platforms", "--base-name", &base, &tar_arg]),
+        "import slow",
+    );
+    ok(&b, &vm.through_front("push", "push", &image_slow, &[]), "push slow");
+    let before = token_log(&issuer.log).len();
+    run_ok(
+        Command::new("tc")
+            .args(["qdisc", "add", "dev", &vm.veth, "root", "tbf", "rate", "8mbit"])
+            .args(["burst", "64kb", "latency", "2s"]),
+        "tc",
+    );
+    let started = Instant::now();
+    let one_at_a_time = ["--max-concurrent-downloads", "1"];
+    let pulled = vm.through_front("slow", "pull", &image_slow, &one_at_a_time);
+    let took = started.elapsed();
+    let _ = Command::new("tc").args(["qdisc", "del", "dev", &vm.veth, "root"]).status();
+    ok(&b, &pulled, "the slow pull");
+    let lifetimes = took.as_secs() / u64::from(LIFETIME);
+    assert!(lifetimes >= 3, "the pull did not outlive its token ({took:?})");
+    ok(&b, &vm.through_front("slow-again", "pull", &image_slow, &[]), "the second pull");
+    let slow_grants: Vec<serde_json::Value> = token_log(&issuer.log)[before..]
+        .iter()
+        .filter(|l| l["asked"].to_string().contains("slow"))
+        .cloned()
+        .collect();
+    assert_eq!(slow_grants.len(), 2, "a token past its life was handed out: {slow_grants:?}");
+
+    // The password went to the token server from the host only, and the VM's namespace
+    // never reached it at all.
+    let lines = token_log(&issuer.log);
+    assert!(lines.iter().any(|l| l["password"] == true), "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["peer"], "127.0.0.1", "{line}");
+        assert_ne!(line["peer"], inside.as_str());
+    }
+    // The VM's helper gets no password for the registry.
+    let mut helper = vm.ns.cmd(finch_tests::bin("docker-credential-finchhost"));
+    helper.env("FINCH_GUEST_AGENT_SOCKET", b.helper_socket()).arg("get");
+    let got = finch_tests::run_with_input(helper, registry.as_bytes(), STARTUP);
+    assert_eq!(got.code, 1, "{}", got.out());
+    assert!(got.stderr.contains("denied"), "{}", got.stderr);
+
+    let host_log = b.host_log();
+    assert!(host_log.contains("op=\"token\""), "{host_log}");
+    assert!(
+        host_log.contains("refused=[\"repository:b:push\"]")
+            || host_log.contains("repository:b:pull,push"),
+        "{host_log}"
+    );
+    let guest_log = b.guest_log();
+    assert!(guest_log.contains(" TRACE "), "trace was not in force");
+    assert!(guest_log.contains("registry front: token"), "{guest_log}");
+    let secrets = [PASSWORD, &auth, &b_pull, &a_pull];
+    let logs = [("host log", host_log.as_str()), ("guest log", guest_log.as_str())];
+    for (what, text) in logs {
+        for s in secrets {
+            assert!(!text.contains(s), "a secret in the {what}");
+        }
+    }
+    // No file of the VM holds the password: containerd's root and state, the VM's /etc.
+    for tree in [&vm.root, &vm_root] {
+        let out = Command::new("grep")
+            .args(["-rlF", "-e", PASSWORD, "-e", &auth])
+            .arg(tree)
+            .output()
+            .unwrap();
+        assert!(out.stdout.is_empty(), "the password in {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
