@@ -19,7 +19,7 @@ fn aarch64_bins() -> Option<PathBuf> {
     if wanted.iter().all(|f| dir.join(f).is_file()) {
         return Some(dir);
     }
-    let build = "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld cargo build --release --target aarch64-unknown-linux-musl -p finch-guest-agent";
+    let build = "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc cargo build --release --target aarch64-unknown-linux-musl -p finch-guest-agent";
     assert!(
         !in_ci(),
         "aarch64 guest binaries missing in {}: .ci/run must run `{build}`",

@@ -14,11 +14,22 @@ const BUILD: Duration = Duration::from_secs(45 * 60);
 /// Runs `scripts/local-bridge ARGS`, waits until it says it starts the agents, and checks
 /// the whole README path: the printed exports, a `get`, Ctrl-C. Returns the script's output.
 fn local_bridge_answers_get(args: &[&str]) -> String {
+    local_bridge_answers_get_and(args, &[], |_| {})
+}
+
+/// [`local_bridge_answers_get`] with `env` set, running `more` (given the script's output)
+/// while the bridge is up.
+fn local_bridge_answers_get_and(
+    args: &[&str],
+    env: &[(&str, String)],
+    more: impl FnOnce(&str),
+) -> String {
     let dir = tempfile::Builder::new().prefix("finch-readme-").tempdir().unwrap();
     let run = dir.path().join("bridge");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/local-bridge");
     let mut cmd = Command::new("bash");
     cmd.arg(&script).args(args).env("FINCH_BRIDGE_DIR", &run);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let mut bridge = Proc::spawn("local-bridge", cmd, &dir.path().join("bridge.log"));
     // How long a build takes depends on how warm the cache is (CI builds the binaries before
     // the tests; a newcomer's first run compiles everything), so that wait is bounded only by
@@ -52,6 +63,8 @@ fn local_bridge_answers_get(args: &[&str]) -> String {
     assert!(
         bridge.output().contains(&format!("FINCH_GUEST_AGENT_SOCKET=\"{}\"", socket.display()))
     );
+
+    more(&bridge.output());
 
     // Ctrl-C (SIGINT to the script) stops both agents, which remove their sockets.
     bridge.signal(nix::sys::signal::Signal::SIGINT);
@@ -88,4 +101,25 @@ fn local_bridge_refuses_a_bin_dir_without_the_binaries() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("finch-guest-agent is missing"), "{err}");
     assert!(!empty.path().join("run").exists(), "it started nothing");
+}
+
+/// `--scoped`: the registry front runs beside the helper socket, and the host's demo policy
+/// grants pulls of Docker Hub's official images only: the push the printed `curl` asks for
+/// is refused by the host, as printed. (The pull's token needs Docker Hub, which CI cannot
+/// reach; `tests/tests/front.rs` gets real tokens from a local registry.)
+#[test]
+fn local_bridge_scoped_runs_the_registry_front_under_the_demo_policy() {
+    let bins = finch_tests::bin_dir();
+    let port = finch_tests::free_port();
+    let args = ["--scoped", "--bin-dir", bins.to_str().unwrap()];
+    local_bridge_answers_get_and(&args, &[("FINCH_FRONT_PORT", port.to_string())], |out| {
+        let push =
+            format!("http://127.0.0.1:{port}/token/docker.io?scope=repository:library/alpine:push");
+        assert!(out.contains(&format!("curl -s '{push}'")), "{out}");
+        let answer =
+            Command::new("curl").args(["-s", "-w", "\n%{http_code}", &push]).output().unwrap();
+        let text = String::from_utf8_lossy(&answer.stdout);
+        assert!(text.ends_with("\n403"), "{text}");
+        assert!(text.contains("\"DENIED\"") && text.contains("grants no token"), "{text}");
+    });
 }
