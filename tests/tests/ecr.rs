@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use finch_tests::aws::{FakeEcr, Moto};
 use finch_tests::{Bridge, HelperRun, assert_no_secret, wait_until};
 
-const PRIVATE: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+pub(crate) const PRIVATE: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
 const PUBLIC: &str = "public.ecr.aws";
-const SECRET_KEY: &str = "fake-secret-key-do-not-log";
+pub(crate) const SECRET_KEY: &str = "fake-secret-key-do-not-log";
 
 fn ecr_bridge(docker_config: &str, host_config: &str, fake: &FakeEcr) -> Bridge {
     let mut b = Bridge::new(docker_config);
@@ -190,6 +190,15 @@ fn moto_bridge(
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path(), moto_env);
     let mut b = Bridge::new("{}");
+    moto_profiles(&mut b, &moto);
+    std::fs::write(b.host_config(), rules).unwrap();
+    b.start();
+    Some((dir, moto, b))
+}
+
+/// The host's AWS config for moto: profile `dev` (keys in the credentials file) and `nokeys`
+/// (none); the host agent asks `moto`.
+pub(crate) fn moto_profiles(b: &mut Bridge, moto: &Moto) {
     std::fs::write(
         b.path("aws-config"),
         "[profile dev]\nregion = us-west-2\n\n[profile nokeys]\nregion = us-west-2\n",
@@ -202,10 +211,7 @@ fn moto_bridge(
         ),
     )
     .unwrap();
-    std::fs::write(b.host_config(), rules).unwrap();
-    b.host_env = vec![("AWS_ENDPOINT_URL".into(), moto.url())];
-    b.start();
-    Some((dir, moto, b))
+    b.host_env.push(("AWS_ENDPOINT_URL".into(), moto.url()));
 }
 
 #[test]

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
+use finch_tests::aws::Moto;
 use finch_tests::{Bridge, Netns, Proc, STARTUP, run_ok, wait_until};
 
 use crate::e2e_skopeo::make_oci_image_layers;
+use crate::ecr::PRIVATE;
 use crate::tokens::{PASSWORD, TokenServer, USER, self_signed, token_log};
 
 const TOOLS: &[&str] =
@@ -73,6 +75,71 @@ impl Vm {
         assert_eq!(status, "200", "{body}");
         let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
         answer["token"].as_str().unwrap().to_owned()
+    }
+}
+
+/// The subnet of test `k`: `(id, 10.231.N.1, 10.231.N.2)`, one per test and process.
+fn subnet(k: u32) -> (u32, String, String) {
+    let n = std::process::id() % 100 * 2 + k + 20;
+    (n, format!("10.231.{n}.1"), format!("10.231.{n}.2"))
+}
+
+impl Vm {
+    /// The bridge and the VM: a namespace (`tag`, subnet `net`, its hosts file mapping
+    /// `names`) reached over a veth pair; `upstream` starts the registries on the host's side
+    /// (and may set the host agent's environment) and returns the CA the VM trusts; the host agent holds `auths` under `host_config`
+    /// (with `host_env`); install.sh `--scoped registry` wires the VM, whose guest agent runs
+    /// the front in the namespace; containerd runs there too.
+    fn start(
+        tag: &str,
+        net: u32,
+        auths: &str,
+        host_config: &str,
+        registry: &str,
+        names: &[&str],
+        upstream: impl FnOnce(&mut Bridge, &Path) -> (PathBuf, Vec<Proc>),
+    ) -> (Bridge, Vm, Vec<Proc>) {
+        let mut b = Bridge::new(auths);
+        let dir = b.path("front");
+        std::fs::create_dir_all(&dir).unwrap();
+        let outside = format!("10.231.{net}.1");
+        let hosts: Vec<(&str, &str)> = names.iter().map(|n| (outside.as_str(), *n)).collect();
+        let mut ns = Netns::new(tag, &hosts);
+        let veth = ns.veth(net, &outside, &format!("10.231.{net}.2"));
+        let (ca, procs) = upstream(&mut b, &dir);
+        std::fs::write(b.host_config(), host_config).unwrap();
+
+        // The VM's side, wired by install.sh --scoped; the agent runs in the namespace.
+        let vm_root = dir.join("vm-root");
+        std::fs::create_dir_all(&vm_root).unwrap();
+        let bundle = bundle(&dir);
+        let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lima/guest/install.sh");
+        let mut cmd = Command::new("sh");
+        cmd.arg(&install).arg("--bundle").arg(&bundle).arg("--root").arg(&vm_root);
+        let said = run_ok(cmd.args(["--init", "none", "--scoped", registry]), "install.sh");
+        assert!(said.contains("scoped:"), "{said}");
+        let defaults =
+            std::fs::read_to_string(vm_root.join("etc/default/finch-guest-agent")).unwrap();
+        assert!(defaults.contains(&format!("--front-listen {FRONT}")), "{defaults}");
+        let runner = dir.join("in-vm");
+        finch_tests::write_script(&runner, &format!("exec ip netns exec {} \"$@\"", ns.name));
+        b.guest_exec = Some((runner, finch_tests::bin_dir()));
+        b.guest_flags = vec!["--front-listen".into(), FRONT.into()];
+        for env in [&mut b.guest_env, &mut b.host_env] {
+            env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+            env.push(("RUST_LOG".into(), "trace".into()));
+        }
+        b.start();
+        let (containerd, sock) = start_containerd(&ns, &dir.join("containerd"));
+        let vm = Vm {
+            ns,
+            veth,
+            sock,
+            hosts_dir: vm_root.join("etc/containerd/certs.d"),
+            root: dir.join("containerd"),
+            _containerd: containerd,
+        };
+        (b, vm, procs)
     }
 }
 
@@ -176,63 +243,31 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     if !finch_tests::require(test, TOOLS) || !finch_tests::require_root(test) {
         return;
     }
-    let net = std::process::id() % 200 + 20;
-    let (outside, inside) = (format!("10.231.{net}.1"), format!("10.231.{net}.2"));
+    let (net, outside, inside) = subnet(0);
     let registry = format!("{outside}:5000");
     let auth = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
     };
-    let mut b = Bridge::new(&format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#));
-    let dir = b.path("front");
-    std::fs::create_dir_all(&dir).unwrap();
-
-    // The VM's network: its own namespace, a veth pair to the host.
-    let mut ns = Netns::new("front", &[]);
-    let veth = ns.veth(net, &outside, &inside);
-
+    let auths = format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#);
+    let host_config = format!(
+        "[vm.itvm.policy]\nget = []\npull = [\"{registry}/a\", \"{registry}/b\", \"{registry}/slow\"]\n\
+         push = [\"{registry}/a\", \"{registry}/slow\"]\n"
+    );
+    let mut issuer = None;
     // The registry on the host's veth address; the token server on the host's loopback.
-    let (tls, tls_key) = self_signed(&dir, "tls", &format!("IP:{outside},IP:127.0.0.1"));
-    let issuer = TokenServer::start(&dir, &tls, &tls_key, LIFETIME);
-    let _registry_proc = issuer.registry(&dir, &registry, &tls, &tls_key);
-    std::fs::write(
-        b.host_config(),
-        format!(
-            "[vm.itvm.policy]\nget = []\npull = [\"{registry}/a\", \"{registry}/b\", \"{registry}/slow\"]\n\
-             push = [\"{registry}/a\", \"{registry}/slow\"]\n"
-        ),
-    )
-    .unwrap();
-
-    // The VM's side, wired by install.sh --scoped; the agent runs in the namespace.
+    let (b, vm, mut upstream) =
+        Vm::start("front", net, &auths, &host_config, &registry, &[], |_, dir| {
+            let (tls, tls_key) = self_signed(dir, "tls", &format!("IP:{outside},IP:127.0.0.1"));
+            let server = TokenServer::start(dir, &tls, &tls_key, LIFETIME);
+            let registry_proc = server.registry(dir, &registry, &tls, &tls_key);
+            issuer = Some(server);
+            (tls, vec![registry_proc])
+        });
+    let issuer = issuer.unwrap();
+    upstream.push(issuer.proc);
+    let dir = b.path("front");
     let vm_root = dir.join("vm-root");
-    std::fs::create_dir_all(&vm_root).unwrap();
-    let bundle = bundle(&dir);
-    let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lima/guest/install.sh");
-    let mut cmd = Command::new("sh");
-    cmd.arg(&install).arg("--bundle").arg(&bundle).arg("--root").arg(&vm_root);
-    let said = run_ok(cmd.args(["--init", "none", "--scoped", &registry]), "install.sh");
-    assert!(said.contains("scoped:"), "{said}");
-    let defaults = std::fs::read_to_string(vm_root.join("etc/default/finch-guest-agent")).unwrap();
-    assert!(defaults.contains(&format!("--front-listen {FRONT}")), "{defaults}");
-    let runner = dir.join("in-vm");
-    finch_tests::write_script(&runner, &format!("exec ip netns exec {} \"$@\"", ns.name));
-    b.guest_exec = Some((runner, finch_tests::bin_dir()));
-    b.guest_flags = vec!["--front-listen".into(), FRONT.into()];
-    for env in [&mut b.guest_env, &mut b.host_env] {
-        env.push(("SSL_CERT_FILE".into(), tls.display().to_string()));
-        env.push(("RUST_LOG".into(), "trace".into()));
-    }
-    b.start();
-    let (containerd, sock) = start_containerd(&ns, &dir.join("containerd"));
-    let vm = Vm {
-        ns,
-        veth,
-        sock,
-        hosts_dir: vm_root.join("etc/containerd/certs.d"),
-        root: dir.join("containerd"),
-        _containerd: containerd,
-    };
 
     // Push `a` and pull it back in another containerd namespace, through the front.
     let image_a = format!("{registry}/a:v1");
@@ -349,4 +384,75 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
             .unwrap();
         assert!(out.stdout.is_empty(), "the password in {}", String::from_utf8_lossy(&out.stdout));
     }
+}
+
+/// A registry that asks for Basic credentials (ECR's way) under an ECR name: containerd
+/// pushes and pulls through the front with nothing of its own, the front adding the host's
+/// ECR token (from moto_server) itself; the token appears in no log and no file of the VM.
+#[test]
+fn an_ecr_registry_is_served_with_the_token_the_front_adds() {
+    let test = "an_ecr_registry_is_served_with_the_token_the_front_adds";
+    if !finch_tests::require(test, TOOLS)
+        || !finch_tests::require(test, &["moto_server", "htpasswd"])
+        || !finch_tests::require_root(test)
+    {
+        return;
+    }
+    /// What moto answers for account 123456789012.
+    const ECR_TOKEN: &str = "123456789012-auth-token";
+    let (net, outside, _) = subnet(1);
+    let host_config = format!(
+        "[[ecr.registry]]\nregistry = \"123456789012\"\nprofile = \"dev\"\n\n\
+         [vm.itvm.policy]\nget = [\"{PRIVATE}\"]\n"
+    );
+    let mut moto = None;
+    let (b, vm, _upstream) =
+        Vm::start("front-ecr", net, "{}", &host_config, PRIVATE, &[PRIVATE], |b, dir| {
+            let started = Moto::start(dir, &[]);
+            crate::ecr::moto_profiles(b, &started);
+            moto = Some(started);
+            let (config, certs) = crate::e2e_skopeo::registry_files(
+                dir,
+                &format!("{outside}:443"),
+                &format!("DNS:{PRIVATE}"),
+                "AWS",
+                ECR_TOKEN,
+            );
+            // Its certificate again, as an end entity (rustls refuses a CA in that place).
+            let (cert, key) = (certs.join("ca.crt"), dir.join("registry.key"));
+            let not_ca = ["basicConstraints=critical,CA:FALSE"];
+            finch_tests::self_signed_cert(&cert, &key, &format!("DNS:{PRIVATE}"), &not_ca);
+            let mut cmd = Command::new("docker-registry");
+            cmd.arg("serve").arg(&config);
+            let registry = Proc::spawn("docker-registry", cmd, &dir.join("ecr-registry.log"));
+            let up = wait_until(STARTUP, || {
+                std::net::TcpStream::connect((outside.as_str(), 443)).is_ok()
+            });
+            assert!(up, "{}", registry.output());
+            (certs.join("ca.crt"), vec![registry])
+        });
+
+    let image = format!("{PRIVATE}/finch/hello:v1");
+    let tar = image_tar(&b.path("front"), "ecr", 1, 64 * 1024);
+    let tar_arg = tar.display().to_string();
+    let base = format!("{PRIVATE}/finch/hello");
+    let import = ["images", "import", "--all-platforms", "--base-name", &base, &tar_arg];
+    ok(&b, &vm.ctr("push", &import), "import");
+    ok(&b, &vm.through_front("push", "push", &image, &[]), "push to ECR");
+    ok(&b, &vm.through_front("pull", "pull", &image, &[]), "pull from ECR");
+    let guest_log = b.guest_log();
+    assert!(guest_log.contains(&format!("registry={PRIVATE} status=201")), "{guest_log}");
+    let host_log = b.host_log();
+    assert!(
+        host_log.contains(&format!("registry=\"{PRIVATE}\" source=\"ecr\" result=\"ok\"")),
+        "{host_log}"
+    );
+    for (what, text) in [("host log", host_log.as_str()), ("guest log", guest_log.as_str())] {
+        for secret in [ECR_TOKEN, crate::ecr::SECRET_KEY] {
+            assert!(!text.contains(secret), "a secret in the {what}");
+        }
+    }
+    let out = Command::new("grep").args(["-rlF", ECR_TOKEN]).arg(&vm.root).output().unwrap();
+    assert!(out.stdout.is_empty(), "the ECR token in {}", String::from_utf8_lossy(&out.stdout));
+    drop(moto);
 }
