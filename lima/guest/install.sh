@@ -23,7 +23,9 @@
 # --scoped REGISTRY (host[:port], repeatable; docker.io for Docker Hub): the agent runs its
 # registry front on --front-listen (default 127.0.0.1:6128) and containerd's
 # /etc/containerd/certs.d/REGISTRY/hosts.toml names it as the registry's host, so nerdctl and
-# ctr get short-lived tokens scoped by the host's pull/push policy instead of the password.
+# ctr get short-lived tokens scoped by the host's pull/push policy instead of the password;
+# /etc/containers/registries.conf.d/60-finch-bridge-scoped.conf makes it the registries'
+# mirror for containers-image tools (pulls only).
 # A hosts.toml the bridge did not write is never replaced (nothing is installed).
 set -eu
 
@@ -407,6 +409,20 @@ for _r in $scoped; do
     | put "$(hosts_toml "$_r")" 0644
   echo "$_r" >> "$STATE/hosts-toml"
 done
+# containers-image tools (podman, skopeo) pull the same registries through the front as a
+# mirror: its /v2/m/NAME/ form, NAME the registry with ':' spelled '__'.
+mirrors=$R/etc/containers/registries.conf.d/60-finch-bridge-scoped.conf
+if [ -n "$scoped" ]; then
+  {
+    printf '%s\n# containers-image tools pull these registries through the registry front (a mirror: pulls only).\n' "$HOSTS_MARK"
+    for _r in $scoped; do
+      printf '\n[[registry]]\nprefix = "%s"\nlocation = "%s"\n\n[[registry.mirror]]\nlocation = "%s/m/%s"\ninsecure = true\n' \
+        "$_r" "$_r" "$front_listen" "$(printf '%s' "$_r" | sed 's/:/__/g')"
+    done
+  } | put "$mirrors" 0644
+else
+  rm -f "$mirrors"
+fi
 finch_note=
 [ -z "$finch_uid" ] || finch_note=", Finch credential socket of uid $finch_uid"
 [ -z "$scoped" ] || finch_note="$finch_note, scoped:$scoped"

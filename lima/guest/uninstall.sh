@@ -74,6 +74,7 @@ rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" 
   "$R/etc/systemd/system/finch-guest-agent.service.d/finch-creds.conf" \
   "$R/etc/ssh/sshd_config.d/00-finch-credential-bridge.conf" \
   "$R/etc/containers/registries.conf.d/50-finch-credential-helpers.conf" \
+  "$R/etc/containers/registries.conf.d/60-finch-bridge-scoped.conf" \
   "$R/etc/default/finch-guest-agent" \
   "$R/etc/finch-guest-agent/link.key" \
   "$R/usr/local/libexec/finch-guest-agent-start" \

@@ -17,8 +17,18 @@ use crate::e2e_skopeo::make_oci_image_layers;
 use crate::ecr::PRIVATE;
 use crate::tokens::{PASSWORD, TokenServer, USER, self_signed, token_log};
 
-const TOOLS: &[&str] =
-    &["ip", "tc", "containerd", "ctr", "docker-registry", "openssl", "python3", "tar", "curl"];
+const TOOLS: &[&str] = &[
+    "ip",
+    "tc",
+    "containerd",
+    "ctr",
+    "podman",
+    "docker-registry",
+    "openssl",
+    "python3",
+    "tar",
+    "curl",
+];
 /// The tokens' lifetime: a pull of several layers outlives it.
 const LIFETIME: u32 = 5;
 /// The front's address in the namespace (its own loopback).
@@ -283,6 +293,36 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     ok(&b, &vm.through_front("pull", "pull", &image_a, &[]), "pull a");
     let listed = ok(&b, &vm.ctr("pull", &["images", "ls", "-q"]), "ls");
     assert!(listed.contains(&image_a), "{listed}");
+
+    // podman pulls `a` through the front too, as a mirror (install.sh's registries.conf.d):
+    // its own path to the registry would get nothing (the VM's `get` rule is empty).
+    let tokens_before = b.guest_log().matches("registry front: token").count();
+    // A registries.conf named by CONTAINERS_REGISTRIES_CONF reads no drop-in directory:
+    // install.sh's drop-ins, in their order, make the whole file.
+    let drop_ins = vm_root.join("etc/containers/registries.conf.d");
+    let conf = dir.join("registries.conf");
+    let mut text = String::new();
+    for name in ["50-finch-credential-helpers.conf", "60-finch-bridge-scoped.conf"] {
+        text += &std::fs::read_to_string(drop_ins.join(name)).unwrap();
+    }
+    std::fs::write(&conf, text).unwrap();
+    let podman_dir = dir.join("podman");
+    let mut podman = vm.ns.cmd("podman");
+    podman
+        .arg("--root")
+        .arg(podman_dir.join("root"))
+        .arg("--runroot")
+        .arg(podman_dir.join("run"))
+        .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+        .args(["--events-backend", "file", "pull", "--quiet", &image_a])
+        .env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .env("PATH", finch_tests::path_with(&finch_tests::bin_dir()))
+        .env("FINCH_GUEST_AGENT_SOCKET", b.helper_socket())
+        .env("HOME", &podman_dir);
+    ok(&b, &podman.output().unwrap(), "podman pull through the mirror");
+    let guest_log = b.guest_log();
+    assert!(guest_log.matches("registry front: token").count() > tokens_before, "{guest_log}");
+    assert!(guest_log.contains("granted=[\"repository:a:pull\"]"), "{guest_log}");
 
     // `b` may be pulled, not pushed: the push fails and the registry holds no `b`.
     let image_b = format!("{registry}/b:v1");

@@ -12,6 +12,9 @@
 //!   passes through, and the client follows it without the registry's `Authorization`.
 //! * A registry that asks for Basic credentials (ECR) gets the host's answer from the front
 //!   itself, so the credential stays in this process.
+//! * containers-image tools (podman, skopeo) reach it as a pull mirror: `/v2/m/<name>/…`, the
+//!   registry in the repository's path; their ping (`/v2/`) is answered with the front's
+//!   `/token/mirror`, which reads the registry from the scopes ([`rewrite::Form`]).
 //!
 //! Only allowed uids may connect (the helper socket's: root, the agent's own, `--allow-uid`),
 //! found through the kernel's socket table ([`peer`]). Bounds: [`MAX_CONNECTIONS`] at once,
@@ -46,7 +49,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use self::rewrite::{Refusal, Route};
+use self::rewrite::{Form, Refusal, Route};
 use super::link::LinkSlot;
 use super::{Shutdown, accept_loop};
 
@@ -226,15 +229,37 @@ impl Shared {
                 tracing::debug!(uid, method = %req.method(), path = ?req.uri().path(), status = refusal.status, "registry front: refused");
                 refuse(&refusal)
             }
-            Ok(Route::Token(registry)) => self.token(req, registry, uid).await,
-            Ok(Route::Forward { registry, path_and_query }) => {
-                self.forward(req, registry, path_and_query, uid).await
+            Ok(Route::Token(registry)) => self.token(req, Some(registry), uid).await,
+            Ok(Route::MirrorToken) => self.token(req, None, uid).await,
+            Ok(Route::Ping) => {
+                let mut resp = refuse(&Refusal {
+                    status: 401,
+                    code: "UNAUTHORIZED",
+                    message: "ask the front's token endpoint".into(),
+                });
+                if let Ok(value) = HeaderValue::from_str(&rewrite::ping_challenge(&self.origin)) {
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+                }
+                resp.headers_mut().insert(
+                    "docker-distribution-api-version",
+                    HeaderValue::from_static("registry/2.0"),
+                );
+                resp
+            }
+            Ok(Route::Forward { registry, path_and_query, form }) => {
+                self.forward(req, registry, path_and_query, form, uid).await
             }
         }
     }
 
-    /// `/token/<registry>`: the scopes asked for (query, or a POSTed form) go to the host.
-    async fn token(&self, req: Request<Incoming>, registry: Registry, uid: u32) -> Response<Body> {
+    /// `/token/<registry>` (or `/token/mirror`, `registry` `None`: the scopes name it): the
+    /// scopes asked for (query, or a POSTed form) go to the host.
+    async fn token(
+        &self,
+        req: Request<Incoming>,
+        registry: Option<Registry>,
+        uid: u32,
+    ) -> Response<Body> {
         let query = req.uri().query().map(str::to_owned);
         let form = if req.method() == Method::POST {
             let limited = Limited::new(req.into_body(), MAX_TOKEN_FORM);
@@ -256,6 +281,13 @@ impl Shared {
         let scopes = match rewrite::scopes(query.as_deref(), form.as_deref()) {
             Ok(s) => s,
             Err(r) => return refuse(&r),
+        };
+        let (registry, scopes) = match registry {
+            Some(registry) => (registry, scopes),
+            None => match rewrite::mirror_scopes(&scopes) {
+                Ok(found) => found,
+                Err(r) => return refuse(&r),
+            },
         };
         let request = TokenRequest { registry: registry.host_port(), scopes };
         match self.slot.token(request).await {
@@ -282,6 +314,7 @@ impl Shared {
         req: Request<Incoming>,
         registry: Registry,
         path_and_query: String,
+        form: Form,
         uid: u32,
     ) -> Response<Body> {
         let uri: Uri =
@@ -337,7 +370,7 @@ impl Shared {
         match answer {
             Ok(resp) => {
                 tracing::debug!(uid, method = %parts.method, registry = %registry, status = resp.status().as_u16(), "registry front: forwarded");
-                self.answer(resp, &registry)
+                self.answer(resp, &registry, form)
             }
             Err(message) => {
                 tracing::info!(uid, method = %parts.method, registry = %registry, error = %message, "registry front: upstream failed");
@@ -370,11 +403,11 @@ impl Shared {
     }
 
     /// Upstream's answer as the client sees it.
-    fn answer(&self, resp: Response<Incoming>, registry: &Registry) -> Response<Body> {
+    fn answer(&self, resp: Response<Incoming>, registry: &Registry, form: Form) -> Response<Body> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(loc) = parts.headers.get(header::LOCATION).and_then(|v| v.to_str().ok())
-            && let Some(ours) = rewrite::location(loc, registry, &self.origin)
+            && let Some(ours) = rewrite::location(loc, registry, &self.origin, form)
             && let Ok(value) = HeaderValue::from_str(&ours)
         {
             parts.headers.insert(header::LOCATION, value);
@@ -386,7 +419,7 @@ impl Shared {
             .map(|v| {
                 v.to_str()
                     .ok()
-                    .and_then(|text| rewrite::challenge(text, registry, &self.origin))
+                    .and_then(|text| rewrite::challenge(text, registry, &self.origin, form))
                     .and_then(|ours| HeaderValue::from_str(&ours).ok())
                     .unwrap_or_else(|| v.clone())
             })

@@ -12,6 +12,13 @@ pub const TOKEN_PATH: &str = "/token/";
 /// The front's API root per registry: `/r/<registry>/v2/…`, what install.sh's hosts.toml
 /// names (containerd 1.6 adds no `ns` to a push's requests, so the path carries it).
 pub const REGISTRY_PATH: &str = "/r/";
+/// The mirror form, for containers-image (podman, skopeo): `/v2/m/<name>/<repository>/…`, the
+/// registry's name (`:` spelled `__`, which a repository path may hold) first in the
+/// repository's path, as `registries.conf`'s `[[registry.mirror]] location =
+/// "127.0.0.1:6128/m/<name>"` makes it.
+pub const MIRROR_PREFIX: &str = "m/";
+/// The token endpoint of the mirror form: the registry rides in the scopes' repositories.
+pub const MIRROR_TOKEN_PATH: &str = "/token/mirror";
 
 /// A request the front refuses, with the status and the message the client is given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,11 +37,25 @@ impl Refusal {
     }
 }
 
+/// How a client names the registry: containerd's hosts.toml (the proxy form: `/r/<registry>`
+/// or `ns=`) or containers-image's mirror (`/v2/m/<name>/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `/r/<registry>/v2/…` or `/v2/…?ns=<registry>`.
+    Proxy,
+    /// `/v2/m/<name>/…`.
+    Mirror,
+}
+
 /// What a request to the front is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `/token/<registry>`: a token, from the host's broker.
     Token(Registry),
+    /// `/token/mirror`: a token for the registry the scopes name (mirror form).
+    MirrorToken,
+    /// `/v2/` alone: a mirror client's ping, answered with the front's own challenge.
+    Ping,
     /// `/r/<registry>/v2/…`, or `/v2/…?ns=<registry>`: forwarded to the registry, with
     /// this path and query (`ns` taken out).
     Forward {
@@ -42,11 +63,26 @@ pub enum Route {
         registry: Registry,
         /// Path and query to send upstream.
         path_and_query: String,
+        /// How the client named the registry (what answers are rewritten to).
+        form: Form,
     },
 }
 
 /// Routes a request by its path and query.
 pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
+    if path == MIRROR_TOKEN_PATH {
+        return Ok(Route::MirrorToken);
+    }
+    if let Some(rest) = path.strip_prefix("/v2/").and_then(|p| p.strip_prefix(MIRROR_PREFIX)) {
+        let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        let registry = registry(&from_mirror_name(name))?;
+        let path = format!("/v2/{tail}");
+        let path_and_query = match query {
+            Some(q) if !q.is_empty() => format!("{path}?{q}"),
+            _ => path,
+        };
+        return Ok(Route::Forward { registry, path_and_query, form: Form::Mirror });
+    }
     if let Some(name) = path.strip_prefix(TOKEN_PATH) {
         return registry(&percent_decode(name)?).map(Route::Token);
     }
@@ -79,6 +115,9 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
         }
     }
     let Some(ns) = ns else {
+        if path == "/v2/" || path == "/v2" {
+            return Ok(Route::Ping);
+        }
         return Err(Refusal::bad(
             "no registry named: this is finch's registry front; name \
              http://127.0.0.1:PORT/r/REGISTRY as a host of the registry in containerd's hosts.toml",
@@ -87,7 +126,53 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
     let registry = registry(&ns)?;
     let path_and_query =
         if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
-    Ok(Route::Forward { registry, path_and_query })
+    Ok(Route::Forward { registry, path_and_query, form: Form::Proxy })
+}
+
+/// The registry's name in the mirror form: `:` spelled `__`.
+pub fn mirror_name(registry: &Registry) -> String {
+    registry.host_port().replace(':', "__")
+}
+
+fn from_mirror_name(name: &str) -> String {
+    name.replace("__", ":")
+}
+
+/// The registry and the scopes to ask it for, from a mirror client's scopes
+/// (`repository:m/<name>/<repository>:<actions>`): every scope must name the same registry.
+pub fn mirror_scopes(scopes: &[String]) -> Result<(Registry, Vec<String>), Refusal> {
+    let mut found: Option<String> = None;
+    let mut out = Vec::with_capacity(scopes.len());
+    for scope in scopes {
+        let rest = scope
+            .strip_prefix("repository:")
+            .and_then(|r| r.strip_prefix(MIRROR_PREFIX))
+            .ok_or_else(|| {
+                Refusal::bad("a mirror token's scope names no m/REGISTRY/ repository")
+            })?;
+        let (name, repository) = rest
+            .split_once('/')
+            .ok_or_else(|| Refusal::bad("a mirror scope names no repository"))?;
+        if found.as_ref().is_some_and(|f| f != name) {
+            return Err(Refusal::bad("a mirror token's scopes name two registries"));
+        }
+        found = Some(name.to_owned());
+        out.push(format!("repository:{repository}"));
+    }
+    let name = found.ok_or_else(|| Refusal::bad("a token request names no scope"))?;
+    Ok((registry(&from_mirror_name(&name))?, out))
+}
+
+/// The challenge a mirror client's ping gets: the front's own token endpoint.
+pub fn ping_challenge(origin: &str) -> String {
+    Challenge {
+        scheme: "Bearer".into(),
+        params: vec![
+            ("realm".into(), format!("{origin}{MIRROR_TOKEN_PATH}")),
+            ("service".into(), "finch-registry-front".into()),
+        ],
+    }
+    .render()
 }
 
 /// A registry name as `ns=` or the token path gives it: `host[:port]` and nothing else.
@@ -108,12 +193,30 @@ pub fn upstream_authority(registry: &Registry) -> String {
 /// The challenge a client sees for upstream's `header`: a Bearer challenge's realm becomes
 /// the front's token endpoint for `registry` (the rest is kept: service, scope, error).
 /// Anything else, or a challenge that does not parse, is `None` (sent as it came).
-pub fn challenge(header: &str, registry: &Registry, origin: &str) -> Option<String> {
+pub fn challenge(header: &str, registry: &Registry, origin: &str, form: Form) -> Option<String> {
     let mut c = Challenge::parse(header)?;
     if !c.is("bearer") {
         return None;
     }
-    c.set("realm", format!("{origin}{TOKEN_PATH}{}", registry.host_port()));
+    match form {
+        Form::Proxy => c.set("realm", format!("{origin}{TOKEN_PATH}{}", registry.host_port())),
+        Form::Mirror => {
+            c.set("realm", format!("{origin}{MIRROR_TOKEN_PATH}"));
+            // Scopes as the client names its repositories, so an insufficient_scope retry
+            // asks for what it means.
+            if let Some(scope) = c.param("scope") {
+                let name = mirror_name(registry);
+                let ours: Vec<String> = scope
+                    .split(' ')
+                    .map(|s| match s.strip_prefix("repository:") {
+                        Some(rest) => format!("repository:{MIRROR_PREFIX}{name}/{rest}"),
+                        None => s.to_owned(),
+                    })
+                    .collect();
+                c.set("scope", ours.join(" "));
+            }
+        }
+    }
     Some(c.render())
 }
 
@@ -126,7 +229,7 @@ pub fn is_basic(header: &str) -> bool {
 /// absolute URL on it, becomes the same path under the front's `/r/<registry>` (containerd
 /// drops its credentials when an upload's host changes, and 1.6 adds no `ns` to it). A URL
 /// elsewhere (blob storage) is `None`: passed through as it came.
-pub fn location(location: &str, registry: &Registry, origin: &str) -> Option<String> {
+pub fn location(location: &str, registry: &Registry, origin: &str, form: Form) -> Option<String> {
     let path_and_query = if location.starts_with('/') && !location.starts_with("//") {
         location.to_owned()
     } else {
@@ -142,7 +245,15 @@ pub fn location(location: &str, registry: &Registry, origin: &str) -> Option<Str
         }
         uri.path_and_query()?.as_str().to_owned()
     };
-    Some(format!("{origin}{REGISTRY_PATH}{}{path_and_query}", registry.host_port()))
+    match form {
+        Form::Proxy => {
+            Some(format!("{origin}{REGISTRY_PATH}{}{path_and_query}", registry.host_port()))
+        }
+        Form::Mirror => {
+            let tail = path_and_query.strip_prefix("/v2/")?;
+            Some(format!("{origin}/v2/{MIRROR_PREFIX}{}/{tail}", mirror_name(registry)))
+        }
+    }
 }
 
 /// The scopes a token request asks for: every `scope` parameter of the query and of a form
@@ -215,7 +326,8 @@ mod tests {
             route("/v2/a/manifests/latest", Some("ns=r.example%3A5000")).unwrap(),
             Route::Forward {
                 registry: reg("r.example:5000"),
-                path_and_query: "/v2/a/manifests/latest".into()
+                path_and_query: "/v2/a/manifests/latest".into(),
+                form: Form::Proxy,
             }
         );
         assert_eq!(
@@ -226,7 +338,8 @@ mod tests {
             .unwrap(),
             Route::Forward {
                 registry: reg("r.example"),
-                path_and_query: "/v2/a/blobs/uploads/u?_state=x%3D&digest=sha256%3A1".into()
+                path_and_query: "/v2/a/blobs/uploads/u?_state=x%3D&digest=sha256%3A1".into(),
+                form: Form::Proxy,
             }
         );
         assert_eq!(
@@ -242,6 +355,7 @@ mod tests {
     #[test]
     fn requests_the_front_cannot_place_are_refused() {
         assert_eq!(route("/v2/a/manifests/x", None).unwrap_err().status, 400);
+        assert_eq!(route("/v2/m/a%2Fb/x", None).unwrap_err().status, 400);
         assert_eq!(route("/v2/", Some("ns=a&ns=b")).unwrap_err().status, 400);
         assert_eq!(route("/r/a/v2/", Some("ns=b")).unwrap_err().status, 400);
         assert_eq!(route("/r/a/metrics", None).unwrap_err().status, 404);
@@ -255,18 +369,54 @@ mod tests {
     }
 
     #[test]
+    fn the_mirror_form_names_the_registry_in_the_repository() {
+        let r = reg("10.1.2.3:5000");
+        assert_eq!(mirror_name(&r), "10.1.2.3__5000");
+        assert_eq!(
+            route("/v2/m/10.1.2.3__5000/team/app/manifests/v1", Some("x=1")).unwrap(),
+            Route::Forward {
+                registry: r.clone(),
+                path_and_query: "/v2/team/app/manifests/v1?x=1".into(),
+                form: Form::Mirror
+            }
+        );
+        assert_eq!(route("/v2/", None).unwrap(), Route::Ping);
+        assert_eq!(route("/token/mirror", Some("scope=x")).unwrap(), Route::MirrorToken);
+        let ping = Challenge::parse(&ping_challenge(ORIGIN)).unwrap();
+        assert_eq!(ping.param("realm"), Some("http://127.0.0.1:6128/token/mirror"));
+
+        let scopes = ["repository:m/10.1.2.3__5000/team/app:pull".to_owned()];
+        assert_eq!(
+            mirror_scopes(&scopes).unwrap(),
+            (r.clone(), vec!["repository:team/app:pull".into()])
+        );
+        let two = ["repository:m/a/x:pull".to_owned(), "repository:m/b/x:pull".to_owned()];
+        assert_eq!(mirror_scopes(&two).unwrap_err().status, 400);
+        assert_eq!(mirror_scopes(&["repository:x:pull".to_owned()]).unwrap_err().status, 400);
+
+        let up = r#"Bearer realm="https://auth/t",service="s",scope="repository:team/app:pull""#;
+        let seen = Challenge::parse(&challenge(up, &r, ORIGIN, Form::Mirror).unwrap()).unwrap();
+        assert_eq!(seen.param("realm"), Some("http://127.0.0.1:6128/token/mirror"));
+        assert_eq!(seen.param("scope"), Some("repository:m/10.1.2.3__5000/team/app:pull"));
+        assert_eq!(
+            location("/v2/team/app/blobs/sha256:1", &r, ORIGIN, Form::Mirror).unwrap(),
+            "http://127.0.0.1:6128/v2/m/10.1.2.3__5000/team/app/blobs/sha256:1"
+        );
+    }
+
+    #[test]
     fn bearer_challenges_point_at_the_front_and_keep_the_rest() {
         let up = r#"Bearer realm="https://auth.example/token",service="registry",scope="repository:a:pull",error="insufficient_scope""#;
-        let seen = challenge(up, &reg("r.example:5000"), ORIGIN).unwrap();
+        let seen = challenge(up, &reg("r.example:5000"), ORIGIN, Form::Proxy).unwrap();
         let c = Challenge::parse(&seen).unwrap();
         assert_eq!(c.param("realm"), Some("http://127.0.0.1:6128/token/r.example:5000"));
         assert_eq!(c.param("service"), Some("registry"));
         assert_eq!(c.param("scope"), Some("repository:a:pull"));
         assert_eq!(c.param("error"), Some("insufficient_scope"));
-        let hub = challenge(up, &reg("docker.io"), ORIGIN).unwrap();
+        let hub = challenge(up, &reg("docker.io"), ORIGIN, Form::Proxy).unwrap();
         assert!(hub.contains("/token/docker.io\""), "{hub}");
 
-        assert_eq!(challenge(r#"Basic realm="https://x/""#, &reg("r"), ORIGIN), None);
+        assert_eq!(challenge(r#"Basic realm="https://x/""#, &reg("r"), ORIGIN, Form::Proxy), None);
         assert!(is_basic(r#"Basic realm="https://x/""#));
         assert!(!is_basic(up));
     }
@@ -275,16 +425,23 @@ mod tests {
     fn locations_on_the_registry_come_back_to_the_front() {
         let r = reg("r.example:5000");
         assert_eq!(
-            location("/v2/a/blobs/uploads/u?_state=s", &r, ORIGIN).unwrap(),
+            location("/v2/a/blobs/uploads/u?_state=s", &r, ORIGIN, Form::Proxy).unwrap(),
             "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u?_state=s"
         );
         assert_eq!(
-            location("https://r.example:5000/v2/a/blobs/uploads/u", &r, ORIGIN).unwrap(),
+            location("https://r.example:5000/v2/a/blobs/uploads/u", &r, ORIGIN, Form::Proxy)
+                .unwrap(),
             "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u"
         );
         let ecr = reg("1.dkr.ecr.us-east-1.amazonaws.com");
         assert!(
-            location("https://1.dkr.ecr.us-east-1.amazonaws.com:443/v2/x", &ecr, ORIGIN).is_some()
+            location(
+                "https://1.dkr.ecr.us-east-1.amazonaws.com:443/v2/x",
+                &ecr,
+                ORIGIN,
+                Form::Proxy
+            )
+            .is_some()
         );
         // Blob storage, plain http to the registry, protocol-relative: passed through.
         for elsewhere in [
@@ -292,11 +449,11 @@ mod tests {
             "http://r.example:5000/v2/a",
             "//evil.example/v2/a",
         ] {
-            assert_eq!(location(elsewhere, &r, ORIGIN), None, "{elsewhere}");
+            assert_eq!(location(elsewhere, &r, ORIGIN, Form::Proxy), None, "{elsewhere}");
         }
         let hub = reg("docker.io");
         assert_eq!(
-            location("https://registry-1.docker.io/v2/x", &hub, ORIGIN).unwrap(),
+            location("https://registry-1.docker.io/v2/x", &hub, ORIGIN, Form::Proxy).unwrap(),
             "http://127.0.0.1:6128/r/docker.io/v2/x"
         );
     }
