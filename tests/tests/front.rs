@@ -28,6 +28,7 @@ const TOOLS: &[&str] = &[
     "python3",
     "tar",
     "curl",
+    "setpriv",
 ];
 /// The tokens' lifetime: a pull of several layers outlives it.
 const LIFETIME: u32 = 5;
@@ -68,11 +69,15 @@ impl Vm {
     /// `curl` in the namespace: the status, then the body.
     fn curl(&self, method: &str, url: &str, bearer: Option<&str>) -> (String, String) {
         let mut cmd = self.ns.cmd("curl");
-        cmd.args(["-s", "-X", method, "-w", "\n%{http_code}", url]);
         if let Some(token) = bearer {
             cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
         }
-        let out = cmd.output().unwrap();
+        self.curl_with(cmd.args(["-X", method, url]))
+    }
+
+    /// Runs `cmd` (a `curl` with its arguments) with the status written after the body.
+    fn curl_with(&self, cmd: &mut Command) -> (String, String) {
+        let out = cmd.args(["-s", "-w", "\n%{http_code}"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
         (status.to_owned(), body.to_owned())
@@ -333,6 +338,22 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     let (status, body) =
         vm.curl("GET", &format!("http://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&b_pull));
     assert_eq!(status, "404", "the registry holds a b: {body}");
+
+    // The front's own bounds: a caller whose uid is not allowed gets no answer at all; a
+    // request head over 16 KiB and a token form over 8 KiB are refused.
+    let mut nobody = vm.ns.cmd("setpriv");
+    nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl"]);
+    let (status, _) = vm.curl_with(nobody.arg(format!("http://{FRONT}/v2/")));
+    assert_eq!(status, "000", "an uid that is not allowed was answered");
+    assert!(b.guest_log().contains("registry front: uid not allowed"));
+    let mut big_head = vm.ns.cmd("curl");
+    big_head.arg("-H").arg(format!("X-Filler: {}", "x".repeat(20 * 1024)));
+    let (status, _) = vm.curl_with(big_head.arg(format!("http://{FRONT}/r/{registry}/v2/")));
+    assert_eq!(status, "431");
+    let mut big_form = vm.ns.cmd("curl");
+    big_form.arg("--data-binary").arg(format!("scope={}", "x".repeat(9 * 1024)));
+    let (status, body) = vm.curl_with(big_form.arg(format!("http://{FRONT}/token/{registry}")));
+    assert_eq!(status, "400", "{body}");
 
     // A token for `a:pull` is good for that only: not for `b`, not for a push.
     let a_pull = vm.token(&registry, "repository:a:pull");

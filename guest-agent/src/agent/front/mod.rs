@@ -438,13 +438,7 @@ impl Shared {
     }
 
     fn remember_basic(&self, registry: &Registry) {
-        let mut basic = lock(&self.basic);
-        if !basic.contains(registry) {
-            if basic.len() >= MAX_BASIC_REGISTRIES {
-                basic.pop_front();
-            }
-            basic.push_back(registry.clone());
-        }
+        remember(&mut lock(&self.basic), registry);
     }
 
     /// The host's credential for `registry` as a Basic `Authorization`, if it has one; an
@@ -469,6 +463,17 @@ impl Shared {
                 None
             }
         }
+    }
+}
+
+/// Adds `registry` to the registries known to ask for Basic credentials, at most
+/// [`MAX_BASIC_REGISTRIES`], the oldest out first.
+fn remember(known: &mut VecDeque<Registry>, registry: &Registry) {
+    if !known.contains(registry) {
+        if known.len() >= MAX_BASIC_REGISTRIES {
+            known.pop_front();
+        }
+        known.push_back(registry.clone());
     }
 }
 
@@ -584,5 +589,51 @@ impl hyper::body::Body for Idle {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registries_remembered_as_basic_are_bounded() {
+        let mut known = VecDeque::new();
+        for i in 0..MAX_BASIC_REGISTRIES + 10 {
+            let r = Registry::parse(&format!("r{i}.example")).unwrap();
+            remember(&mut known, &r);
+            remember(&mut known, &r);
+        }
+        assert_eq!(known.len(), MAX_BASIC_REGISTRIES);
+        assert_eq!(known.front().map(Registry::host), Some("r10.example"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("expect", "100-continue"),
+            ("authorization", "Bearer t"),
+            ("docker-upload-uuid", "u"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "docker-upload-uuid"]);
+    }
+
+    #[test]
+    fn refusals_are_registry_errors_with_their_status() {
+        let denied = wire_refusal(&WireError::Denied { reason: "no".into() });
+        assert_eq!((denied.status, denied.code), (403, "DENIED"));
+        assert_eq!(wire_refusal(&WireError::NotFound).status, 404);
+        let resp = refuse(&Refusal { status: 1000, code: "X", message: "m".into() });
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     }
 }
