@@ -105,6 +105,10 @@ struct ServeArgs {
     /// checked by uid like the helper's.
     #[arg(long, value_name = "IP:PORT")]
     front_listen: Option<std::net::SocketAddr>,
+    /// How long the registry front waits for a registry's answer to a request without a body,
+    /// in seconds (an upload's has an hour, and its body 60 s of silence).
+    #[arg(long, value_name = "SECS", default_value_t = agent::front::DEFAULT_ANSWER_TIMEOUT.as_secs())]
+    front_answer_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +163,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         finch_creds_socket: args.finch_creds_socket,
         front_listen: args.front_listen,
+        front_answer_timeout: Duration::from_secs(args.front_answer_timeout_secs.clamp(1, 3600)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -34,6 +34,8 @@ const TOOLS: &[&str] = &[
 const LIFETIME: u32 = 5;
 /// The front's address in the namespace (its own loopback).
 const FRONT: &str = "127.0.0.1:6128";
+/// The front's answer deadline here, in seconds.
+const ANSWER_DEADLINE: u64 = 3;
 
 /// The VM: a network namespace with the guest agent (front on [`FRONT`]) and containerd.
 struct Vm {
@@ -139,7 +141,13 @@ impl Vm {
         let runner = dir.join("in-vm");
         finch_tests::write_script(&runner, &format!("exec ip netns exec {} \"$@\"", ns.name));
         b.guest_exec = Some((runner, finch_tests::bin_dir()));
-        b.guest_flags = vec!["--front-listen".into(), FRONT.into()];
+        // A short answer deadline, so the hung upstream below costs little.
+        b.guest_flags = vec![
+            "--front-listen".into(),
+            FRONT.into(),
+            "--front-answer-timeout-secs".into(),
+            ANSWER_DEADLINE.to_string(),
+        ];
         for env in [&mut b.guest_env, &mut b.host_env] {
             env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
             env.push(("RUST_LOG".into(), "trace".into()));
@@ -270,6 +278,7 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
          push = [\"{registry}/a\", \"{registry}/slow\"]\n"
     );
     let mut issuer = None;
+    let mut tls_files = None;
     // The registry on the host's veth address; the token server on the host's loopback.
     let (b, vm, mut upstream) =
         Vm::start("front", net, &auths, &host_config, &registry, &[], |_, dir| {
@@ -277,9 +286,11 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
             let server = TokenServer::start(dir, &tls, &tls_key, LIFETIME);
             let registry_proc = server.registry(dir, &registry, &tls, &tls_key);
             issuer = Some(server);
+            tls_files = Some((tls.clone(), tls_key));
             (tls, vec![registry_proc])
         });
     let issuer = issuer.unwrap();
+    let (tls_cert, tls_key) = tls_files.unwrap();
     upstream.push(issuer.proc);
     let dir = b.path("front");
     let vm_root = dir.join("vm-root");
@@ -354,6 +365,44 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     big_form.arg("--data-binary").arg(format!("scope={}", "x".repeat(9 * 1024)));
     let (status, body) = vm.curl_with(big_form.arg(format!("http://{FRONT}/token/{registry}")));
     assert_eq!(status, "400", "{body}");
+
+    // Upstreams that misbehave, in the VM's namespace: one that accepts and never speaks is
+    // answered 502 at the deadline; one whose answer head is 1 MB, 502 at once (hyper reads
+    // at most about twice its 64 KiB buffer before it gives up on an incomplete head); the
+    // front serves on.
+    let silent_port = finch_tests::free_port();
+    let silent = format!(
+        "import socket\ns = socket.socket()\ns.bind(('127.0.0.1', {silent_port}))\ns.listen()\n\
+         held = []\nwhile True:\n    held.append(s.accept())\n"
+    );
+    let mut cmd = vm.ns.cmd("python3");
+    cmd.args(["-c", &silent]);
+    let _silent = Proc::spawn("silent", cmd, &dir.join("silent.log"));
+    let huge_port = finch_tests::free_port();
+    let huge = dir.join("huge-challenge");
+    std::fs::write(&huge, format!("Bearer realm=\"https://x/{}\"", "a".repeat(1_000_000))).unwrap();
+    let stub = Path::new(env!("CARGO_MANIFEST_DIR")).join("tokens/stub_registry.py");
+    let mut cmd = vm.ns.cmd("python3");
+    cmd.arg(&stub).arg(huge_port.to_string()).args([&tls_cert, &tls_key, &huge]);
+    let _huge = Proc::spawn("huge", cmd, &dir.join("huge.log"));
+    let listening = |port: u16| {
+        vm.ns
+            .cmd("python3")
+            .args([
+                "-c",
+                &format!("import socket; socket.create_connection(('127.0.0.1', {port}))"),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(wait_until(STARTUP, || listening(silent_port) && listening(huge_port)));
+    let (status, body) =
+        vm.curl("GET", &format!("http://{FRONT}/r/127.0.0.1:{silent_port}/v2/"), None);
+    assert_eq!(status, "502", "{body}");
+    assert!(body.contains(&format!("did not answer within {ANSWER_DEADLINE} s")), "{body}");
+    let (status, body) =
+        vm.curl("GET", &format!("http://{FRONT}/r/127.0.0.1:{huge_port}/v2/"), None);
+    assert_eq!(status, "502", "{body}");
 
     // A token for `a:pull` is good for that only: not for `b`, not for a push.
     let a_pull = vm.token(&registry, "repository:a:pull");

@@ -72,6 +72,8 @@ pub struct Config {
     pub finch_creds_socket: Option<PathBuf>,
     /// Where the registry front listens (loopback), if it runs.
     pub front_listen: Option<std::net::SocketAddr>,
+    /// How long the front waits for a registry's answer to a request without a body.
+    pub front_answer_timeout: Duration,
 }
 
 /// Fires once when the agent should stop; every task selects on it.
@@ -120,7 +122,9 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     );
     let front = config
         .front_listen
-        .map(|addr| front::Front::bind(addr, slot.clone(), helper_uids.clone()))
+        .map(|addr| {
+            front::Front::bind(addr, config.front_answer_timeout, slot.clone(), helper_uids.clone())
+        })
         .transpose()?;
     if let Some(front) = &front {
         tracing::info!(listen = %front.local_addr(), "registry front ready");

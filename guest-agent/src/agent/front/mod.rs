@@ -59,12 +59,14 @@ pub const DEFAULT_FRONT_PORT: u16 = 6128;
 pub const MAX_CONNECTIONS: usize = 64;
 /// Most bytes of a request's head (request line and headers).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Most bytes of upstream's response head.
+/// hyper's read buffer for upstream's response head: a head still incomplete once the buffer
+/// passes it is refused (one read may fill past it, so a head of up to about twice this gets
+/// through).
 pub const MAX_UPSTREAM_HEADER_BYTES: usize = 64 * 1024;
 /// Deadline for a TCP connection to a registry.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for upstream's answer to a request without a body.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline for upstream's answer to a request without a body (`--front-answer-timeout-secs`).
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline for upstream's answer to a request with a body (an upload), counted from its
 /// start: its body has [`IDLE_TIMEOUT`] besides.
 pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -96,6 +98,8 @@ pub struct Front {
 struct Shared {
     slot: LinkSlot,
     client: Client<Https, Body>,
+    /// Deadline for upstream's answer to a request without a body.
+    answer_timeout: Duration,
     /// `http://127.0.0.1:PORT`: what challenges and locations are rewritten to.
     origin: String,
     allowed: Arc<[u32]>,
@@ -113,7 +117,12 @@ impl std::fmt::Debug for Shared {
 impl Front {
     /// Binds `listen` (a loopback address only) and makes the upstream client, trusting the
     /// VM's CA store. Callers from `allowed` uids are served over `slot`.
-    pub fn bind(listen: SocketAddr, slot: LinkSlot, allowed: Arc<[u32]>) -> anyhow::Result<Front> {
+    pub fn bind(
+        listen: SocketAddr,
+        answer_timeout: Duration,
+        slot: LinkSlot,
+        allowed: Arc<[u32]>,
+    ) -> anyhow::Result<Front> {
         anyhow::ensure!(
             listen.ip().is_loopback(),
             "--front-listen must be a loopback address (127.0.0.1 or [::1]), not {listen}"
@@ -141,6 +150,7 @@ impl Front {
         let shared = Arc::new(Shared {
             slot,
             client,
+            answer_timeout,
             origin: format!("http://{local}"),
             allowed,
             basic: Mutex::default(),
@@ -344,7 +354,7 @@ impl Shared {
             headers.insert(header::AUTHORIZATION, auth);
             injected = true;
         }
-        let deadline = if body.is_end_stream() { ANSWER_TIMEOUT } else { UPLOAD_TIMEOUT };
+        let deadline = if body.is_end_stream() { self.answer_timeout } else { UPLOAD_TIMEOUT };
         let body = Idle::new(body).boxed();
         let mut answer = self.send(&parts.method, &uri, &headers, body, deadline).await;
         // A registry first seen asking for Basic: answered once more, with the host's
@@ -364,7 +374,7 @@ impl Shared {
             if let Some(auth) = self.basic(&registry).await {
                 headers.insert(header::AUTHORIZATION, auth);
                 let empty = Empty::new().map_err(|never| match never {}).boxed();
-                answer = self.send(&parts.method, &uri, &headers, empty, ANSWER_TIMEOUT).await;
+                answer = self.send(&parts.method, &uri, &headers, empty, self.answer_timeout).await;
             }
         }
         match answer {
