@@ -366,6 +366,35 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     let (status, body) = vm.curl_with(big_form.arg(format!("http://{FRONT}/token/{registry}")));
     assert_eq!(status, "400", "{body}");
 
+    // 64 connections at once: a 65th caller waits (in the backlog) until one goes; a
+    // connection that sends nothing is closed after 30 s.
+    let hold = "import socket, sys\n\
+                held = [socket.create_connection(('127.0.0.1', 6128)) for _ in range(64)]\n\
+                print('held', flush=True)\nsys.stdin.read()\n";
+    let mut holder = vm
+        .ns
+        .cmd("python3")
+        .args(["-c", hold])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    let mut waits = vm.ns.cmd("curl");
+    waits.args(["--max-time", "2"]).arg(format!("http://{FRONT}/v2/"));
+    let (status, _) = vm.curl_with(&mut waits);
+    assert_eq!(status, "000", "a 65th connection was served");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    let (status, _) = vm.curl("GET", &format!("http://{FRONT}/v2/"), None);
+    assert_eq!(status, "401", "the front did not serve again");
+
     // Upstreams that misbehave, in the VM's namespace: one that accepts and never speaks is
     // answered 502 at the deadline; one whose answer head is 1 MB, 502 at once (hyper reads
     // at most about twice its 64 KiB buffer before it gives up on an incomplete head); the
