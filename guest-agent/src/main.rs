@@ -133,15 +133,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Library crates whose events are written at `warn` and above only, whatever `RUST_LOG`
+/// says: below it the HTTP and TLS crates of the registry front describe requests whole.
+const CAPPED_TARGETS: &[&str] = &["hyper", "hyper_util", "hyper_rustls", "h2", "rustls"];
+
 fn init_tracing() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let cap = tracing_subscriber::filter::filter_fn(|m| {
+        !finch_shared::limit::is_capped_target(m.target(), CAPPED_TARGETS)
+            || *m.level() <= tracing::Level::WARN
+    });
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter)
+        .with_filter(cap);
+    tracing_subscriber::registry().with(layer).init();
+    tracing::trace!(capped = ?CAPPED_TARGETS, "library events capped");
 }
 
 fn run(args: ServeArgs) -> anyhow::Result<()> {

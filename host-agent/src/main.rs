@@ -282,10 +282,7 @@ const LIBRARY_LOG_CAP: tracing::Level = tracing::Level::WARN;
 
 /// Whether an event of `target` at `level` may be written at all (see [`CAPPED_TARGETS`]).
 fn library_allows(target: &str, level: &tracing::Level) -> bool {
-    let capped = CAPPED_TARGETS.iter().any(|t| {
-        target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-    });
-    !capped || *level <= LIBRARY_LOG_CAP
+    !finch_shared::limit::is_capped_target(target, CAPPED_TARGETS) || *level <= LIBRARY_LOG_CAP
 }
 
 fn init_tracing() {

@@ -53,6 +53,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_capped_crate_is_the_crate_and_its_modules_only() {
+        let capped = ["hyper", "rustls"];
+        assert!(is_capped_target("hyper", &capped));
+        assert!(is_capped_target("hyper::proto::h1", &capped));
+        assert!(is_capped_target("rustls::client", &capped));
+        assert!(!is_capped_target("hyper_util::client", &capped));
+        assert!(!is_capped_target("finch_guest_agent::agent::front", &capped));
+    }
+
+    #[test]
     fn a_flood_costs_one_line_per_window_and_is_counted() {
         let t0 = Instant::now();
         let mut gate = LogGate::new(Duration::from_secs(1), 3);
@@ -68,4 +78,13 @@ mod tests {
         assert_eq!(cap("ééé", 3), "é…");
         assert_eq!(cap(&"x".repeat(100), 8).len(), 8 + '…'.len_utf8());
     }
+}
+
+/// Whether log target `target` belongs to one of the crates `capped` names (the crate itself
+/// or one of its modules): the agents cap such library crates at `warn`, whatever `RUST_LOG`
+/// says, because below it they log requests and answers whole.
+pub fn is_capped_target(target: &str, capped: &[&str]) -> bool {
+    capped.iter().any(|t| {
+        target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
 }

@@ -506,6 +506,10 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     );
     let guest_log = b.guest_log();
     assert!(guest_log.contains(" TRACE "), "trace was not in force");
+    assert!(
+        !guest_log.contains("TRACE hyper") && !guest_log.contains("TRACE rustls"),
+        "the HTTP and TLS crates logged below warn"
+    );
     assert!(guest_log.contains("registry front: token"), "{guest_log}");
     let secrets = [PASSWORD, &auth, &b_pull, &a_pull];
     let logs = [("host log", host_log.as_str()), ("guest log", guest_log.as_str())];
