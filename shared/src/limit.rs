@@ -48,6 +48,15 @@ pub fn cap(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}…", &text[..end]).into()
 }
 
+/// Whether log target `target` belongs to one of the crates `capped` names (the crate itself
+/// or one of its modules): the agents cap such library crates at `warn`, whatever `RUST_LOG`
+/// says, because below it they log requests and answers whole.
+pub fn is_capped_target(target: &str, capped: &[&str]) -> bool {
+    capped.iter().any(|t| {
+        target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,13 +87,4 @@ mod tests {
         assert_eq!(cap("ééé", 3), "é…");
         assert_eq!(cap(&"x".repeat(100), 8).len(), 8 + '…'.len_utf8());
     }
-}
-
-/// Whether log target `target` belongs to one of the crates `capped` names (the crate itself
-/// or one of its modules): the agents cap such library crates at `warn`, whatever `RUST_LOG`
-/// says, because below it they log requests and answers whole.
-pub fn is_capped_target(target: &str, capped: &[&str]) -> bool {
-    capped.iter().any(|t| {
-        target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-    })
 }
