@@ -22,7 +22,7 @@ use crate::source::ecr::{self, Ecr, EcrSource};
 use crate::source::exec_helper::ExecHelper;
 use crate::source::token::{Broker, Scope, Stored};
 use crate::source::{Credential, CredentialSource, SourceError, SourceKind, keychain};
-use crate::status::StatusBoard;
+use crate::status::{StatusBoard, Via};
 
 /// Longest username accepted from a guest (registry accounts are e-mail addresses at most).
 pub const MAX_USERNAME_LEN: usize = 256;
@@ -280,6 +280,9 @@ impl Resolver {
             expires_in,
             granted: granted_text.clone(),
         });
+        if outcome.is_ok() {
+            self.board.count_path(vm, &registry.key(), Via::Token);
+        }
         if let Some(suppressed) = self.audit_gates.admit(vm) {
             tracing::info!(
                 target: AUDIT_TARGET,
@@ -362,6 +365,9 @@ impl Resolver {
             }
         };
         let (source, outcome) = dispatch(&current, vm, request, registry.as_ref(), &rule).await;
+        if let (Ok(Response::Credential { .. }), Some(r)) = (&outcome, &registry) {
+            self.board.count_path(vm, &r.key(), Via::Secret);
+        }
         let result = match &outcome {
             Ok(_) => "ok",
             Err(e) => e.class(),

@@ -25,6 +25,39 @@ pub struct VmStatus {
     /// Unix time of `last_error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error_at: Option<u64>,
+    /// How each registry reached the VM since the agent started, by its key
+    /// (`finch_shared::registry::Registry::key`): scoped tokens, or the secret itself through `get`. At most
+    /// [`MAX_PATHS_PER_VM`] registries; more are counted in `other_paths`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub paths: BTreeMap<String, Paths>,
+    /// Answers for registries past [`MAX_PATHS_PER_VM`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub other_paths: u64,
+}
+
+/// Most registries whose path `status` keeps per VM (a guest names the registries).
+pub const MAX_PATHS_PER_VM: usize = 64;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What one registry's answers to one VM were.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paths {
+    /// Scoped tokens given (link version 4: the registry front).
+    pub tokens: u64,
+    /// Secrets given through `get` (the helper, or the front's Basic answer).
+    pub secrets: u64,
+}
+
+/// Which path an answer took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A scoped token.
+    Token,
+    /// The secret itself.
+    Secret,
 }
 
 /// The agent as a whole.
@@ -115,6 +148,22 @@ impl StatusBoard {
         });
     }
 
+    /// `vm` was given an answer for `registry` (its key) by `via`.
+    pub fn count_path(&self, vm: &str, registry: &str, via: Via) {
+        self.with(|map| {
+            let Some(s) = map.get_mut(vm) else { return };
+            if !s.paths.contains_key(registry) && s.paths.len() >= MAX_PATHS_PER_VM {
+                s.other_paths += 1;
+                return;
+            }
+            let entry = s.paths.entry(registry.to_owned()).or_default();
+            match via {
+                Via::Token => entry.tokens += 1,
+                Via::Secret => entry.secrets += 1,
+            }
+        });
+    }
+
     /// A copy of every VM's status.
     pub fn snapshot(&self) -> BTreeMap<String, VmStatus> {
         self.with(|map| map.clone())
@@ -162,6 +211,17 @@ pub fn render(status: &AgentStatus) -> String {
                 }
             }
         }
+        for (registry, paths) in &vm.paths {
+            let said = match (paths.tokens, paths.secrets) {
+                (t, 0) => format!("scoped tokens ({t})"),
+                (0, n) => format!("secrets through get ({n})"),
+                (t, n) => format!("scoped tokens ({t}) and secrets through get ({n})"),
+            };
+            let _ = writeln!(out, "  {registry}: {said}");
+        }
+        if vm.other_paths > 0 {
+            let _ = writeln!(out, "  {} more answers for other registries", vm.other_paths);
+        }
     }
     out
 }
@@ -177,6 +237,29 @@ fn duration(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_path_each_registry_took_is_kept_bounded_and_said() {
+        let board = StatusBoard::default();
+        board.configure([("a", "unix:///a".to_owned())]);
+        board.count_path("a", "ghcr.io", Via::Token);
+        board.count_path("a", "ghcr.io", Via::Token);
+        board.count_path("a", "quay.io", Via::Secret);
+        board.count_path("gone", "ghcr.io", Via::Token);
+        for i in 0..MAX_PATHS_PER_VM + 5 {
+            board.count_path("a", &format!("r{i}.example"), Via::Secret);
+        }
+        let snap = board.snapshot();
+        let a = &snap["a"];
+        assert_eq!(a.paths.len(), MAX_PATHS_PER_VM);
+        assert_eq!(a.paths["ghcr.io"], Paths { tokens: 2, secrets: 0 });
+        assert_eq!(a.other_paths, 7);
+        let status = AgentStatus { vms: snap, ..AgentStatus::default() };
+        let text = render(&status);
+        assert!(text.contains("  ghcr.io: scoped tokens (2)\n"), "{text}");
+        assert!(text.contains("  quay.io: secrets through get (1)\n"), "{text}");
+        assert!(text.contains("  7 more answers for other registries"), "{text}");
+    }
 
     #[test]
     fn board_tracks_links_and_requests() {
@@ -225,6 +308,7 @@ mod tests {
                 requests: 3,
                 last_error: Some("refused".into()),
                 last_error_at: Some(now_secs().saturating_sub(75)),
+                ..VmStatus::default()
             },
         );
         let text = render(&status);

@@ -497,6 +497,10 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     assert_eq!(got.code, 1, "{}", got.out());
     assert!(got.stderr.contains("denied"), "{}", got.stderr);
 
+    // `status` says which path the registry took: tokens only.
+    let (_, status, _) = b.host_cli(&["status"]);
+    assert!(status.contains(&format!("  {registry}: scoped tokens (")), "{status}");
+
     let host_log = b.host_log();
     assert!(host_log.contains("op=\"token\""), "{host_log}");
     assert!(
@@ -585,6 +589,8 @@ fn an_ecr_registry_is_served_with_the_token_the_front_adds() {
     ok(&b, &vm.through_front("pull", "pull", &image, &[]), "pull from ECR");
     let guest_log = b.guest_log();
     assert!(guest_log.contains(&format!("registry={PRIVATE} status=201")), "{guest_log}");
+    let (_, status, _) = b.host_cli(&["status"]);
+    assert!(status.contains(&format!("  {PRIVATE}: secrets through get (")), "{status}");
     let host_log = b.host_log();
     assert!(
         host_log.contains(&format!("registry=\"{PRIVATE}\" source=\"ecr\" result=\"ok\"")),
