@@ -82,7 +82,7 @@ pub fn prepare(overrides: &Overrides) -> anyhow::Result<Prepared> {
     }
     if let Some(lima) = &settings.lima {
         trust_lima(&settings, &adopted);
-        wire_lima(lima, &adopted.instances, &keys);
+        wire_lima(lima, &adopted.instances, &keys, &settings);
         crate::vm_keys::forget_vanished_lima(&settings, &adopted.instances, || {
             crate::vm_keys::os_vault(settings.keychain_timeout)
         });
@@ -116,6 +116,7 @@ fn wire_lima(
     lima: &LimaSettings,
     instances: &BTreeMap<VmName, Instance>,
     keys: &BTreeMap<VmName, LinkKey>,
+    settings: &Settings,
 ) {
     use crate::lima;
     let home = paths::home().unwrap_or_default();
@@ -160,7 +161,10 @@ fn wire_lima(
                 continue;
             }
         };
-        match lima::fill_bundle(instance, &arch, &lima.guest_dir, key) {
+        // The registries the VM's pull/push rules name: its registry front is wired for them.
+        let scoped =
+            settings.vms.get(name).map(|v| v.policy.tokens.registries()).unwrap_or_default();
+        match lima::fill_bundle(instance, &arch, &lima.guest_dir, key, &scoped) {
             Ok(f) if f.written > 0 => {
                 tracing::info!(vm = ?name, arch = ?arch, files = f.written, "bundle filled");
             }

@@ -761,7 +761,9 @@ fn install_in_distro(
     let (key, _) = vm_keys::load_key(&settings, name)?;
     let bundle = std::env::temp_dir().join(format!("finch-bridge-{}", std::process::id()));
     let result = (|| {
-        lima::write_bundle(&bundle, &lima::read_binaries(binaries)?, &key)?;
+        let scoped =
+            settings.vms.get(name).map(|v| v.policy.tokens.registries()).unwrap_or_default();
+        lima::write_bundle(&bundle, &lima::read_binaries(binaries)?, &key, &scoped)?;
         if let Some(text) = fstab {
             paths::write_private(&bundle.join("wsl-fstab"), text.as_bytes())?;
         }

@@ -26,7 +26,9 @@
 # ctr get short-lived tokens scoped by the host's pull/push policy instead of the password;
 # /etc/containers/registries.conf.d/60-finch-bridge-scoped.conf makes it the registries'
 # mirror for containers-image tools (pulls only).
-# A hosts.toml the bridge did not write is never replaced (nothing is installed).
+# A hosts.toml the bridge did not write is never replaced (nothing is installed). The
+# bundle's `scoped` file (the host agent writes the registries the VM's pull/push rules
+# name) adds to the --scoped ones.
 set -eu
 
 root=/
@@ -65,6 +67,12 @@ case "$finch_uid" in ""|*[!0-9]*) [ -z "$finch_uid" ] || { echo "install.sh: --f
 case "$link_listen" in
   "") if [ "$init" = wsl ]; then link_listen=vsock://-1:6127; else link_listen=unix:///run/finch-guest-agent/link.sock; fi ;;
 esac
+# The registries the host's policy names for this VM (the bundle's `scoped`, one a line).
+if [ -n "$bundle" ] && [ -f "$bundle/scoped" ]; then
+  while IFS= read -r _r || [ -n "$_r" ]; do
+    case " $scoped " in *" $_r "*) ;; *) [ -z "$_r" ] || scoped="$scoped $_r" ;; esac
+  done < "$bundle/scoped"
+fi
 for _r in $scoped; do
   case "$_r" in
     *[!A-Za-z0-9.:-]*|:*|*:|*::*|*:*:*|.*|*..*) echo "install.sh: --scoped $_r: a registry is host[:port]" >&2; exit 2 ;;
@@ -94,6 +102,9 @@ done
 for f in finch-guest-agent docker-credential-finchhost; do
   grep -q " \*\{0,1\}$f\$" "$bundle/SHA256SUMS" || { echo "install.sh: SHA256SUMS does not cover $f" >&2; exit 1; }
 done
+if [ -f "$bundle/scoped" ] && ! grep -q " \*\{0,1\}scoped\$" "$bundle/SHA256SUMS"; then
+  echo "install.sh: SHA256SUMS does not cover scoped" >&2; exit 1
+fi
 # The agent refuses a key of fewer than 32 bytes (or more than 4096) at its first link: say
 # it now, before anything changes.
 _keylen=$(wc -c < "$bundle/link.key")

@@ -980,3 +980,67 @@ fn setup_finch_wires_finchs_template_and_the_agent_rewires_it_after_an_upgrade()
     assert!(!wired(&inst.join("lima.yaml")));
     assert!(std::fs::read_to_string(inst.join("lima.yaml")).unwrap().contains("overVsock"));
 }
+
+/// `install.sh --scoped` and the bundle's `scoped` file (what the host agent writes from the
+/// VM's pull/push rules): containerd's hosts.toml and the containers-image mirror for each,
+/// one the bridge did not write refused before any change, and all of it gone again.
+#[test]
+fn scoped_registries_get_the_front_in_hosts_toml_and_as_a_mirror() {
+    let s = scratch();
+    std::fs::write(s.bundle.join("scoped"), "r.example:5000\ndocker.io\n").unwrap();
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum finch-guest-agent docker-credential-finchhost scoped > SHA256SUMS")
+            .current_dir(&s.bundle),
+        "sha256sum",
+    );
+    let out = install_with(&s, "none", &["--scoped", "ghcr.io"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("scoped: ghcr.io r.example:5000 docker.io"), "{said}");
+    let certs = s.root.join("etc/containerd/certs.d");
+    let hosts = std::fs::read_to_string(certs.join("r.example:5000/hosts.toml")).unwrap();
+    assert!(hosts.contains("server = \"https://r.example:5000\""), "{hosts}");
+    assert!(hosts.contains("[host.\"http://127.0.0.1:6128/r/r.example:5000\"]"), "{hosts}");
+    let hub = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
+    assert!(hub.contains("server = \"https://registry-1.docker.io\""), "{hub}");
+    assert!(certs.join("ghcr.io/hosts.toml").exists());
+    let mirrors = s.root.join("etc/containers/registries.conf.d/60-finch-bridge-scoped.conf");
+    let text = std::fs::read_to_string(&mirrors).unwrap();
+    assert!(text.contains("location = \"127.0.0.1:6128/m/r.example__5000\""), "{text}");
+    let args = std::fs::read_to_string(s.root.join("etc/default/finch-guest-agent")).unwrap();
+    assert!(args.contains("--front-listen 127.0.0.1:6128"), "{args}");
+
+    // A registry's own hosts.toml is never replaced: nothing changes.
+    std::fs::create_dir_all(certs.join("quay.io")).unwrap();
+    std::fs::write(certs.join("quay.io/hosts.toml"), "server = \"https://quay.io\"\n").unwrap();
+    let before = std::fs::read(&mirrors).unwrap();
+    let out = install_with(&s, "none", &["--scoped", "quay.io"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not the bridge's"));
+    assert_eq!(std::fs::read(&mirrors).unwrap(), before);
+    // A bundle whose sums leave `scoped` out is refused.
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum finch-guest-agent docker-credential-finchhost > SHA256SUMS")
+            .current_dir(&s.bundle),
+        "sha256sum",
+    );
+    let out = install_with(&s, "none", &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not cover scoped"));
+
+    let out = Command::new("sh")
+        .arg(repo().join("lima/guest/uninstall.sh"))
+        .arg("--root")
+        .arg(&s.root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!mirrors.exists());
+    for r in ["r.example:5000", "docker.io", "ghcr.io"] {
+        assert!(!certs.join(r).exists(), "{r} stayed");
+    }
+    assert!(certs.join("quay.io/hosts.toml").exists(), "the registry's own file went");
+}

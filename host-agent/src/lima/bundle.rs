@@ -61,6 +61,7 @@ pub fn fill_bundle(
     arch: &str,
     guest_dir: &Path,
     key: &LinkKey,
+    scoped: &[String],
 ) -> anyhow::Result<Filled> {
     let from = guest_binaries(guest_dir, arch).with_context(|| {
         format!(
@@ -75,7 +76,7 @@ pub fn fill_bundle(
         "{} is no longer an instance directory (a symbolic link, or gone): nothing written",
         instance.dir.display()
     );
-    write_bundle(&instance.bundle(), &binaries, key)
+    write_bundle(&instance.bundle(), &binaries, key, scoped)
 }
 
 /// The guest binaries in `from`, read.
@@ -92,11 +93,14 @@ pub fn read_binaries(from: &Path) -> anyhow::Result<Vec<(&'static str, Vec<u8>)>
 }
 
 /// Writes a bundle into `dir` (made private if missing; a link or file there is replaced):
-/// `binaries`, the install scripts, `key`, then `SHA256SUMS` of all of them.
+/// `binaries`, the install scripts, `key`, `scoped` (the registries install.sh wires to the
+/// registry front, one a line: the VM's `pull`/`push` rules' registries), then `SHA256SUMS`
+/// of all of them.
 pub fn write_bundle(
     dir: &Path,
     binaries: &[(&str, Vec<u8>)],
     key: &LinkKey,
+    scoped: &[String],
 ) -> anyhow::Result<Filled> {
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_dir() => {}
@@ -113,7 +117,10 @@ pub fn write_bundle(
         put(&dir.join(name), bytes, 0o755, &mut filled)?;
         sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(bytes)));
     }
-    for (name, text) in [("install.sh", INSTALL_SH), ("uninstall.sh", UNINSTALL_SH)] {
+    let scoped: String = scoped.iter().map(|r| format!("{r}\n")).collect();
+    for (name, text) in
+        [("install.sh", INSTALL_SH), ("uninstall.sh", UNINSTALL_SH), ("scoped", scoped.as_str())]
+    {
         put(&dir.join(name), text.as_bytes(), 0o644, &mut filled)?;
         sums.push_str(&format!("{:x}  {name}\n", sha2::Sha256::digest(text.as_bytes())));
     }

@@ -445,21 +445,39 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.join(BUNDLE_DIR)).unwrap();
         let instance = Instance { name: "vm".parse().unwrap(), dir: dir.clone() };
         let key = finch_shared::key::LinkKey::generate().unwrap();
-        fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
+        fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key, &[]).unwrap();
         assert!(std::fs::symlink_metadata(dir.join(BUNDLE_DIR)).unwrap().is_dir());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         // A pipe where a file goes is replaced, not read (reading it would block forever).
         let fifo = dir.join(BUNDLE_DIR).join("install.sh");
         std::fs::remove_file(&fifo).unwrap();
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let filled = fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).unwrap();
+        let filled = fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key, &[]).unwrap();
         assert_eq!(filled.written, 1);
         assert!(std::fs::symlink_metadata(&fifo).unwrap().is_file());
         // An instance directory replaced by a link is not written to at all.
         std::fs::rename(&dir, t.path().join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, &dir).unwrap();
-        assert!(fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key).is_err());
+        assert!(fill_bundle(&instance, "x86_64", &t.path().join("guest"), &key, &[]).is_err());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_bundle_names_the_registries_to_wire_and_its_sums_cover_them() {
+        let t = tempfile::tempdir().unwrap();
+        let key = finch_shared::key::LinkKey::generate().unwrap();
+        let binaries: Vec<(&str, Vec<u8>)> =
+            GUEST_BINARIES.iter().map(|b| (*b, b.as_bytes().to_vec())).collect();
+        let dir = t.path().join("bundle");
+        let scoped = ["docker.io".to_owned(), "ghcr.io".to_owned()];
+        write_bundle(&dir, &binaries, &key, &scoped).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("scoped")).unwrap(), "docker.io\nghcr.io\n");
+        let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+        assert!(sums.lines().any(|l| l.ends_with("  scoped")), "{sums}");
+        // A policy that names none: the file is there, empty, and rewritten.
+        let filled = write_bundle(&dir, &binaries, &key, &[]).unwrap();
+        assert_eq!(filled.written, 2, "scoped and SHA256SUMS");
+        assert_eq!(std::fs::read_to_string(dir.join("scoped")).unwrap(), "");
     }
 
     #[test]

@@ -169,6 +169,28 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
+    /// The registries these rules name one by one (`host[:port]`, `docker.io` for Docker
+    /// Hub), sorted, each once: what the VM's registry front is wired for. A pattern naming
+    /// many registries (`*`, `*.example.com`) names none here.
+    pub fn registries(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .pull
+            .iter()
+            .chain(&self.push)
+            .filter_map(|p| match &p.registry {
+                Pattern::Exact { host, .. } if host == finch_shared::registry::DOCKER_HUB_KEY => {
+                    Some("docker.io".to_owned())
+                }
+                Pattern::Exact { host, port: Some(port) } => Some(format!("{host}:{port}")),
+                Pattern::Exact { host, port: None } => Some(host.clone()),
+                Pattern::Any | Pattern::Suffix(_) => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// `scopes` cut to what this policy allows on `registry`: the granted scopes (each with
     /// the actions allowed, none empty) and the refused ones (each with the actions refused).
     pub fn intersect(&self, registry: &Registry, scopes: &[Scope]) -> (Vec<Scope>, Vec<Scope>) {
@@ -555,6 +577,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use finch_shared::challenge::MAX_CHALLENGE;
+
+    #[test]
+    fn the_registries_to_wire_are_those_named_one_by_one() {
+        let pattern = |t: &str| RepoPattern::parse(t).unwrap();
+        let policy = TokenPolicy {
+            pull: vec![
+                pattern("ghcr.io/team/*"),
+                pattern("docker.io/library/*"),
+                pattern("r.example:5000/a"),
+                pattern("*.example.com/x"),
+                pattern("*"),
+            ],
+            push: vec![pattern("ghcr.io/team/app"), pattern("index.docker.io/me/x")],
+        };
+        assert_eq!(policy.registries(), ["docker.io", "ghcr.io", "r.example:5000"]);
+        assert!(TokenPolicy::default().registries().is_empty());
+    }
 
     #[test]
     fn scopes_are_repository_pulls_and_pushes_only() {
