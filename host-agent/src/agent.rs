@@ -356,8 +356,27 @@ impl Agent {
                 .clone(),
             docker_config: settings.docker_config.display().to_string(),
             cache_entries: self.resolver.current().ecr.cached() as u64,
-            vms: self.board.snapshot(),
+            vms: Self::with_restarts(self.board.snapshot(), &settings),
         }
+    }
+
+    /// `vms`, each Lima instance that started before its `lima.yaml` last changed marked so.
+    fn with_restarts(
+        mut vms: BTreeMap<String, crate::status::VmStatus>,
+        settings: &Settings,
+    ) -> BTreeMap<String, crate::status::VmStatus> {
+        let Some(lima) = &settings.lima else { return vms };
+        for (name, vm) in &mut vms {
+            let dir = lima.home.join(name);
+            // Only a VM the agent dials in that instance directory is that instance.
+            let socket = finch_shared::endpoint::Endpoint::Unix(dir.join(crate::lima::LINK_SOCKET));
+            let is_instance =
+                settings.vms.iter().any(|(n, v)| n.as_str() == name && v.endpoint == socket);
+            if is_instance && crate::lima::started_before_its_config(&dir) {
+                vm.restart_for = Some(dir.join("lima.yaml").display().to_string());
+            }
+        }
+        vms
     }
 
     /// Stops every link at once and waits for them, and the ECR refreshes under way.

@@ -33,6 +33,10 @@ pub struct VmStatus {
     /// Answers for registries past [`MAX_PATHS_PER_VM`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub other_paths: u64,
+    /// A Lima instance's config that changed after the VM started (the agent wired it while
+    /// the VM ran): the VM runs without what the file says until it is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_for: Option<String>,
 }
 
 /// Most registries whose path `status` keeps per VM (a guest names the registries).
@@ -200,6 +204,13 @@ pub fn render(status: &AgentStatus) -> String {
             vm.requests,
             vm.endpoint
         );
+        if let Some(config) = &vm.restart_for {
+            let _ = writeln!(
+                out,
+                "  restart needed: {config} changed after the VM started, so it runs without \
+                 it (finch vm stop && finch vm start)"
+            );
+        }
         if let Some(e) = &vm.last_error {
             match vm.last_error_at {
                 Some(at) => {
@@ -308,10 +319,15 @@ mod tests {
                 requests: 3,
                 last_error: Some("refused".into()),
                 last_error_at: Some(now_secs().saturating_sub(75)),
+                restart_for: Some("/l/finch/lima.yaml".into()),
                 ..VmStatus::default()
             },
         );
         let text = render(&status);
+        assert!(
+            text.contains("  restart needed: /l/finch/lima.yaml changed after the VM started"),
+            "{text}"
+        );
         assert!(text.contains("running (pid 42, up 1h2m)"), "{text}");
         assert!(text.contains("(not present: defaults)"));
         assert!(
@@ -319,5 +335,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  last error (1m15s ago): refused"), "{text}");
+        status.vms.get_mut("finch").unwrap().restart_for = None;
+        assert!(!render(&status).contains("restart needed"));
     }
 }

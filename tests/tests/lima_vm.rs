@@ -517,6 +517,14 @@ fn doctor(d: &Path) -> String {
     report
 }
 
+/// `finch-host-agent status`, asked of the scene's running agent.
+fn status(d: &Path) -> String {
+    let out = host_cli(d, &["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "status: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
 /// `finch vm init` as Finch 1.18 does it: `default.yaml` rewritten whole right before `limactl
 /// start` (`ConfigureDefaultLimaYaml`), then Lima makes the instance from the template with
 /// `--set .ssh.overVsock=false`. No host agent runs: the VM gets the bridge from the template
@@ -1024,6 +1032,11 @@ fn hardened_finch_keeps_the_home_out(scene: &mut Scene) {
     assert!(out.contains(&format!("wired {}", inst.join("lima.yaml").display())), "{out}");
     let report = doctor(&d);
     assert!(report.contains("FAIL vm finch started"), "{report}");
+    let restart = format!(
+        "restart needed: {} changed after the VM started",
+        inst.join("lima.yaml").display()
+    );
+    assert!(status(&d).contains(&restart), "status does not say: {restart}");
 
     let before = links_up(&scene.host);
     let _ = scene.vm.sh("sudo -n systemctl poweroff", b"");
@@ -1062,6 +1075,7 @@ fn hardened_finch_keeps_the_home_out(scene: &mut Scene) {
     for gone in ["FAIL vm finch started", "AWS credentials", "holds the credserver"] {
         assert!(!report.contains(gone), "{gone}: {report}");
     }
+    assert!(!status(&d).contains("restart needed"), "status after the restart");
 }
 
 /// A container, root in the VM: no key, no helper socket, nothing from the link. With the
