@@ -23,6 +23,7 @@ use anyhow::Context;
 use serde_json::Value;
 use yaml_rust2::Yaml;
 
+use crate::kept::{Kept, Original};
 use crate::lima;
 use crate::settings::BRIDGE_HELPER;
 use crate::source::docker_config::MAX_CONFIG;
@@ -31,8 +32,6 @@ use crate::source::docker_config::MAX_CONFIG;
 pub const DISTRO: &str = "lima-finch";
 /// Under the state directory: each file's bytes before setup changed it.
 pub const SAVED_DIR: &str = "finch-setup";
-/// A saved original's name when the file did not exist.
-const ABSENT: &str = ".absent";
 
 /// Finch's directory and the files setup changes in it.
 #[derive(Debug, Clone)]
@@ -73,12 +72,14 @@ fn read(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
     lima::read_bounded(path, MAX_CONFIG)
 }
 
-fn saved_path(saved: &Path, name: &str) -> PathBuf {
-    saved.join(name)
+/// Where `name`'s original is kept: in `saved`, the state directory's, never in Finch's
+/// directory (the VM reads that).
+fn kept(saved: &Path, name: &str) -> Kept {
+    Kept::in_dir(saved, name, MAX_CONFIG)
 }
 
-/// The original of `file` (named `name` in `saved`): the saved bytes, else the file as it is
-/// when `wired` says it is not wired yet (then saved now). `None` inside: it did not exist.
+/// The original of `file` (named `name` in `saved`): what is kept, else the file as it is
+/// when `wired` says it is not wired yet (then kept now). `None` inside: it did not exist.
 fn original(
     file: &Path,
     saved: &Path,
@@ -87,47 +88,14 @@ fn original(
 ) -> anyhow::Result<Option<Vec<u8>>> {
     let current = read(file)?;
     let fresh = current.as_deref().is_none_or(|b| !wired(b));
-    let keep = saved_path(saved, name);
-    let absent = saved_path(saved, &format!("{name}{ABSENT}"));
-    if !fresh {
-        if let Some(b) = read(&keep)? {
-            return Ok(Some(b));
-        }
-        if absent.exists() {
-            return Ok(None);
-        }
+    let kept = kept(saved, name);
+    if !fresh && let Some(original) = kept.read()? {
+        return Ok(original.into_bytes());
     }
     crate::platform::paths::private_dir(saved)?;
-    let _ = std::fs::remove_file(&keep);
-    let _ = std::fs::remove_file(&absent);
-    match &current {
-        Some(b) => crate::platform::paths::write_private(&keep, b)?,
-        None => crate::platform::paths::write_private(&absent, b"")?,
-    }
-    Ok(current)
-}
-
-/// Puts the saved original of `file` back (removing the file when it did not exist).
-fn restore(file: &Path, saved: &Path, name: &str) -> anyhow::Result<bool> {
-    let keep = saved_path(saved, name);
-    let absent = saved_path(saved, &format!("{name}{ABSENT}"));
-    if let Some(b) = read(&keep)? {
-        finch_shared::private::write_atomic(file, &b, 0o600)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        std::fs::remove_file(&keep)?;
-        return Ok(true);
-    }
-    if absent.exists() {
-        match std::fs::remove_file(file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("cannot remove {}", file.display()));
-            }
-            _ => {}
-        }
-        std::fs::remove_file(&absent)?;
-        return Ok(true);
-    }
-    Ok(false)
+    let original = Original::of(current);
+    kept.keep(&original, 0o600)?;
+    Ok(original.into_bytes())
 }
 
 /// `finch.yaml`'s text with `finchhost` in `creds_helpers` and `ecr-login` out; and the list
@@ -237,7 +205,7 @@ pub fn wire(finch: &FinchDir, guest_binaries: &Path, saved: &Path) -> anyhow::Re
 pub fn unwire(finch: &FinchDir, saved: &Path) -> anyhow::Result<Vec<String>> {
     let mut said = Vec::new();
     for (file, name) in [(finch.finch_yaml(), "finch.yaml"), (finch.config_json(), "config.json")] {
-        if restore(&file, saved, name)? {
+        if kept(saved, name).put_back(&file, 0o600)? {
             said.push(format!("restored {}", file.display()));
         }
     }

@@ -24,6 +24,7 @@ mod doctor;
 mod fair;
 mod finch_wsl;
 mod install;
+mod kept;
 mod lima;
 mod link;
 mod platform;

@@ -14,7 +14,7 @@
 //! replaces the template, is wired again by the agent within seconds.
 //!
 //! A file the agent changes while it is not wired keeps its bytes beside it,
-//! `FILE.finch-bridge-orig`; `setup finch --remove` puts them back. An instance Lima made
+//! `FILE.finch-bridge-orig` ([`crate::kept`]); `setup finch --remove` puts them back. An instance Lima made
 //! from the wired template has no such copy: unwiring takes the fragment out and gives it
 //! the template's original mounts.
 
@@ -25,9 +25,7 @@ use yaml_rust2::Yaml;
 use yaml_rust2::yaml::Hash;
 
 use super::*;
-
-/// Beside a wired file: its bytes as they were.
-pub const ORIGINAL_SUFFIX: &str = ".finch-bridge-orig";
+use crate::kept::{Kept, Original};
 
 /// Where Finch keeps its template, from its Lima home (`<install>/lima/data` →
 /// `<install>/os/finch.yaml`; runfinch/finch `pkg/path/finch_remote.go`).
@@ -160,10 +158,9 @@ fn read(path: &Path) -> anyhow::Result<Option<Found>> {
     Ok(Some(Found { text, doc }))
 }
 
-fn original_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(ORIGINAL_SUFFIX);
-    path.with_file_name(name)
+/// Where a wired Lima file keeps its bytes as they were.
+fn kept(path: &Path) -> Kept {
+    Kept::beside(path, MAX_YAML)
 }
 
 /// The file's text before it was wired, and whether that is the file itself (it is not
@@ -176,7 +173,9 @@ fn original_of(
     if !has_fragment(&Yaml::Hash(found.doc.clone())) {
         return Ok((found.text.clone(), true));
     }
-    if let Some(text) = read_text(&original_path(path))? {
+    if let Some(Original::Bytes(bytes)) = kept(path).read()? {
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("{} is not UTF-8", kept(path).path().display()))?;
         return Ok((text, false));
     }
     let mut doc = found.doc.clone();
@@ -207,14 +206,14 @@ pub fn wire(
 ) -> anyhow::Result<Wired> {
     let Some(found) = read(path)? else { return Ok(Wired::Missing) };
     let (original, fresh) = original_of(path, &found, template_original)?;
-    let keep = original_path(path);
+    let keep = kept(path);
     let mode = file_mode(path);
     let Some(want) = want else {
         if fresh {
             return Ok(Wired::Unchanged);
         }
         put_bytes(path, original.as_bytes(), mode)?;
-        remove_original(&keep)?;
+        keep.forget()?;
         return Ok(Wired::Written);
     };
     let original_doc = mapping(parse_yaml(&original)?)
@@ -227,12 +226,12 @@ pub fn wire(
     if same {
         return Ok(Wired::Unchanged);
     }
-    if fresh || !keep.exists() {
-        put_bytes(&keep, original.as_bytes(), mode)?;
+    if fresh || keep.read()?.is_none() {
+        keep.keep(&Original::Bytes(original.clone().into_bytes()), mode)?;
     }
     let header = format!(
         "# Wired by finch-host-agent (the finch credential bridge); the file as it was is {}\n",
-        keep.display()
+        keep.path().display()
     );
     put_bytes(path, emit(wired, &header)?.as_bytes(), mode)?;
     Ok(Wired::Written)
@@ -241,15 +240,6 @@ pub fn wire(
 fn put_bytes(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     finch_shared::private::write_atomic(path, bytes, mode)
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn remove_original(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot remove {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }
 
 #[cfg(unix)]
@@ -392,14 +382,14 @@ mod tests {
         let w = wiring(&i, None);
         assert_eq!(wire(&i.template, Some(&w), None).unwrap(), Wired::Written);
         assert!(has_fragment(&doc(&i.template)));
-        assert_eq!(std::fs::read(original_path(&i.template)).unwrap(), before);
+        assert_eq!(std::fs::read(kept(&i.template).path()).unwrap(), before);
         // Finch's own entries stay, ours are added once.
         let text = std::fs::read_to_string(&i.template).unwrap();
         assert!(text.contains("/run/finch.sock") && text.contains("finch-cred"), "{text}");
         assert_eq!(wire(&i.template, Some(&w), None).unwrap(), Wired::Unchanged);
         assert_eq!(wire(&i.template, None, None).unwrap(), Wired::Written);
         assert_eq!(std::fs::read(&i.template).unwrap(), before);
-        assert!(!original_path(&i.template).exists());
+        assert!(!kept(&i.template).path().exists());
         assert_eq!(wire(&i.template, None, None).unwrap(), Wired::Unchanged);
         assert_eq!(wire(&i.root.join("os/none.yaml"), Some(&w), None).unwrap(), Wired::Missing);
     }
@@ -413,7 +403,7 @@ mod tests {
         std::fs::write(&i.template, &upgraded).unwrap();
         assert_eq!(wire(&i.template, Some(&w), None).unwrap(), Wired::Written);
         assert!(has_fragment(&doc(&i.template)));
-        assert_eq!(std::fs::read_to_string(original_path(&i.template)).unwrap(), upgraded);
+        assert_eq!(std::fs::read_to_string(kept(&i.template).path()).unwrap(), upgraded);
     }
 
     #[test]
@@ -473,7 +463,7 @@ mod tests {
             field(&y, "ssh").and_then(|s| field(s, "overVsock")),
             Some(&Yaml::Boolean(false))
         );
-        assert!(!original_path(&inst.join("lima.yaml")).exists());
+        assert!(!kept(&inst.join("lima.yaml")).path().exists());
     }
 
     #[test]
