@@ -109,6 +109,11 @@ struct ServeArgs {
     /// in seconds (an upload's has an hour, and its body 60 s of silence).
     #[arg(long, value_name = "SECS", default_value_t = agent::front::DEFAULT_ANSWER_TIMEOUT.as_secs())]
     front_answer_timeout_secs: u64,
+    /// Where the registry front's TLS certificates are: ca.crt, client.cert, client.key (what
+    /// clients name in hosts.toml and certs.d) and server/; made there when missing. The
+    /// front serves only clients holding client.cert (root's; --socket-group may read it).
+    #[arg(long, value_name = "DIR", default_value = agent::front::tls::DEFAULT_CERTS_DIR)]
+    front_certs_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +182,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         finch_creds_socket: args.finch_creds_socket,
         front_listen: args.front_listen,
         front_answer_timeout: Duration::from_secs(args.front_answer_timeout_secs.clamp(1, 3600)),
+        front_certs_dir: args.front_certs_dir,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

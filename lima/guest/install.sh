@@ -8,6 +8,7 @@
 #              [--link-listen ENDPOINT] [--link-listen-non-loopback] [--link-allow-uid UID]... [--allow-uid UID]...
 #              [--socket-group GROUP] [--docker-config DIR]... [--finch-creds-uid UID]
 #              [--wsl-mounts FILE] [--scoped REGISTRY]... [--front-listen IP:PORT]
+#              [--front-certs-dir DIR]
 #
 # The bundle holds finch-guest-agent, docker-credential-finchhost, SHA256SUMS (of both) and
 # link.key (this VM's key, from `finch-host-agent key-path NAME` on the host). Nothing is
@@ -25,7 +26,11 @@
 # /etc/containerd/certs.d/REGISTRY/hosts.toml names it as the registry's host, so nerdctl and
 # ctr get short-lived tokens scoped by the host's pull/push policy instead of the password;
 # /etc/containers/registries.conf.d/60-finch-bridge-scoped.conf makes it the registries'
-# mirror for containers-image tools (pulls only).
+# mirror for containers-image tools (pulls only). The front speaks TLS and serves only clients
+# holding its client certificate, which the agent makes in --front-certs-dir (default
+# /run/finch-guest-agent/front, root's): hosts.toml names it (ca, client), and
+# /etc/containers/certs.d/IP:PORT/ links to it; a container on the VM's network (root or not)
+# does not see it, so it gets no handshake.
 # A hosts.toml the bridge did not write is never replaced (nothing is installed). The
 # bundle's `scoped` file (the host agent writes the registries the VM's pull/push rules
 # name) adds to the --scoped ones.
@@ -43,6 +48,7 @@ finch_uid=
 wsl_mounts=
 scoped=
 front_listen=
+front_certs=/run/finch-guest-agent/front
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) root=$2; shift 2 ;;
@@ -58,6 +64,7 @@ while [ $# -gt 0 ]; do
     --wsl-mounts) wsl_mounts=$2; shift 2 ;;
     --scoped) scoped="$scoped $2"; shift 2 ;;
     --front-listen) front_listen=$2; shift 2 ;;
+    --front-certs-dir) front_certs=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -87,6 +94,13 @@ if [ -n "$scoped" ]; then
 elif [ -n "$front_listen" ]; then
   echo "install.sh: --front-listen goes with --scoped" >&2; exit 2
 fi
+case "$front_certs" in
+  /*) ;;
+  *) echo "install.sh: --front-certs-dir $front_certs: an absolute path" >&2; exit 2 ;;
+esac
+case "$front_certs" in
+  *[!A-Za-z0-9/._-]*) echo "install.sh: --front-certs-dir $front_certs: letters, digits and / . _ - only" >&2; exit 2 ;;
+esac
 asked_init=$init
 R=${root%/}
 STATE=$R/var/lib/finch-guest-agent
@@ -132,6 +146,21 @@ for _r in $scoped; do
     exit 1
   fi
 done
+# containers-image finds the front's CA and client certificate in certs.d/IP:PORT/: links
+# the bridge makes; anything else there stays, and nothing is installed.
+FRONT_CERT_FILES="ca.crt client.cert client.key"
+front_certs_d=$R/etc/containers/certs.d/$front_listen
+if [ -n "$scoped" ]; then
+  for _c in $FRONT_CERT_FILES; do
+    _p=$front_certs_d/$_c
+    { [ -e "$_p" ] || [ -L "$_p" ]; } || continue
+    if [ -L "$_p" ] && { [ "$(readlink "$_p")" = "$front_certs/$_c" ] || grep -qxF "$front_listen" "$STATE/front-certs" 2>/dev/null; }; then
+      continue
+    fi
+    echo "install.sh: $_p is not the bridge's; take it out; nothing installed" >&2
+    exit 1
+  done
+fi
 # The WSL mounts: each line is FSTAB's "SOURCE TARGET drvfs OPTIONS 0 0", the target under
 # /mnt/, nothing else; wsl.conf may not already have an [automount] of its own.
 BEGIN_MARK='# finch-bridge: begin'
@@ -210,7 +239,7 @@ fi
 args="--link-listen $link_listen --link-key-file /etc/finch-guest-agent/link.key$allow_args"
 [ -z "$socket_group" ] || args="$args --socket-group $socket_group"
 [ -z "$finch_uid" ] || args="$args --finch-creds-socket /run/user/$finch_uid/finch-creds.sock"
-[ -z "$scoped" ] || args="$args --front-listen $front_listen"
+[ -z "$scoped" ] || args="$args --front-listen $front_listen --front-certs-dir $front_certs"
 mkdirs "$R/etc/default" 0755
 printf '# Written by the finch credential bridge install.sh.\nFINCH_GUEST_AGENT_ARGS="%s"\n' "$args" | put "$R/etc/default/finch-guest-agent" 0644
 
@@ -236,6 +265,8 @@ Restart=on-failure
 RestartSec=1
 RuntimeDirectory=finch-guest-agent
 RuntimeDirectoryMode=0755
+# The registry front's certificates live there: kept across a restart, so clients keep them.
+RuntimeDirectoryPreserve=restart
 CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_READ_SEARCH
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -415,8 +446,8 @@ for _r in $scoped; do
   _server=https://$_r
   [ "$_r" != docker.io ] || _server=https://registry-1.docker.io
   mkdirs "$R/etc/containerd/certs.d/$_r" 0755
-  printf '%s\nserver = "%s"\n\n[host."http://%s/r/%s"]\n  capabilities = ["pull", "resolve", "push"]\n' \
-    "$HOSTS_MARK" "$_server" "$front_listen" "$_r" \
+  printf '%s\nserver = "%s"\n\n[host."https://%s/r/%s"]\n  capabilities = ["pull", "resolve", "push"]\n  ca = "%s/ca.crt"\n  client = [["%s/client.cert", "%s/client.key"]]\n' \
+    "$HOSTS_MARK" "$_server" "$front_listen" "$_r" "$front_certs" "$front_certs" "$front_certs" \
     | put "$(hosts_toml "$_r")" 0644
   echo "$_r" >> "$STATE/hosts-toml"
 done
@@ -427,12 +458,27 @@ if [ -n "$scoped" ]; then
   {
     printf '%s\n# containers-image tools pull these registries through the registry front (a mirror: pulls only).\n' "$HOSTS_MARK"
     for _r in $scoped; do
-      printf '\n[[registry]]\nprefix = "%s"\nlocation = "%s"\n\n[[registry.mirror]]\nlocation = "%s/m/%s"\ninsecure = true\n' \
+      printf '\n[[registry]]\nprefix = "%s"\nlocation = "%s"\n\n[[registry.mirror]]\nlocation = "%s/m/%s"\n' \
         "$_r" "$_r" "$front_listen" "$(printf '%s' "$_r" | sed 's/:/__/g')"
     done
   } | put "$mirrors" 0644
 else
   rm -f "$mirrors"
+fi
+# The front's certificates for containers-image: links into --front-certs-dir (the agent
+# makes the files when it starts). Links of an earlier --front-listen go.
+if [ -f "$STATE/front-certs" ]; then
+  while read -r _l; do
+    [ "$_l" = "$front_listen" ] && [ -n "$scoped" ] && continue
+    for _c in $FRONT_CERT_FILES; do rm -f "$R/etc/containers/certs.d/$_l/$_c"; done
+    rmdir "$R/etc/containers/certs.d/$_l" 2>/dev/null || true
+  done < "$STATE/front-certs"
+  rm -f "$STATE/front-certs"
+fi
+if [ -n "$scoped" ]; then
+  mkdirs "$front_certs_d" 0755
+  for _c in $FRONT_CERT_FILES; do ln -sfn "$front_certs/$_c" "$front_certs_d/$_c"; done
+  echo "$front_listen" > "$STATE/front-certs"
 fi
 finch_note=
 [ -z "$finch_uid" ] || finch_note=", Finch credential socket of uid $finch_uid"

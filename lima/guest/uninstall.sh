@@ -67,6 +67,16 @@ if [ -f "$STATE/hosts-toml" ]; then
   rm -f "$STATE/hosts-toml"
 fi
 
+# The links to the registry front's certificates install.sh --scoped made.
+if [ -f "$STATE/front-certs" ]; then
+  while read -r l; do
+    for c in ca.crt client.cert client.key; do
+      if [ -L "$R/etc/containers/certs.d/$l/$c" ]; then rm -f "$R/etc/containers/certs.d/$l/$c"; fi
+    done
+  done < "$STATE/front-certs"
+  rm -f "$STATE/front-certs"
+fi
+
 rm -f "$R/etc/systemd/system/multi-user.target.wants/finch-guest-agent.service" \
   "$R/etc/systemd/system/finch-guest-agent.service" \
   "$R/etc/systemd/system/soci-snapshotter.service.d/finch-credentials.conf" \

@@ -6,6 +6,7 @@
 //! 127.0.0.1 (which the namespace cannot reach), and the host agent outside, holding the
 //! password.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -45,6 +46,8 @@ struct Vm {
     sock: PathBuf,
     hosts_dir: PathBuf,
     root: PathBuf,
+    /// The front's certificates (`--front-certs-dir`): what the VM's own clients hold.
+    certs: PathBuf,
     _containerd: Proc,
 }
 
@@ -68,9 +71,19 @@ impl Vm {
         self.ctr(namespace, &args)
     }
 
-    /// `curl` in the namespace: the status, then the body.
-    fn curl(&self, method: &str, url: &str, bearer: Option<&str>) -> (String, String) {
+    /// `curl` in the namespace as one of the VM's own clients: trusting the front's CA and
+    /// holding the clients' certificate.
+    fn front_curl(&self) -> Command {
         let mut cmd = self.ns.cmd("curl");
+        cmd.arg("--cacert").arg(self.certs.join("ca.crt"));
+        cmd.arg("--cert").arg(self.certs.join("client.cert"));
+        cmd.arg("--key").arg(self.certs.join("client.key"));
+        cmd
+    }
+
+    /// `curl` in the namespace, as [`Vm::front_curl`]: the status, then the body.
+    fn curl(&self, method: &str, url: &str, bearer: Option<&str>) -> (String, String) {
+        let mut cmd = self.front_curl();
         if let Some(token) = bearer {
             cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
         }
@@ -87,7 +100,7 @@ impl Vm {
 
     /// A token from the front's `/token`, as containerd would ask for it.
     fn token(&self, registry: &str, scope: &str) -> String {
-        let url = format!("http://{FRONT}/token/{registry}?service=x&scope={scope}");
+        let url = format!("https://{FRONT}/token/{registry}?service=x&scope={scope}");
         let (status, body) = self.curl("GET", &url, None);
         assert_eq!(status, "200", "{body}");
         let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -133,6 +146,8 @@ impl Vm {
         let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lima/guest/install.sh");
         let mut cmd = Command::new("sh");
         cmd.arg(&install).arg("--bundle").arg(&bundle).arg("--root").arg(&vm_root);
+        let certs = dir.join("front-certs");
+        cmd.arg("--front-certs-dir").arg(&certs);
         let said = run_ok(cmd.args(["--init", "none", "--scoped", registry]), "install.sh");
         assert!(said.contains("scoped:"), "{said}");
         let defaults =
@@ -147,6 +162,8 @@ impl Vm {
             FRONT.into(),
             "--front-answer-timeout-secs".into(),
             ANSWER_DEADLINE.to_string(),
+            "--front-certs-dir".into(),
+            certs.display().to_string(),
         ];
         for env in [&mut b.guest_env, &mut b.host_env] {
             env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
@@ -160,6 +177,7 @@ impl Vm {
             sock,
             hosts_dir: vm_root.join("etc/containerd/certs.d"),
             root: dir.join("containerd"),
+            certs,
             _containerd: containerd,
         };
         (b, vm, procs)
@@ -330,7 +348,12 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
         .arg("--runroot")
         .arg(podman_dir.join("run"))
         .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-        .args(["--events-backend", "file", "pull", "--quiet", &image_a])
+        .args(["--events-backend", "file", "pull", "--quiet"])
+        // install.sh's certs.d links to the front's certificates (podman reads the VM's
+        // /etc/containers/certs.d; here the scratch root's, named).
+        .arg("--cert-dir")
+        .arg(vm_root.join(format!("etc/containers/certs.d/{FRONT}")))
+        .arg(&image_a)
         .env("CONTAINERS_REGISTRIES_CONF", &conf)
         .env("PATH", finch_tests::path_with(&finch_tests::bin_dir()))
         .env("FINCH_GUEST_AGENT_SOCKET", b.helper_socket())
@@ -347,23 +370,63 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     assert!(!refused.status.success(), "a push the policy does not grant succeeded");
     let b_pull = vm.token(&registry, "repository:b:pull");
     let (status, body) =
-        vm.curl("GET", &format!("http://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&b_pull));
+        vm.curl("GET", &format!("https://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&b_pull));
     assert_eq!(status, "404", "the registry holds a b: {body}");
 
-    // The front's own bounds: a caller whose uid is not allowed gets no answer at all; a
-    // request head over 16 KiB and a token form over 8 KiB are refused.
+    // What a container on the VM's network is (`--network host`, root: uid 0, as allowed as
+    // containerd): a client without the front's client certificate. It gets no handshake, so
+    // no token and no forward, however it asks; the token server hears nothing of it.
+    let heard = token_log(&issuer.log).len();
+    let tokens = b.guest_log().matches("registry front: token").count();
+    let token_url = format!("https://{FRONT}/token/{registry}?scope=repository:a:pull");
+    let mut no_cert = vm.ns.cmd("curl");
+    no_cert.arg("--cacert").arg(vm.certs.join("ca.crt"));
+    let (status, body) = vm.curl_with(no_cert.arg(&token_url));
+    assert_eq!(status, "000", "a client without the certificate was answered: {body}");
+    let mut insecure = vm.ns.cmd("curl");
+    let (status, _) =
+        vm.curl_with(insecure.args(["--insecure", &format!("https://{FRONT}/r/{registry}/v2/")]));
+    assert_eq!(status, "000", "a client that trusts anything was answered");
+    let mut plain = vm.ns.cmd("curl");
+    let (status, _) = vm.curl_with(plain.arg(format!("http://{FRONT}/token/{registry}")));
+    assert_eq!(status, "000", "plain HTTP was answered");
+    // A certificate of its own, from a CA of its own, is no better.
+    let (own, own_key) = self_signed(&dir, "own-client", "IP:127.0.0.1");
+    let mut forged = vm.ns.cmd("curl");
+    forged.arg("--cacert").arg(vm.certs.join("ca.crt")).arg("--cert").arg(&own);
+    let (status, _) = vm.curl_with(forged.arg("--key").arg(&own_key).arg(&token_url));
+    assert_eq!(status, "000", "a client certificate of another CA was answered");
+    let log = b.guest_log();
+    assert!(log.contains("registry front: TLS handshake refused"), "{log}");
+    assert_eq!(log.matches("registry front: token").count(), tokens, "a token was given");
+    assert_eq!(token_log(&issuer.log).len(), heard, "the token server was asked");
+
+    // The front's own bounds: a caller whose uid is not allowed gets no answer at all, even
+    // holding the certificate (copies it may read); a request head over 16 KiB and a token
+    // form over 8 KiB are refused.
+    let open_copies = tempfile::tempdir().unwrap();
+    let readable = open_copies.path();
+    std::fs::set_permissions(readable, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for name in ["ca.crt", "client.cert", "client.key"] {
+        std::fs::copy(vm.certs.join(name), readable.join(name)).unwrap();
+        std::fs::set_permissions(readable.join(name), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+    }
     let mut nobody = vm.ns.cmd("setpriv");
     nobody.args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl"]);
-    let (status, _) = vm.curl_with(nobody.arg(format!("http://{FRONT}/v2/")));
+    nobody.arg("--cacert").arg(readable.join("ca.crt"));
+    nobody.arg("--cert").arg(readable.join("client.cert"));
+    nobody.arg("--key").arg(readable.join("client.key"));
+    let (status, _) = vm.curl_with(nobody.arg(format!("https://{FRONT}/v2/")));
     assert_eq!(status, "000", "an uid that is not allowed was answered");
     assert!(b.guest_log().contains("registry front: uid not allowed"));
-    let mut big_head = vm.ns.cmd("curl");
+    let mut big_head = vm.front_curl();
     big_head.arg("-H").arg(format!("X-Filler: {}", "x".repeat(20 * 1024)));
-    let (status, _) = vm.curl_with(big_head.arg(format!("http://{FRONT}/r/{registry}/v2/")));
+    let (status, _) = vm.curl_with(big_head.arg(format!("https://{FRONT}/r/{registry}/v2/")));
     assert_eq!(status, "431");
-    let mut big_form = vm.ns.cmd("curl");
+    let mut big_form = vm.front_curl();
     big_form.arg("--data-binary").arg(format!("scope={}", "x".repeat(9 * 1024)));
-    let (status, body) = vm.curl_with(big_form.arg(format!("http://{FRONT}/token/{registry}")));
+    let (status, body) = vm.curl_with(big_form.arg(format!("https://{FRONT}/token/{registry}")));
     assert_eq!(status, "400", "{body}");
 
     // 64 connections at once: a 65th caller waits (in the backlog) until one goes; a
@@ -386,13 +449,13 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     )
     .unwrap();
     assert_eq!(line.trim(), "held");
-    let mut waits = vm.ns.cmd("curl");
-    waits.args(["--max-time", "2"]).arg(format!("http://{FRONT}/v2/"));
+    let mut waits = vm.front_curl();
+    waits.args(["--max-time", "2"]).arg(format!("https://{FRONT}/v2/"));
     let (status, _) = vm.curl_with(&mut waits);
     assert_eq!(status, "000", "a 65th connection was served");
     drop(holder.stdin.take());
     holder.wait().unwrap();
-    let (status, _) = vm.curl("GET", &format!("http://{FRONT}/v2/"), None);
+    let (status, _) = vm.curl("GET", &format!("https://{FRONT}/v2/"), None);
     assert_eq!(status, "401", "the front did not serve again");
 
     // Upstreams that misbehave, in the VM's namespace: one that accepts and never speaks is
@@ -426,22 +489,22 @@ fn containerd_pushes_and_pulls_through_the_front_with_scoped_tokens_only() {
     };
     assert!(wait_until(STARTUP, || listening(silent_port) && listening(huge_port)));
     let (status, body) =
-        vm.curl("GET", &format!("http://{FRONT}/r/127.0.0.1:{silent_port}/v2/"), None);
+        vm.curl("GET", &format!("https://{FRONT}/r/127.0.0.1:{silent_port}/v2/"), None);
     assert_eq!(status, "502", "{body}");
     assert!(body.contains(&format!("did not answer within {ANSWER_DEADLINE} s")), "{body}");
     let (status, body) =
-        vm.curl("GET", &format!("http://{FRONT}/r/127.0.0.1:{huge_port}/v2/"), None);
+        vm.curl("GET", &format!("https://{FRONT}/r/127.0.0.1:{huge_port}/v2/"), None);
     assert_eq!(status, "502", "{body}");
 
     // A token for `a:pull` is good for that only: not for `b`, not for a push.
     let a_pull = vm.token(&registry, "repository:a:pull");
     let (status, _) =
-        vm.curl("GET", &format!("http://{FRONT}/v2/a/tags/list?ns={registry}"), Some(&a_pull));
+        vm.curl("GET", &format!("https://{FRONT}/v2/a/tags/list?ns={registry}"), Some(&a_pull));
     assert_eq!(status, "200");
     let (status, _) =
-        vm.curl("GET", &format!("http://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&a_pull));
+        vm.curl("GET", &format!("https://{FRONT}/v2/b/tags/list?ns={registry}"), Some(&a_pull));
     assert_eq!(status, "401");
-    let upload = format!("http://{FRONT}/v2/a/blobs/uploads/?ns={registry}");
+    let upload = format!("https://{FRONT}/v2/a/blobs/uploads/?ns={registry}");
     let (status, _) = vm.curl("POST", &upload, Some(&a_pull));
     assert_eq!(status, "401");
 

@@ -136,6 +136,8 @@ fn install_fits_the_unit_to_the_link_and_to_wsls_systemd() {
         let out = install_with(&s, "systemd", &["--link-listen", link]);
         assert!(out.status.success(), "{link}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(families(&s).as_deref(), Some(want), "{link}");
+        // The registry front's certificates (in the runtime directory) outlive a restart.
+        assert!(unit(&s).contains("\nRuntimeDirectoryPreserve=restart\n"), "{}", unit(&s));
     }
 
     let s = scratch();
@@ -1002,15 +1004,33 @@ fn scoped_registries_get_the_front_in_hosts_toml_and_as_a_mirror() {
     let certs = s.root.join("etc/containerd/certs.d");
     let hosts = std::fs::read_to_string(certs.join("r.example:5000/hosts.toml")).unwrap();
     assert!(hosts.contains("server = \"https://r.example:5000\""), "{hosts}");
-    assert!(hosts.contains("[host.\"http://127.0.0.1:6128/r/r.example:5000\"]"), "{hosts}");
+    assert!(hosts.contains("[host.\"https://127.0.0.1:6128/r/r.example:5000\"]"), "{hosts}");
+    // The front's TLS: its CA and the clients' certificate, in the agent's runtime directory.
+    let front = "/run/finch-guest-agent/front";
+    assert!(hosts.contains(&format!("ca = \"{front}/ca.crt\"")), "{hosts}");
+    assert!(
+        hosts.contains(&format!("client = [[\"{front}/client.cert\", \"{front}/client.key\"]]")),
+        "{hosts}"
+    );
+
     let hub = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
     assert!(hub.contains("server = \"https://registry-1.docker.io\""), "{hub}");
     assert!(certs.join("ghcr.io/hosts.toml").exists());
     let mirrors = s.root.join("etc/containers/registries.conf.d/60-finch-bridge-scoped.conf");
     let text = std::fs::read_to_string(&mirrors).unwrap();
     assert!(text.contains("location = \"127.0.0.1:6128/m/r.example__5000\""), "{text}");
+    assert!(!text.contains("insecure"), "the mirror is TLS: {text}");
+    // containers-image finds the front's certificates in certs.d/IP:PORT/: links.
+    let front_d = s.root.join("etc/containers/certs.d/127.0.0.1:6128");
+    for name in ["ca.crt", "client.cert", "client.key"] {
+        let link = std::fs::read_link(front_d.join(name)).unwrap();
+        assert_eq!(link, Path::new(front).join(name));
+    }
     let args = std::fs::read_to_string(s.root.join("etc/default/finch-guest-agent")).unwrap();
-    assert!(args.contains("--front-listen 127.0.0.1:6128"), "{args}");
+    assert!(
+        args.contains(&format!("--front-listen 127.0.0.1:6128 --front-certs-dir {front}")),
+        "{args}"
+    );
 
     // A registry's own hosts.toml is never replaced: nothing changes.
     std::fs::create_dir_all(certs.join("quay.io")).unwrap();
@@ -1020,6 +1040,15 @@ fn scoped_registries_get_the_front_in_hosts_toml_and_as_a_mirror() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not the bridge's"));
     assert_eq!(std::fs::read(&mirrors).unwrap(), before);
+    // Nor is a certificate of someone else's where the front's links go.
+    std::fs::remove_file(front_d.join("ca.crt")).unwrap();
+    std::fs::write(front_d.join("ca.crt"), "someone's CA\n").unwrap();
+    let out = install_with(&s, "none", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:6128/ca.crt is not the bridge's"), "{err}");
+    assert_eq!(std::fs::read(&mirrors).unwrap(), before);
+    std::fs::remove_file(front_d.join("ca.crt")).unwrap();
     // A bundle whose sums leave `scoped` out is refused.
     run_ok(
         Command::new("sh")
@@ -1039,6 +1068,7 @@ fn scoped_registries_get_the_front_in_hosts_toml_and_as_a_mirror() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!mirrors.exists());
+    assert!(!front_d.exists(), "the certificate links stayed");
     for r in ["r.example:5000", "docker.io", "ghcr.io"] {
         assert!(!certs.join(r).exists(), "{r} stayed");
     }

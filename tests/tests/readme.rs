@@ -113,11 +113,20 @@ fn local_bridge_scoped_runs_the_registry_front_under_the_demo_policy() {
     let port = finch_tests::free_port();
     let args = ["--scoped", "--bin-dir", bins.to_str().unwrap()];
     local_bridge_answers_get_and(&args, &[("FINCH_FRONT_PORT", port.to_string())], |out| {
-        let push =
-            format!("http://127.0.0.1:{port}/token/docker.io?scope=repository:library/alpine:push");
-        assert!(out.contains(&format!("curl -s '{push}'")), "{out}");
-        let answer =
-            Command::new("curl").args(["-s", "-w", "\n%{http_code}", &push]).output().unwrap();
+        let push = format!(
+            "'https://127.0.0.1:{port}/token/docker.io?scope=repository:library/alpine:push'"
+        );
+        // The command as printed: TLS with the front's client certificate.
+        let line = out
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("curl -s --cacert ") && l.ends_with(&push))
+            .unwrap_or_else(|| panic!("no push curl printed: {out}"));
+        let answer = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{line} -w '\\n%{{http_code}}'"))
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&answer.stdout);
         assert!(text.ends_with("\n403"), "{text}");
         assert!(text.contains("\"DENIED\"") && text.contains("grants no token"), "{text}");

@@ -74,6 +74,8 @@ pub struct Config {
     pub front_listen: Option<std::net::SocketAddr>,
     /// How long the front waits for a registry's answer to a request without a body.
     pub front_answer_timeout: Duration,
+    /// Where the front's TLS certificates are (made there when missing).
+    pub front_certs_dir: PathBuf,
 }
 
 /// Fires once when the agent should stop; every task selects on it.
@@ -123,7 +125,14 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let front = config
         .front_listen
         .map(|addr| {
-            front::Front::bind(addr, config.front_answer_timeout, slot.clone(), helper_uids.clone())
+            front::Front::bind(
+                addr,
+                &config.front_certs_dir,
+                config.socket_group,
+                config.front_answer_timeout,
+                slot.clone(),
+                helper_uids.clone(),
+            )
         })
         .transpose()?;
     if let Some(front) = &front {

@@ -1,10 +1,10 @@
-//! The registry front (issue 22): a loopback HTTP endpoint that containerd's `hosts.toml`
+//! The registry front (issue 22): a loopback HTTPS endpoint that containerd's `hosts.toml`
 //! names as a host of each registry, so clients in the VM are handed short-lived scoped
 //! tokens instead of the registry's password.
 //!
-//! * Each `/v2/…?ns=<registry>` request is forwarded to `https://<registry>/v2/…` over the
-//!   VM's own network (TLS verified against the VM's CA store, or `SSL_CERT_FILE`), bodies
-//!   streamed both ways.
+//! * Each `/r/<registry>/v2/…` request (also `/v2/…?ns=<registry>`) is forwarded to
+//!   `https://<registry>/v2/…` over the VM's own network (TLS verified against the VM's CA
+//!   store, or `SSL_CERT_FILE`), bodies streamed both ways.
 //! * A Bearer challenge's realm becomes the front's `/token/<registry>`, which the host's
 //!   broker answers over the link ([`LinkSlot::token`]): the client asks the front
 //!   anonymously and gets a token cut to the VM's `pull`/`push` policy.
@@ -16,13 +16,16 @@
 //!   registry in the repository's path; their ping (`/v2/`) is answered with the front's
 //!   `/token/mirror`, which reads the registry from the scopes ([`rewrite::Form`]).
 //!
-//! Only allowed uids may connect (the helper socket's: root, the agent's own, `--allow-uid`),
-//! found through the kernel's socket table ([`peer`]). Bounds: [`MAX_CONNECTIONS`] at once,
-//! [`MAX_HEADER_BYTES`] of request head, deadlines on connecting, on upstream's answer and on
-//! a body that stops moving.
+//! Who may ask: a caller of an allowed uid (the helper socket's: root, the agent's own,
+//! `--allow-uid`), found through the kernel's socket table ([`peer`]) before a byte is read,
+//! that then completes a TLS handshake with the front's client certificate ([`tls`]): root in
+//! a container on the VM's network has the uid but not the certificate. Bounds:
+//! [`MAX_CONNECTIONS`] at once, [`MAX_HEADER_BYTES`] of request head, deadlines on the
+//! handshake, on connecting, on upstream's answer and on a body that stops moving.
 
 pub mod peer;
 pub mod rewrite;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -87,10 +90,10 @@ type Body = BoxBody<Bytes, BoxError>;
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The bound front, ready to [`Front::run`].
-#[derive(Debug)]
 pub struct Front {
     listener: TcpListener,
     local: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
     shared: Arc<Shared>,
 }
 
@@ -100,12 +103,18 @@ struct Shared {
     client: Client<Https, Body>,
     /// Deadline for upstream's answer to a request without a body.
     answer_timeout: Duration,
-    /// `http://127.0.0.1:PORT`: what challenges and locations are rewritten to.
+    /// `https://127.0.0.1:PORT`: what challenges and locations are rewritten to.
     origin: String,
     allowed: Arc<[u32]>,
     /// Registries that asked for Basic credentials, newest last.
     basic: Mutex<VecDeque<Registry>>,
     refusals: Mutex<LogGate>,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front").field("local", &self.local).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -115,10 +124,14 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Front {
-    /// Binds `listen` (a loopback address only) and makes the upstream client, trusting the
-    /// VM's CA store. Callers from `allowed` uids are served over `slot`.
+    /// Binds `listen` (a loopback address only) with the TLS certificates in `certs` (made
+    /// there when missing; `group` may read the clients' key) and makes the upstream client,
+    /// trusting the VM's CA store. Callers from `allowed` uids holding the clients'
+    /// certificate are served over `slot`.
     pub fn bind(
         listen: SocketAddr,
+        certs: &std::path::Path,
+        group: Option<u32>,
         answer_timeout: Duration,
         slot: LinkSlot,
         allowed: Arc<[u32]>,
@@ -127,6 +140,11 @@ impl Front {
             listen.ip().is_loopback(),
             "--front-listen must be a loopback address (127.0.0.1 or [::1]), not {listen}"
         );
+        let (server_config, made) = tls::server_config(certs, listen.ip(), group)
+            .with_context(|| format!("the registry front's certificates in {}", certs.display()))?;
+        if made {
+            tracing::info!(dir = %certs.display(), "registry front: new certificates made");
+        }
         let std_listener = std::net::TcpListener::bind(listen)
             .with_context(|| format!("cannot listen on the registry front {listen}"))?;
         std_listener.set_nonblocking(true)?;
@@ -151,12 +169,13 @@ impl Front {
             slot,
             client,
             answer_timeout,
-            origin: format!("http://{local}"),
+            origin: format!("https://{local}"),
             allowed,
             basic: Mutex::default(),
             refusals: Mutex::new(LogGate::new(REFUSAL_WINDOW, REFUSAL_BURST)),
         });
-        Ok(Front { listener, local, shared })
+        let tls = tokio_rustls::TlsAcceptor::from(server_config);
+        Ok(Front { listener, local, tls, shared })
     }
 
     /// The address bound (its port chosen by the kernel when `listen` named 0).
@@ -166,7 +185,7 @@ impl Front {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
-        let Front { listener, local, shared } = self;
+        let Front { listener, local, tls, shared } = self;
         let admit = |(stream, peer): (TcpStream, SocketAddr)| {
             let uid = match peer::loopback_peer_uid(local, peer) {
                 Ok(Some(uid)) if shared.allowed.contains(&uid) => uid,
@@ -176,10 +195,11 @@ impl Front {
                 }
             };
             let shared = shared.clone();
+            let tls = tls.clone();
             let mut stop = shutdown.clone();
             Some(async move {
                 tokio::select! {
-                    () = shared.serve_connection(stream, uid) => {}
+                    () = shared.serve_connection(&tls, stream, peer, uid) => {}
                     () = stop.wait() => {}
                 }
             })
@@ -196,6 +216,18 @@ impl Front {
 }
 
 impl Shared {
+    /// A caller that did not complete the TLS handshake (no client certificate, or not ours).
+    fn no_handshake(&self, peer: SocketAddr, uid: u32, why: &str) {
+        let gate = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(tokio::time::Instant::now().into_std());
+        if let Some(suppressed) = gate {
+            tracing::warn!(%peer, uid, error = %why, suppressed, "registry front: TLS handshake refused (a client needs the front's client certificate)");
+        }
+    }
+
     fn refused(&self, peer: SocketAddr, found: &std::io::Result<Option<u32>>) {
         let gate = self
             .refusals
@@ -217,7 +249,26 @@ impl Shared {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, stream: TcpStream, uid: u32) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        tls: &tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: u32,
+    ) {
+        // Only a client holding the clients' certificate gets a handshake (within the head's
+        // deadline): a container on the VM's network, root or not, does not hold it.
+        let stream = match tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.no_handshake(peer, uid, &e.to_string());
+                return;
+            }
+            Err(_) => {
+                self.no_handshake(peer, uid, "no handshake within the deadline");
+                return;
+            }
+        };
         let service = hyper::service::service_fn(move |req| {
             let shared = self.clone();
             async move { Ok::<_, Infallible>(shared.handle(req, uid).await) }

@@ -120,7 +120,7 @@ pub fn route(path: &str, query: Option<&str>) -> Result<Route, Refusal> {
         }
         return Err(Refusal::bad(
             "no registry named: this is finch's registry front; name \
-             http://127.0.0.1:PORT/r/REGISTRY as a host of the registry in containerd's hosts.toml",
+             https://127.0.0.1:PORT/r/REGISTRY as a host of the registry in containerd's hosts.toml",
         ));
     };
     let registry = registry(&ns)?;
@@ -314,7 +314,7 @@ fn percent_decode(text: &str) -> Result<String, Refusal> {
 mod tests {
     use super::*;
 
-    const ORIGIN: &str = "http://127.0.0.1:6128";
+    const ORIGIN: &str = "https://127.0.0.1:6128";
 
     fn reg(name: &str) -> Registry {
         Registry::parse(name).unwrap()
@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(route("/v2/", None).unwrap(), Route::Ping);
         assert_eq!(route("/token/mirror", Some("scope=x")).unwrap(), Route::MirrorToken);
         let ping = Challenge::parse(&ping_challenge(ORIGIN)).unwrap();
-        assert_eq!(ping.param("realm"), Some("http://127.0.0.1:6128/token/mirror"));
+        assert_eq!(ping.param("realm"), Some("https://127.0.0.1:6128/token/mirror"));
 
         let scopes = ["repository:m/10.1.2.3__5000/team/app:pull".to_owned()];
         assert_eq!(
@@ -396,11 +396,11 @@ mod tests {
 
         let up = r#"Bearer realm="https://auth/t",service="s",scope="repository:team/app:pull""#;
         let seen = Challenge::parse(&challenge(up, &r, ORIGIN, Form::Mirror).unwrap()).unwrap();
-        assert_eq!(seen.param("realm"), Some("http://127.0.0.1:6128/token/mirror"));
+        assert_eq!(seen.param("realm"), Some("https://127.0.0.1:6128/token/mirror"));
         assert_eq!(seen.param("scope"), Some("repository:m/10.1.2.3__5000/team/app:pull"));
         assert_eq!(
             location("/v2/team/app/blobs/sha256:1", &r, ORIGIN, Form::Mirror).unwrap(),
-            "http://127.0.0.1:6128/v2/m/10.1.2.3__5000/team/app/blobs/sha256:1"
+            "https://127.0.0.1:6128/v2/m/10.1.2.3__5000/team/app/blobs/sha256:1"
         );
     }
 
@@ -409,7 +409,7 @@ mod tests {
         let up = r#"Bearer realm="https://auth.example/token",service="registry",scope="repository:a:pull",error="insufficient_scope""#;
         let seen = challenge(up, &reg("r.example:5000"), ORIGIN, Form::Proxy).unwrap();
         let c = Challenge::parse(&seen).unwrap();
-        assert_eq!(c.param("realm"), Some("http://127.0.0.1:6128/token/r.example:5000"));
+        assert_eq!(c.param("realm"), Some("https://127.0.0.1:6128/token/r.example:5000"));
         assert_eq!(c.param("service"), Some("registry"));
         assert_eq!(c.param("scope"), Some("repository:a:pull"));
         assert_eq!(c.param("error"), Some("insufficient_scope"));
@@ -426,12 +426,12 @@ mod tests {
         let r = reg("r.example:5000");
         assert_eq!(
             location("/v2/a/blobs/uploads/u?_state=s", &r, ORIGIN, Form::Proxy).unwrap(),
-            "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u?_state=s"
+            "https://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u?_state=s"
         );
         assert_eq!(
             location("https://r.example:5000/v2/a/blobs/uploads/u", &r, ORIGIN, Form::Proxy)
                 .unwrap(),
-            "http://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u"
+            "https://127.0.0.1:6128/r/r.example:5000/v2/a/blobs/uploads/u"
         );
         let ecr = reg("1.dkr.ecr.us-east-1.amazonaws.com");
         assert!(
@@ -454,7 +454,7 @@ mod tests {
         let hub = reg("docker.io");
         assert_eq!(
             location("https://registry-1.docker.io/v2/x", &hub, ORIGIN, Form::Proxy).unwrap(),
-            "http://127.0.0.1:6128/r/docker.io/v2/x"
+            "https://127.0.0.1:6128/r/docker.io/v2/x"
         );
     }
 
