@@ -216,24 +216,24 @@ impl Front {
 }
 
 impl Shared {
-    /// A caller that did not complete the TLS handshake (no client certificate, or not ours).
-    fn no_handshake(&self, peer: SocketAddr, uid: u32, why: &str) {
-        let gate = self
-            .refusals
+    /// Whether a refusal is logged now (with how many went unlogged), or only counted.
+    fn refusal_gate(&self) -> Option<u64> {
+        self.refusals
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(tokio::time::Instant::now().into_std());
+            .admit(tokio::time::Instant::now().into_std())
+    }
+
+    /// A caller that did not complete the TLS handshake (no client certificate, or not ours).
+    fn no_handshake(&self, peer: SocketAddr, uid: u32, why: &str) {
+        let gate = self.refusal_gate();
         if let Some(suppressed) = gate {
             tracing::warn!(%peer, uid, error = %why, suppressed, "registry front: TLS handshake refused (a client needs the front's client certificate)");
         }
     }
 
     fn refused(&self, peer: SocketAddr, found: &std::io::Result<Option<u32>>) {
-        let gate = self
-            .refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit(tokio::time::Instant::now().into_std());
+        let gate = self.refusal_gate();
         if let Some(suppressed) = gate {
             match found {
                 Ok(Some(uid)) => {
