@@ -43,6 +43,8 @@ const HOME: &str = "/home/finch.linux";
 /// The registry inside the VM; the VM's /etc/hosts points it at the VM's loopback.
 const REGISTRY: &str = "registry.finch.test:5000";
 const REGISTRY_USER: &str = "vmtester";
+/// A registry the VM's policy gives scoped tokens for (so the VM runs the registry front).
+const SCOPED: &str = "scoped.finch.test";
 const PASSWORD: &str = "lima-vm-Pa55-9c1e";
 const ECR: &str = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
 const ECR_TOKEN: &str = "ecr-vm-token-1";
@@ -475,6 +477,10 @@ fn setup_finch_wires_finchs_template(d: &Path, parts: &Path) -> (PathBuf, PathBu
     let setup = setup_finch(d, &[]);
     assert!(setup.contains(&format!("wired {}", finch.join("os/finch.yaml").display())), "{setup}");
     assert!(setup.contains("the fragment is not in"), "{setup}");
+    // Scoped tokens for one registry: the bundle names it, so the VM runs the registry front.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[vm.finch.policy]\npull = [\"{SCOPED}/probe\"]\n"));
+    std::fs::write(&config, text).unwrap();
     (lima_home, inst, config)
 }
 
@@ -694,11 +700,16 @@ fn the_first_boot_links_and_the_unit_is_confined(scene: &mut Scene) -> Duration 
         "InaccessiblePaths=-/home -/root",
         "NoNewPrivileges=yes",
         "MemoryDenyWriteExecute=yes",
-        // The link is a unix socket (Lima forwards it): no other family at all.
-        "RestrictAddressFamilies=AF_UNIX",
     ] {
         assert!(unit.lines().any(|l| l == want), "the unit runs without {want}:\n{unit}");
     }
+    // The link is a unix socket (Lima forwards it); the registry front (the policy names a
+    // registry for scoped tokens) adds loopback TCP and the registries: nothing else.
+    let families =
+        unit.lines().find_map(|l| l.strip_prefix("RestrictAddressFamilies=")).unwrap_or_default();
+    let mut families: Vec<&str> = families.split(' ').collect();
+    families.sort_unstable();
+    assert_eq!(families, ["AF_INET", "AF_INET6", "AF_UNIX"], "{unit}");
     let caps = unit.lines().find(|l| l.starts_with("CapabilityBoundingSet=")).unwrap_or_default();
     assert!(
         caps.contains("cap_chown") && !caps.contains("cap_sys_admin") && !caps.contains("cap_net"),
@@ -1084,6 +1095,19 @@ fn hardened_finch_keeps_the_home_out(scene: &mut Scene) {
 fn a_container_gets_nothing_and_an_impostor_no_link(scene: &Scene) {
     let (vm, host) = (&scene.vm, &scene.host);
     vm.ok("the box image", "sudo -n podman pull -q oci:/mnt/testdata/box:v1 >/dev/null && sudo -n podman tag $(sudo -n podman images -q | head -1) localhost/box:v1");
+    // The registry front runs (the bundle's scoped file named a registry), with its
+    // certificates in the agent's runtime directory and hosts.toml naming them.
+    vm.ok(
+        "the front",
+        &format!(
+            "sudo -n ss -ltnH 'sport = :6128' | grep -q LISTEN && sudo -n test -s /run/finch-guest-agent/front/client.key \
+             && sudo -n grep -q 'client = ' /etc/containerd/certs.d/{SCOPED}/hosts.toml"
+        ),
+    );
+    let refused_before = vm
+        .ok("the agent's journal", "sudo -n journalctl -u finch-guest-agent --no-pager -o cat")
+        .matches("TLS handshake refused")
+        .count();
     let inside = vm.ok(
         "the container",
         &format!(
@@ -1092,13 +1116,27 @@ fn a_container_gets_nothing_and_an_impostor_no_link(scene: &Scene) {
               cat /etc/finch-guest-agent/link.key >/dev/null 2>&1 || echo KEY-UNREADABLE
               find / -xdev -name link.key 2>/dev/null | grep -q . || echo KEY-NOWHERE
               out=$(printf %s {REGISTRY} | docker-credential-finchhost get 2>&1)
-              case \"$out\" in *Secret*) echo HELPER-ANSWERED;; *) echo HELPER-UNREACHABLE;; esac'"
+              case \"$out\" in *Secret*) echo HELPER-ANSWERED;; *) echo HELPER-UNREACHABLE;; esac
+              find / -xdev -name client.key 2>/dev/null | grep -q . || echo FRONT-KEY-NOWHERE
+              printf \"GET /token/{SCOPED}?scope=repository:probe:pull HTTP/1.0\\r\\n\\r\\n\" \
+                | nc -w 5 127.0.0.1 6128 > /tmp/front.out 2>&1
+              grep -q HTTP/ /tmp/front.out && echo FRONT-ANSWERED || echo FRONT-NO-ANSWER'"
         ),
     );
-    for want in ["KEY-UNREADABLE", "KEY-NOWHERE", "HELPER-UNREACHABLE"] {
+    for want in
+        ["KEY-UNREADABLE", "KEY-NOWHERE", "HELPER-UNREACHABLE", "FRONT-KEY-NOWHERE", "FRONT-NO-ANSWER"]
+    {
         assert!(inside.contains(want), "container: {inside}");
     }
     assert!(!inside.contains("HELPER-ANSWERED"), "container: {inside}");
+    // The container reached the front on the VM's loopback as uid 0, which the socket table
+    // cannot tell from containerd; without the client certificate it got no handshake.
+    let journal =
+        vm.ok("the agent's journal", "sudo -n journalctl -u finch-guest-agent --no-pager -o cat");
+    let refused: Vec<&str> =
+        journal.lines().filter(|l| l.contains("TLS handshake refused")).collect();
+    assert!(refused.len() > refused_before, "the front saw no refused handshake:\n{journal}");
+    assert!(refused.last().is_some_and(|l| l.contains("uid=0")), "{refused:?}");
     // With the agent stopped, the container takes the link socket's path and the link port.
     let before = links_up(host);
     let log_at_stop = host.output().len();
