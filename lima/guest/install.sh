@@ -265,8 +265,10 @@ Restart=on-failure
 RestartSec=1
 RuntimeDirectory=finch-guest-agent
 RuntimeDirectoryMode=0755
-# The registry front's certificates live there: kept across a restart, so clients keep them.
-RuntimeDirectoryPreserve=restart
+# The registry front's certificates live there: kept while the agent restarts or is stopped
+# (until the VM reboots), so containerd, which reads them at every pull, always finds them
+# and, with the front down, goes on to the registry itself.
+RuntimeDirectoryPreserve=yes
 CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_DAC_READ_SEARCH
 NoNewPrivileges=yes
 ProtectSystem=strict

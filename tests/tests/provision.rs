@@ -137,7 +137,7 @@ fn install_fits_the_unit_to_the_link_and_to_wsls_systemd() {
         assert!(out.status.success(), "{link}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(families(&s).as_deref(), Some(want), "{link}");
         // The registry front's certificates (in the runtime directory) outlive a restart.
-        assert!(unit(&s).contains("\nRuntimeDirectoryPreserve=restart\n"), "{}", unit(&s));
+        assert!(unit(&s).contains("\nRuntimeDirectoryPreserve=yes\n"), "{}", unit(&s));
     }
 
     let s = scratch();
