@@ -1123,9 +1123,13 @@ fn a_container_gets_nothing_and_an_impostor_no_link(scene: &Scene) {
               grep -q HTTP/ /tmp/front.out && echo FRONT-ANSWERED || echo FRONT-NO-ANSWER'"
         ),
     );
-    for want in
-        ["KEY-UNREADABLE", "KEY-NOWHERE", "HELPER-UNREACHABLE", "FRONT-KEY-NOWHERE", "FRONT-NO-ANSWER"]
-    {
+    for want in [
+        "KEY-UNREADABLE",
+        "KEY-NOWHERE",
+        "HELPER-UNREACHABLE",
+        "FRONT-KEY-NOWHERE",
+        "FRONT-NO-ANSWER",
+    ] {
         assert!(inside.contains(want), "container: {inside}");
     }
     assert!(!inside.contains("HELPER-ANSWERED"), "container: {inside}");
